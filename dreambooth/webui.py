@@ -1,0 +1,471 @@
+"""The host adapter: the ONLY module of the extension that imports the WebUI's ``modules.*``.
+
+Two implementations of one interface:
+
+- :class:`WebUIHost` inside AUTOMATIC1111 / Forge / reForge (checkpoint list, folders, settings,
+  progress bar and the generation lock come from the WebUI);
+- :class:`StandaloneHost` without a WebUI (``python -m dreambooth ...``): a models folder laid out
+  like the WebUI's.
+
+:func:`get_host` picks one. ``modules.*`` is imported lazily, inside the methods, so this module
+imports anywhere, and nothing is read from the WebUI before it has initialised.
+
+What happens to generation while training runs (the decision, also in the README)
+-------------------------------------------------------------------------------
+With the setting "Hold generation during training" on (the default), the training job holds the
+WebUI's ``call_queue.queue_lock`` from just before it frees the GPU until training ends, exactly
+as the WebUI's own Train tab does: a txt2img/img2img request made meanwhile waits in the WebUI's
+queue (its progress bar shows the training's progress text) and runs when training finishes or is
+cancelled. It never deadlocks: the lock is taken only by the job's own thread, never by a thread
+that may already hold it, and switching checkpoints runs in a fresh thread
+(:meth:`WebUIHost.load_checkpoint`). It never crashes training with out-of-memory, because no
+generation can start while training holds the GPU.
+
+With the setting off, generation runs alongside training: the WebUI reloads its model onto the GPU
+at the next generation and the two share GPU memory, so either may fail with out-of-memory; the
+WebUI's progress bar is then left to the generation (the job's progress shows only in our tab).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+SETTINGS_SECTION = ("dreambooth", "DreamBooth")
+SETTINGS_CATEGORY = "training"  # the WebUI's "Training" category in the settings page
+
+WORK_DIR_KEY = "dreambooth_work_dir"
+OUTPUT_SUBDIR_KEY = "dreambooth_output_subdir"
+UNLOAD_MODEL_KEY = "dreambooth_unload_model"
+HOLD_GENERATION_KEY = "dreambooth_hold_generation"
+
+# key -> (default, label, info)
+SETTINGS: dict[str, tuple[Any, str, str]] = {
+    WORK_DIR_KEY: ("", "DreamBooth work folder",
+                   "configs, logs, samples, resume points and caches; empty: models/dreambooth"),
+    OUTPUT_SUBDIR_KEY: ("", "Subfolder of the checkpoints folder for trained models",
+                        "empty: the checkpoints folder itself"),
+    UNLOAD_MODEL_KEY: (True, "Unload the WebUI's model from the GPU while training",
+                       "it reloads by itself at the next generation"),
+    HOLD_GENERATION_KEY: (True, "Hold generation while training",
+                          "txt2img/img2img wait until training ends, as with the Train tab; "
+                          "off: they run alongside and may run out of GPU memory"),
+}
+
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
+VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
+
+# Which threads hold queue_lock through hold_generation(). The WebUI's FIFOLock records no owner,
+# and taking it twice on one thread hangs forever; this per-thread mark (not shared data) is how
+# free_gpu_for_training() knows not to take it again, whichever host object it is called on.
+_holding = threading.local()
+
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def sanitize_model_name(name: str) -> str:
+    """A model name made safe as one folder / file name; raises ValueError when it cannot be.
+
+    Refused (the user must change it): empty names, names made only of dots, and anything with a
+    path separator (nothing may escape the models folder). Characters Windows forbids become
+    ``_``; surrounding spaces and trailing dots go.
+    """
+    if not isinstance(name, str):
+        raise ValueError("model name must be text")
+    cleaned = name.strip()
+    if not cleaned:
+        raise ValueError("model name is empty")
+    # Without separators, ".." can only escape as the whole name, which the dot check below refuses.
+    if "/" in cleaned or "\\" in cleaned:
+        raise ValueError(f"model name {name!r} must not contain '/' or '\\'")
+    cleaned = re.sub(r'[<>:"|?*\x00-\x1f]', "_", cleaned).rstrip(". ")
+    if not cleaned or set(cleaned) <= {".", "_"}:
+        raise ValueError(f"model name {name!r} has no usable characters")
+    if cleaned.split(".")[0].lower() in _WINDOWS_RESERVED:
+        cleaned = "_" + cleaned
+    if len(cleaned) > 120:
+        raise ValueError(f"model name is longer than 120 characters ({len(cleaned)})")
+    return cleaned
+
+
+def sanitize_subfolder(path: str) -> str:
+    """A relative subfolder such as ``dreambooth/people``: each part sanitised; ``""`` stays ``""``."""
+    parts = [p for p in re.split(r"[\\/]+", (path or "").strip()) if p not in ("", ".")]
+    return "/".join(sanitize_model_name(p) for p in parts)
+
+
+def _inside(root: Path, child: Path) -> Path:
+    """``child`` resolved, after checking that it lies under ``root`` (symlinks included)."""
+    resolved = child.resolve()
+    if resolved != root.resolve() and root.resolve() not in resolved.parents:
+        raise ValueError(f"{child} is outside {root}")
+    return child
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One checkpoint as the WebUI lists it. ``title`` changes to ``"name [hash]"`` once hashed."""
+
+    title: str
+    filename: str
+    name: str
+    hash: str | None = None
+
+
+class Host(Protocol):
+    """What the engine and the tab need from wherever they run."""
+
+    is_webui: bool
+
+    def list_checkpoints(self) -> list[CheckpointEntry]: ...
+    def resolve_checkpoint(self, title_or_name: str) -> CheckpointEntry | None: ...
+    def models_dir(self) -> Path: ...
+    def checkpoints_dir(self) -> Path: ...
+    def output_dir(self) -> Path: ...
+    def vae_dir(self) -> Path: ...
+    def list_vaes(self) -> list[Path]: ...
+    def work_root(self) -> Path: ...
+    def work_dir(self, name: str) -> Path: ...
+    def refresh_checkpoints(self) -> None: ...
+    def free_gpu_for_training(self) -> bool: ...
+    def load_checkpoint(self, title: str, wait_s: float = 30.0) -> bool: ...
+    def register_settings(self) -> None: ...
+    def setting(self, key: str, default: Any = None) -> Any: ...
+    def set_webui_progress(self, job: str, step: int, total: int, text: str = "") -> None: ...
+    def show_webui_preview(self, image: Any) -> None: ...
+    def hold_generation(self, on_wait: Callable[[], None] | None = None) -> Any: ...
+
+
+class _FolderLayout:
+    """Folder rules shared by both hosts (subclasses give models_dir, checkpoints_dir, setting)."""
+
+    def models_dir(self) -> Path:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def checkpoints_dir(self) -> Path:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def setting(self, key: str, default: Any = None) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def vae_dir(self) -> Path:
+        return self.models_dir() / "VAE"
+
+    def list_vaes(self) -> list[Path]:
+        folder = self.vae_dir()
+        if not folder.is_dir():
+            return []
+        return sorted((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in VAE_EXTENSIONS),
+                      key=lambda p: str(p).lower())
+
+    def work_root(self) -> Path:
+        """The setting's folder (relative paths are under the models folder), else models/dreambooth."""
+        configured = str(self.setting(WORK_DIR_KEY, "") or "").strip()
+        if not configured:
+            return self.models_dir() / "dreambooth"
+        path = Path(os.path.expanduser(configured))
+        return path if path.is_absolute() else self.models_dir() / path
+
+    def work_dir(self, name: str) -> Path:
+        """``<work root>/<sanitised name>``; ValueError for a name that would leave the folder."""
+        root = self.work_root()
+        return _inside(root, root / sanitize_model_name(name))
+
+    def output_dir(self) -> Path:
+        """Where exported checkpoints go: the checkpoints folder, or the configured subfolder of it."""
+        root = self.checkpoints_dir()
+        sub = sanitize_subfolder(str(self.setting(OUTPUT_SUBDIR_KEY, "") or ""))
+        return _inside(root, root / sub) if sub else root
+
+
+def _m(name: str):
+    """``modules.<name>`` from the WebUI, imported when first needed."""
+    return importlib.import_module(f"modules.{name}")
+
+
+class WebUIHost(_FolderLayout):
+    """Inside the WebUI (A1111 1.10, Forge 2.0, reForge)."""
+
+    is_webui = True
+
+    # --- checkpoints -------------------------------------------------------------------------
+    @staticmethod
+    def _entry(info: Any) -> CheckpointEntry:
+        return CheckpointEntry(title=info.title, filename=info.filename, name=info.name,
+                               hash=getattr(info, "shorthash", None))
+
+    def list_checkpoints(self) -> list[CheckpointEntry]:
+        return [self._entry(info) for info in list(_m("sd_models").checkpoints_list.values())]
+
+    def resolve_checkpoint(self, title_or_name: str) -> CheckpointEntry | None:
+        """By title, old title, name or hash: titles change once the WebUI hashes a file."""
+        info = _m("sd_models").get_closet_checkpoint_match(title_or_name or "")
+        return None if info is None else self._entry(info)
+
+    def refresh_checkpoints(self) -> None:
+        """Rescan the checkpoint folders (after writing a checkpoint)."""
+        _m("sd_models").list_models()
+
+    # --- folders -----------------------------------------------------------------------------
+    def models_dir(self) -> Path:
+        return Path(_m("paths").models_path)  # already follows --data-dir and --models-dir
+
+    def checkpoints_dir(self) -> Path:
+        """``--ckpt-dir`` when given (the user keeps checkpoints there), else models/Stable-diffusion."""
+        ckpt_dir = getattr(_m("shared").cmd_opts, "ckpt_dir", None)
+        return Path(ckpt_dir) if ckpt_dir else Path(_m("sd_models").model_path)
+
+    def vae_dir(self) -> Path:
+        vae_dir = getattr(_m("shared").cmd_opts, "vae_dir", None)
+        return Path(vae_dir) if vae_dir else self.models_dir() / "VAE"
+
+    # --- settings ----------------------------------------------------------------------------
+    def register_settings(self) -> None:
+        shared = _m("shared")
+        for key, (default, label, info) in SETTINGS.items():
+            try:
+                option = shared.OptionInfo(default, label, section=SETTINGS_SECTION, category_id=SETTINGS_CATEGORY)
+            except TypeError:  # WebUIs before 1.7 have no settings categories
+                option = shared.OptionInfo(default, label, section=SETTINGS_SECTION)
+            if hasattr(option, "info"):
+                option = option.info(info)
+            shared.opts.add_option(key, option)
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        opts = _m("shared").opts
+        if key in getattr(opts, "data", {}):
+            return opts.data[key]
+        return SETTINGS[key][0] if default is None and key in SETTINGS else default
+
+    # --- GPU, model switching ----------------------------------------------------------------
+    def free_gpu_for_training(self) -> bool:
+        """Moves the WebUI's model off the GPU (when the setting says so); True if one was moved.
+
+        Never reads ``shared.sd_model``: that property LOADS a model when none was ever loaded,
+        and A1111's ``unload_model_weights()`` without an argument reads it. Call it from the
+        job's thread; outside :meth:`hold_generation` it waits for the running generation first,
+        so that generation is not pulled off the GPU halfway.
+        """
+        if not self.setting(UNLOAD_MODEL_KEY, True):
+            return False
+        sd_models = _m("sd_models")
+        model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        if model is None:
+            return False  # nothing on the GPU: do not make the WebUI load one just to unload it
+
+        def unload() -> None:
+            try:
+                sd_models.unload_model_weights(sd_model=model)
+            except TypeError:  # a fork without the argument
+                sd_models.unload_model_weights()
+
+        if getattr(_holding, "held", False):
+            unload()
+        else:
+            with _m("call_queue").queue_lock:
+                unload()
+        return True
+
+    def _forge_checkpoint_change(self) -> Callable[..., Any] | None:
+        try:
+            return importlib.import_module("modules_forge.main_entry").checkpoint_change
+        except Exception:
+            return None
+
+    def load_checkpoint(self, title: str, wait_s: float = 30.0) -> bool:
+        """Makes ``title`` the WebUI's active checkpoint. True when done before returning.
+
+        A1111 loads synchronously under ``queue_lock`` inside ``opts.set``, so calling it from a
+        thread that holds the lock (a wrapped Gradio handler, a training job) would hang forever.
+        The switch therefore runs in a fresh thread, which holds nothing; the caller waits for it
+        at most ``wait_s`` seconds. False means it is still waiting for the lock (a generation or
+        training is running) and will finish by itself when the lock is free. Forge only records
+        the choice (``checkpoint_change``) and loads at the next generation. Raises ValueError
+        for an unknown checkpoint and re-raises an error the switch itself hit.
+        """
+        sd_models = _m("sd_models")
+        info = sd_models.get_closet_checkpoint_match(title or "")
+        if info is None:
+            raise ValueError(f"checkpoint not found: {title!r}")
+        forge_change = self._forge_checkpoint_change()
+        errors: list[BaseException] = []
+        waiting = threading.Event()  # set while the caller still waits for the outcome
+        waiting.set()
+
+        def switch() -> None:
+            try:
+                shared = _m("shared")
+                if forge_change is not None:
+                    # Forge's list shows names, not titles. Later Forge forks add a preset argument.
+                    params = inspect.signature(forge_change).parameters
+                    if "preset" in params:
+                        forge_change(info.name, preset=getattr(shared.opts, "forge_preset", None))
+                    else:
+                        forge_change(info.name)
+                else:
+                    shared.opts.set("sd_model_checkpoint", info.title)
+                    shared.opts.save(shared.config_filename)
+                # A1111's opts.set reports a failed load only by rolling the setting back.
+                active = sd_models.get_closet_checkpoint_match(shared.opts.data.get("sd_model_checkpoint") or "")
+                if active is None or active.filename != info.filename:
+                    raise RuntimeError(f"the WebUI did not switch to {info.title} (see its console)")
+            except BaseException as e:  # handed to the caller if it still waits, else printed
+                errors.append(e)
+                if not waiting.is_set():
+                    print(f"DreamBooth: switching the WebUI to {info.title} failed: {e}")
+
+        worker = threading.Thread(target=switch, name="dreambooth-load-checkpoint", daemon=True)
+        worker.start()
+        worker.join(wait_s)
+        waiting.clear()
+        if worker.is_alive():
+            return False
+        if errors:
+            raise errors[0]
+        return True
+
+    # --- progress and the generation lock ----------------------------------------------------
+    def set_webui_progress(self, job: str, step: int, total: int, text: str = "") -> None:
+        """Shows training progress in the WebUI's own progress bar, only while generation is held
+        (otherwise the bar belongs to a generation running alongside)."""
+        if not getattr(_holding, "held", False):
+            return
+        state = _m("shared").state
+        state.job = job
+        state.job_count = max(int(total), 0)
+        state.job_no = max(min(int(step), int(total)), 0)
+        state.sampling_step, state.sampling_steps = 0, 0
+        state.textinfo = text
+
+    def show_webui_preview(self, image: Any) -> None:
+        if getattr(_holding, "held", False):
+            _m("shared").state.assign_current_image(image)
+
+    @contextmanager
+    def hold_generation(self, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+        """Holds ``queue_lock`` for the block when the setting says so; yields whether it does.
+
+        Enter it on the training job's own thread (never from a Gradio handler, which may hold
+        the lock already). If a generation is running, ``on_wait()`` is called first (to show
+        "waiting for the WebUI") and the block starts when that generation ends, in queue order.
+        """
+        if not self.setting(HOLD_GENERATION_KEY, True) or getattr(_holding, "held", False):
+            yield bool(getattr(_holding, "held", False))
+            return
+        lock = _m("call_queue").queue_lock
+        if not lock.acquire(blocking=False):
+            if on_wait is not None:
+                on_wait()
+            lock.acquire()
+        state = _m("shared").state
+        _holding.held = True
+        try:
+            state.begin(job="DreamBooth training")
+            yield True
+        finally:
+            _holding.held = False
+            try:
+                state.end()
+            finally:
+                lock.release()
+
+
+class StandaloneHost(_FolderLayout):
+    """No WebUI: a models folder laid out like the WebUI's (``Stable-diffusion/``, ``VAE/``)."""
+
+    is_webui = False
+
+    def __init__(self, models_dir: str | os.PathLike, settings: Mapping[str, Any] | None = None,
+                 checkpoints_dir: str | os.PathLike | None = None) -> None:
+        self._models = Path(models_dir)
+        self._checkpoints = Path(checkpoints_dir) if checkpoints_dir else self._models / "Stable-diffusion"
+        self._settings = dict(settings or {})
+
+    def models_dir(self) -> Path:
+        return self._models
+
+    def checkpoints_dir(self) -> Path:
+        return self._checkpoints
+
+    def list_checkpoints(self) -> list[CheckpointEntry]:
+        """Every .safetensors/.ckpt under the checkpoints folder; titles are the relative names."""
+        root = self._checkpoints
+        if not root.is_dir():
+            return []
+        found = []
+        for path in root.rglob("*"):
+            low = path.name.lower()
+            if path.is_file() and low.endswith(CHECKPOINT_EXTENSIONS) and not low.endswith((".vae.safetensors", ".vae.ckpt")):
+                name = path.relative_to(root).as_posix()
+                found.append(CheckpointEntry(title=name, filename=str(path.resolve()), name=name, hash=None))
+        return sorted(found, key=lambda e: e.name.lower())
+
+    def resolve_checkpoint(self, title_or_name: str) -> CheckpointEntry | None:
+        """Like the WebUI's lookup: exact name or stem, then the shortest title containing it
+        (a trailing ``[hash]`` from a WebUI title is ignored)."""
+        if not title_or_name:
+            return None
+        text = re.sub(r"\s*\[[^]]+]\s*$", "", title_or_name.strip())
+        entries = self.list_checkpoints()
+        for e in entries:
+            if text in (e.title, e.name, Path(e.name).stem, e.filename):
+                return e
+        matches = sorted((e for e in entries if text in e.title), key=lambda e: len(e.title))
+        return matches[0] if matches else None
+
+    def refresh_checkpoints(self) -> None:
+        return None  # listed fresh on every call
+
+    def free_gpu_for_training(self) -> bool:
+        return False
+
+    def load_checkpoint(self, title: str, wait_s: float = 30.0) -> bool:
+        """There is no txt2img to load into without the WebUI."""
+        return False
+
+    def register_settings(self) -> None:
+        return None
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        if key in self._settings:
+            return self._settings[key]
+        return SETTINGS[key][0] if default is None and key in SETTINGS else default
+
+    def set_webui_progress(self, job: str, step: int, total: int, text: str = "") -> None:
+        return None
+
+    def show_webui_preview(self, image: Any) -> None:
+        return None
+
+    @contextmanager
+    def hold_generation(self, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+        yield False
+
+
+def webui_available() -> bool:
+    """True inside a WebUI whose ``modules.shared`` is importable and initialised."""
+    try:
+        shared = importlib.import_module("modules.shared")
+        importlib.import_module("modules.sd_models")
+    except Exception:
+        return False
+    return getattr(shared, "opts", None) is not None and getattr(shared, "cmd_opts", None) is not None
+
+
+def get_host(models_dir: str | os.PathLike | None = None) -> Host:
+    """The WebUI's host when running inside it, else a standalone one on ``models_dir``
+    (default ``$DREAMBOOTH_MODELS_DIR`` or ``./models``)."""
+    if webui_available():
+        return WebUIHost()
+    return StandaloneHost(models_dir or os.environ.get("DREAMBOOTH_MODELS_DIR") or "models")
+
+
+def register_settings() -> None:
+    """``on_ui_settings`` callback: the DreamBooth section of the WebUI's settings page."""
+    WebUIHost().register_settings()

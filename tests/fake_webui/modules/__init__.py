@@ -1,0 +1,1 @@
+"""Fake of the WebUI's ``modules`` package (tests only). See ../README.md."""

@@ -1,0 +1,48 @@
+"""``modules/call_queue.py``: the lock every generation runs under."""
+from __future__ import annotations
+
+import html
+import time
+from functools import wraps
+
+from modules import shared
+from modules.fifo_lock import FIFOLock
+
+queue_lock = FIFOLock()
+
+
+def wrap_queued_call(func):
+    def f(*args, **kwargs):
+        with queue_lock:
+            res = func(*args, **kwargs)
+        return res
+    return f
+
+
+def wrap_gradio_call(func, extra_outputs=None, add_stats=False):
+    @wraps(func)
+    def f(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            res = list(func(*args, **kwargs))
+        except Exception as e:  # the real one shows the error in the HTML output
+            res = list(extra_outputs or [None]) + [f"<div class='error'>{html.escape(type(e).__name__ + ': ' + str(e))}</div>"]
+        if add_stats and res:
+            elapsed = time.perf_counter() - t
+            res[-1] = (res[-1] or "") + f"<div class='performance'><p class='time'>Time taken: {elapsed:.2f} sec.</p></div>"
+        return tuple(res)
+    return f
+
+
+def wrap_gradio_gpu_call(func, extra_outputs=None):
+    """Runs ``func`` under queue_lock; its outputs' last item is an HTML string."""
+    @wraps(func)
+    def f(*args, **kwargs):
+        with queue_lock:
+            shared.state.begin(job=args[0] if args and isinstance(args[0], str) and args[0].startswith("task(") else "(unknown)")
+            try:
+                res = func(*args, **kwargs)
+            finally:
+                shared.state.end()
+        return res
+    return wrap_gradio_call(f, extra_outputs=extra_outputs, add_stats=True)

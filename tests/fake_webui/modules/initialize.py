@@ -1,0 +1,12 @@
+"""What the WebUI does at start-up that the extension depends on (``modules/initialize.py``)."""
+from __future__ import annotations
+
+
+def initialize() -> None:
+    from modules import call_queue, sd_models, shared
+
+    sd_models.list_models()
+    if shared.flavour != "forge":
+        # A1111: changing the checkpoint setting reloads the model synchronously under queue_lock,
+        # so opts.set("sd_model_checkpoint", ...) from a thread holding queue_lock never returns.
+        shared.opts.onchange("sd_model_checkpoint", call_queue.wrap_queued_call(lambda: sd_models.reload_model_weights()), call=False)
