@@ -1,0 +1,125 @@
+"""Headless commands: ``train CONFIG.json`` and ``demo``.
+
+Both run the same engine as the tab. ``train`` also runs under ``accelerate launch`` or
+``torchrun`` on several processes; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, TrainingConfig
+from .trainer import Reporter, RunPaths, train
+
+
+class ConsoleReporter(Reporter):
+    """A tqdm progress bar with loss and ETA; log lines above it."""
+
+    def __init__(self, quiet: bool = False, enabled: bool = True):
+        self.quiet, self.enabled = quiet, enabled
+        self.bar = None
+        self.current = "loading"
+
+    def phase(self, name: str) -> None:
+        self.current = name
+        self._close()
+        if self.enabled and not self.quiet:
+            print(f"[{name}]", flush=True)
+
+    def log(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None:
+        if not self.enabled or self.quiet:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.total != total:
+            self._close()
+            self.bar = tqdm(total=total, desc=self.current, unit="step" if self.current == "training"
+                            else "pic", dynamic_ncols=True, file=sys.stderr)
+        self.bar.n = step
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}" if lr else None, refresh=False)
+        self.bar.refresh()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_paths(config: TrainingConfig, models_dir: str | Path | None = None) -> RunPaths:
+    """Standalone layout: <models>/dreambooth/<name>/ and <models>/Stable-diffusion/."""
+    from .webui import StandaloneHost
+
+    host = StandaloneHost(Path(models_dir or config.models_dir or "models"))
+    return RunPaths(work_dir=host.work_dir(config.model_name),
+                    checkpoints_dir=host.checkpoints_dir())
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def train_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth train",
+                                     description="Train a model from a config JSON.")
+    parser.add_argument("config", help="a TrainingConfig JSON file")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest resume point")
+    parser.add_argument("--models-dir", help="models folder (default: the config's, else ./models)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    main = is_main_process()
+    try:
+        config = TrainingConfig.load(args.config)
+        if not config.model_name:
+            config.model_name = Path(args.config).stem
+        paths = run_paths(config, args.models_dir)
+        if main:
+            paths.work_dir.mkdir(parents=True, exist_ok=True)
+            config.save(paths.work_dir / "config.json")
+        reporter = ConsoleReporter(quiet=args.quiet, enabled=main)
+        result = train(config, paths, reporter=reporter, resume=args.resume)
+        reporter.phase("done" if not result.cancelled else "cancelled")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run again with --resume to continue from the last resume point",
+              file=sys.stderr)
+        return 130
+    if main:
+        print(f"trained {result.steps}/{result.total_steps} steps in {result.seconds:.1f} s -> "
+              f"{result.output_path}")
+    return 0 if not result.cancelled else 1
+
+
+def demo_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth demo",
+                                     description="Train the built-in tiny model on pictures made "
+                                                 "here: class pictures, caching, training with "
+                                                 "prior preservation, samples, export.")
+    parser.add_argument("--models-dir", default="models", help="where to write (default ./models)")
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args(argv)
+    from . import demo
+
+    started = time.time()
+    result, paths = demo.run(Path(args.models_dir), steps=args.steps,
+                             reporter=ConsoleReporter())
+    print()
+    print(f"demo finished in {time.time() - started:.1f} s")
+    print(f"  base model (tiny, built in code): {demo.base_path(Path(args.models_dir))}")
+    print(f"  pictures:        {demo.pictures_dir(Path(args.models_dir))}")
+    print(f"  work folder:     {paths.work_dir}  (config, log, samples, class pictures)")
+    print(f"  trained model:   {result.output_path}")
+    return 0

@@ -1,0 +1,73 @@
+"""The built-in demo: the whole path on the tiny model, on the CPU, in about a minute.
+
+It builds a tiny Stable-Diffusion-shaped checkpoint, draws a handful of pictures of a "zwx toy"
+(a red disc on varied backgrounds), then trains with prior preservation exactly as the tab would:
+class pictures, latent cache, training, samples, export of a ``.safetensors`` checkpoint.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .config import Concept, TrainingConfig
+from .trainer import Reporter, RunPaths, TrainResult, train
+
+DEMO_NAME = "dreambooth-demo"
+
+
+def base_path(models_dir: Path) -> Path:
+    return models_dir / "Stable-diffusion" / "tiny-sd-base.safetensors"
+
+
+def pictures_dir(models_dir: Path) -> Path:
+    return models_dir / "dreambooth" / "demo-pictures"
+
+
+def draw_pictures(folder: Path, count: int = 6, size: int = 96, seed: int = 0) -> list[Path]:
+    """A red disc (the subject) at varied places, sizes and backgrounds."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(count):
+        background = tuple(rng.randrange(40, 220) for _ in range(3))
+        image = Image.new("RGB", (size, size), background)
+        draw = ImageDraw.Draw(image)
+        radius = rng.randrange(size // 5, size // 3)
+        cx, cy = (rng.randrange(radius, size - radius) for _ in range(2))
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(220, 30, 30))
+        path = folder / f"zwx_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def demo_config(models_dir: Path, steps: int) -> TrainingConfig:
+    pictures = pictures_dir(models_dir)
+    return TrainingConfig(
+        base_model=str(base_path(models_dir)), model_name=DEMO_NAME, models_dir=str(models_dir),
+        concepts=[Concept(instance_data_dir=str(pictures), instance_prompt="photo of zwx toy",
+                          class_data_dir=str(models_dir / "dreambooth" / "demo-class-toy"),
+                          class_prompt="photo of a toy", sample_prompt="photo of zwx toy on a table")],
+        with_prior_preservation=True, num_class_images=4, class_batch_size=4, class_sample_steps=4,
+        resolution=64, hflip=True, max_train_steps=steps, learning_rate=1e-4, optimizer="adamw",
+        mixed_precision="no", sample_every_n_steps=max(steps // 3, 1), sample_steps=4,
+        checkpoint_every_n_steps=max(steps // 2, 1), overwrite=True, seed=1337)
+
+
+def run(models_dir: Path, steps: int = 60, reporter: Reporter | None = None
+        ) -> tuple[TrainResult, RunPaths]:
+    from . import tiny
+    from .cli import run_paths
+
+    models_dir = Path(models_dir)
+    if not base_path(models_dir).exists():
+        base_path(models_dir).parent.mkdir(parents=True, exist_ok=True)
+        tiny.save_checkpoint(base_path(models_dir), size="tiny", seed=0)
+    draw_pictures(pictures_dir(models_dir))
+    config = demo_config(models_dir, steps)
+    paths = run_paths(config)
+    paths.work_dir.mkdir(parents=True, exist_ok=True)
+    config.save(paths.work_dir / "config.json")
+    return train(config, paths, reporter=reporter), paths

@@ -1,0 +1,245 @@
+"""One training job at a time, in a background thread, with a progress snapshot any thread reads.
+
+The tab, the API and the CLI all read :meth:`JobRunner.snapshot`. This module holds the only
+mutable global of the package: the process's runner (:func:`runner`), because a WebUI process has
+one GPU to train on and every tab and API call must see the same job.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+from .config import ConfigError, TrainingConfig
+from .trainer import Reporter, RunPaths, TrainResult, train
+
+PHASES = ("idle", "loading", "class_images", "caching", "training", "saving", "done", "cancelled",
+          "failed")
+FINISHED = ("idle", "done", "cancelled", "failed")
+LOG_LINES = 300
+HISTORY = 2000
+
+
+class JobBusy(RuntimeError):
+    """A job is already running in this process."""
+
+
+@dataclass
+class Progress:
+    """What the outside world sees of a job. Copied whole by :meth:`JobRunner.snapshot`."""
+
+    job_id: int = 0
+    model_name: str = ""
+    phase: str = "idle"
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    lr_history: list[tuple[int, float]] = field(default_factory=list)
+    it_per_s: float | None = None
+    eta_seconds: float | None = None
+    peak_gpu_mb: float | None = None
+    samples: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    output_path: str | None = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.phase not in FINISHED
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["running"] = self.running
+        return d
+
+
+class _JobReporter(Reporter):
+    def __init__(self, runner: "JobRunner", job_id: int):
+        self.runner, self.job_id = runner, job_id
+        self._last: tuple[float, int] | None = None
+        self._rate: float | None = None
+
+    def phase(self, name: str) -> None:
+        self.runner._update(phase=name)
+        self.log(f"phase: {name}")
+        self._last = None
+
+    def log(self, line: str) -> None:
+        self.runner._log(line)
+
+    def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None:
+        now = time.time()
+        changes: dict[str, Any] = {"step": step, "total": total}
+        if self._last is not None and step > self._last[1]:
+            rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
+            # Smoothed, so the ETA does not jump with every slow step (samples, saves).
+            self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
+            changes["it_per_s"] = self._rate
+            changes["eta_seconds"] = (total - step) / self._rate if self._rate else None
+        self._last = (now, step)
+        changes["peak_gpu_mb"] = peak_gpu_mb()
+        if loss is not None:
+            changes["loss"] = loss
+        if lr is not None:
+            changes["lr"] = lr
+        self.runner._update(**changes, _history=(step, loss, lr))
+
+    def samples(self, paths: list[Path]) -> None:
+        self.runner._add_samples([str(p) for p in paths])
+
+    def should_stop(self) -> bool:
+        return self.runner._cancel.is_set()
+
+
+def peak_gpu_mb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+class JobRunner:
+    """Starts training in a thread, refuses a second one, cancels within one step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._progress = Progress()
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._log_lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.result: TrainResult | None = None
+
+    # -- reading ---------------------------------------------------------------------------------
+    def snapshot(self) -> Progress:
+        with self._lock:
+            p = self._progress
+            return Progress(**{**p.__dict__, "loss_history": list(p.loss_history),
+                               "lr_history": list(p.lr_history), "samples": list(p.samples),
+                               "log": list(self._log_lines)})
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- control ---------------------------------------------------------------------------------
+    def start(self, config: TrainingConfig, paths: RunPaths, *,
+              context: Callable[[], ContextManager] | None = None,
+              on_success: Callable[[TrainResult], None] | None = None,
+              **train_kwargs) -> int:
+        """Start ``train(config, paths, **train_kwargs)`` in a thread; returns the job id.
+
+        ``context`` wraps the whole run (the WebUI adapter frees the GPU and holds generation
+        there); ``on_success`` runs after a finished export (refresh the checkpoint list)."""
+        config.check()  # field errors reach the caller before a thread exists
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                raise JobBusy(f"a training job ({self._progress.model_name}) is already running; "
+                              "cancel it or wait for it to finish")
+            job_id = self._progress.job_id + 1
+            self._cancel.clear()
+            self._log_lines.clear()
+            self._progress = Progress(job_id=job_id, model_name=config.model_name,
+                                      phase="loading", started_at=time.time())
+            self.result = None
+            thread = threading.Thread(target=self._run, name=f"dreambooth-job-{job_id}",
+                                      args=(job_id, config, paths, context, on_success, train_kwargs),
+                                      daemon=True)
+            self._thread = thread
+        thread.start()
+        return job_id
+
+    def cancel(self) -> bool:
+        """Ask the running job to stop at the next step; False when nothing runs."""
+        if not self.running:
+            return False
+        self._cancel.set()
+        self._log("cancel requested")
+        return True
+
+    def wait(self, timeout: float | None = None) -> Progress:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.snapshot()
+
+    # -- the thread --------------------------------------------------------------------------------
+    def _run(self, job_id: int, config: TrainingConfig, paths: RunPaths, context, on_success,
+             train_kwargs: dict) -> None:
+        reporter = _JobReporter(self, job_id)
+        try:
+            paths.work_dir.mkdir(parents=True, exist_ok=True)
+            config.save(paths.work_dir / "config.json")
+            with (context() if context else contextlib.nullcontext()):
+                result = train(config, paths, reporter=reporter, **train_kwargs)
+            self.result = result
+            phase = "cancelled" if result.cancelled else "done"
+            self._update(phase=phase, output_path=str(result.output_path) if result.output_path else None)
+            if result.output_path and on_success is not None:
+                on_success(result)
+        except ConfigError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # the job must end as "failed", never kill the WebUI
+            self._log(traceback.format_exc())
+            self._fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._update(finished_at=time.time())
+            with contextlib.suppress(Exception):
+                _write_log(paths.work_dir / "train.log", self.snapshot().log)
+
+    def _fail(self, message: str) -> None:
+        self._log(f"failed: {message}")
+        self._update(phase="failed", error=message)
+
+    def _update(self, _history: tuple | None = None, **changes) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self._progress, key, value)
+            if _history is not None:
+                step, loss, lr = _history
+                if loss is not None:
+                    _append_capped(self._progress.loss_history, (step, loss))
+                if lr is not None and loss is not None:
+                    _append_capped(self._progress.lr_history, (step, lr))
+
+    def _log(self, line: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with self._lock:
+            for part in str(line).rstrip().splitlines() or [""]:
+                self._log_lines.append(f"{stamp} {part}")
+
+    def _add_samples(self, paths: list[str]) -> None:
+        with self._lock:
+            self._progress.samples = (self._progress.samples + paths)[-64:]
+
+
+def _append_capped(history: list, item: tuple) -> None:
+    history.append(item)
+    if len(history) > HISTORY:  # keep the curve's shape: drop every other old point
+        del history[:HISTORY // 2:2]
+
+
+def _write_log(path: Path, lines: list[str]) -> None:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+_RUNNER: JobRunner | None = None
+_RUNNER_LOCK = threading.Lock()
+
+
+def runner() -> JobRunner:
+    """The process's job runner (created on first use; survives the WebUI's "Reload UI")."""
+    global _RUNNER
+    with _RUNNER_LOCK:
+        if _RUNNER is None:
+            _RUNNER = JobRunner()
+        return _RUNNER

@@ -1,0 +1,73 @@
+"""Preview pictures during training: the configured prompts, seeded, saved in the work folder."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TrainingConfig
+from .tiny import Components
+
+
+def sample_prompts(config: TrainingConfig) -> list[str]:
+    """The configured sample prompts, else each concept's sample prompt or instance prompt."""
+    if config.sample_prompts:
+        return list(config.sample_prompts)
+    prompts = []
+    for concept in config.concepts:
+        prompt = concept.sample_prompt or concept.instance_prompt.replace("[filewords]", "").strip(" ,")
+        if prompt and prompt not in prompts:
+            prompts.append(prompt)
+    return prompts
+
+
+@contextlib.contextmanager
+def on_device(models, device):
+    """Move models to the device for sampling and put each back where it was."""
+    places = [(m, next(m.parameters()).device) for m in models]
+    for model, _ in places:
+        model.to(device)
+    try:
+        yield
+    finally:
+        for model, place in places:
+            model.to(place)
+
+
+def generate_samples(components: Components, config: TrainingConfig, out_dir: Path, step: int,
+                     device) -> list[Path]:
+    """One picture per sample prompt with the current weights; returns the saved paths."""
+    prompts = sample_prompts(config)
+    if not prompts:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = config.sample_size or config.resolution
+    pipe = components.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    half = next(components.text_encoder.parameters()).dtype in (torch.float16, torch.bfloat16)
+    autocast = (torch.autocast(device.type, dtype=next(components.text_encoder.parameters()).dtype)
+                if half and device.type == "cuda" else contextlib.nullcontext())
+    models = (components.unet, components.vae, components.text_encoder)
+    was_training = [m.training for m in models]
+    paths = []
+    with on_device(models, device), torch.no_grad(), autocast:
+        for m in models:
+            m.eval()
+        for index, prompt in enumerate(prompts):
+            generator = torch.Generator("cpu").manual_seed(config.sample_seed + index)
+            image = pipe(prompt, negative_prompt=config.sample_negative_prompt or None,
+                         num_inference_steps=config.sample_steps,
+                         guidance_scale=config.sample_guidance_scale, height=size, width=size,
+                         generator=generator,
+                         clip_skip=config.clip_skip - 1 if config.clip_skip > 1 else None).images[0]
+            path = out_dir / f"step-{step:06d}-{index}.png"
+            tmp = path.with_name(path.name + ".tmp")
+            image.save(tmp, format="PNG", pnginfo=None)
+            os.replace(tmp, path)
+            paths.append(path)
+    for model, training in zip(models, was_training):
+        model.train(training)
+    return paths
