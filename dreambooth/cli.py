@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrainingConfig
+from .config import TrainingConfig
 from .trainer import Reporter, RunPaths, train
 
 
@@ -63,7 +63,7 @@ def run_paths(config: TrainingConfig, models_dir: str | Path | None = None) -> R
 
     host = StandaloneHost(Path(models_dir or config.models_dir or "models"))
     return RunPaths(work_dir=host.work_dir(config.model_name),
-                    checkpoints_dir=host.checkpoints_dir())
+                    checkpoints_dir=host.output_dir())
 
 
 def is_main_process() -> bool:
@@ -90,7 +90,7 @@ def train_main(argv: list[str]) -> int:
         reporter = ConsoleReporter(quiet=args.quiet, enabled=main)
         result = train(config, paths, reporter=reporter, resume=args.resume)
         reporter.phase("done" if not result.cancelled else "cancelled")
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError, DatasetError, CheckpointError: a message for people
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -450,6 +450,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         if problem:
             raise ConfigError([FieldError("optimizer", problem)])
     main = accelerator.is_main_process
+    reporter.log(f"training on {device.type}" + (f" with {accelerator.num_processes} processes"
+                                                 if accelerator.num_processes > 1 else "")
+                 + f", precision {precision}")
 
     reporter.phase("loading")
     if components is None:
@@ -473,10 +476,8 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             unet.to(device, weight_dtype)
             pipe = components.pipeline()
             pipe.set_progress_bar_config(disable=True)
-            counts = prior.generate_class_pictures(config, pipe, should_stop=reporter.should_stop,
-                                                   log=reporter.log)
-            for index, count in counts.items():
-                reporter.log(f"concept {index}: {count} class pictures")
+            prior.generate_class_pictures(config, pipe, should_stop=reporter.should_stop,
+                                          log=reporter.log)
             del pipe
             if reporter.should_stop():
                 raise Cancelled
@@ -734,6 +735,7 @@ def export(config: TrainingConfig, paths: RunPaths, components: Components, acce
 
     reporter.phase("saving")
     name = f"{config.model_name}{suffix}.{config.export_format}"
+    paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     out = paths.checkpoints_dir / name
     trained = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
     metadata = export_metadata(config, step)

@@ -1,0 +1,29 @@
+"""`make demo`: the whole path on the tiny model (class pictures, caching, training, samples,
+export), here with fewer steps."""
+from __future__ import annotations
+
+from dreambooth import checkpoint, demo, tiny
+from trainer_fixtures import RecordingReporter
+
+
+def test_demo_runs_the_whole_path(tmp_path):
+    base_file = demo.base_path(tmp_path)
+    base_file.parent.mkdir(parents=True)
+    tiny.save_checkpoint(base_file, size="tiny", seed=0)
+    base_hash = checkpoint.file_hash(base_file)
+    reporter = RecordingReporter()
+    shown = []
+    reporter.samples = lambda paths: shown.extend(paths)
+    result, paths = demo.run(tmp_path, steps=4, reporter=reporter)
+    assert reporter.phases[:4] == ["loading", "class_images", "caching", "training"]
+    assert "saving" in reporter.phases
+    assert result.steps == 4 and not result.cancelled
+    assert result.output_path == tmp_path / "Stable-diffusion" / "dreambooth-demo.safetensors"
+    assert len(list((tmp_path / "dreambooth" / "demo-class-toy").glob("*.png"))) == 4
+    assert shown and all(p.parent == paths.samples_dir for p in shown)
+    trained, kind = checkpoint.load_components(result.output_path)
+    base, _ = checkpoint.load_components(demo.base_path(tmp_path))
+    changed = any(not (a == b).all() for a, b in zip(trained.unet.state_dict().values(),
+                                                       base.unet.state_dict().values()))
+    assert changed and kind.kind == "sd1"
+    assert checkpoint.file_hash(base_file) == base_hash  # the base model is never modified
