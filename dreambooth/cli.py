@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,21 @@ class ConsoleReporter(Reporter):
         self.quiet, self.enabled = quiet, enabled
         self.bar = None
         self.current = "loading"
+        self.stop_requested = False
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+    def stop_on_ctrl_c(self) -> None:
+        """First Ctrl+C: stop at the next step, writing a resume point (and the model when
+        save_on_cancel); a second one interrupts at once."""
+        def handler(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.log("stopping after this step (Ctrl+C again to interrupt at once)")
+
+        signal.signal(signal.SIGINT, handler)
 
     def phase(self, name: str) -> None:
         self.current = name
@@ -88,6 +104,7 @@ def train_main(argv: list[str]) -> int:
             paths.work_dir.mkdir(parents=True, exist_ok=True)
             config.save(paths.work_dir / "config.json")
         reporter = ConsoleReporter(quiet=args.quiet, enabled=main)
+        reporter.stop_on_ctrl_c()
         result = train(config, paths, reporter=reporter, resume=args.resume)
         reporter.phase("done" if not result.cancelled else "cancelled")
     except ValueError as exc:  # ConfigError, DatasetError, CheckpointError: a message for people

@@ -435,6 +435,10 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     for note in config.warnings():
         reporter.log(f"warning: {note}")
     instances = data.collect_pictures(config, include_class=False)  # bad input fails here, early
+    final_output = paths.checkpoints_dir / f"{config.model_name}.{config.export_format}"
+    if export_model and final_output.exists() and not config.overwrite:
+        raise ConfigError([FieldError("model_name", f"{final_output} already exists; choose another "
+                                      "name or turn on overwrite")])
 
     precision = config.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():

@@ -401,3 +401,15 @@ def test_unknown_option_in_json_is_named():
     with pytest.raises(ConfigError, match="learnin_rate: unknown option"):
         TrainingConfig.from_dict({"learnin_rate": 1e-6})
     assert math.isclose(TrainingConfig.from_dict({"learning_rate": "2e-6"}).learning_rate, 2e-6)
+
+
+def test_an_existing_output_is_refused_before_training(tmp_path):
+    paths = run_paths(tmp_path)
+    paths.checkpoints_dir.mkdir(parents=True)
+    (paths.checkpoints_dir / "test-model.safetensors").write_bytes(b"precious")
+    config = base_config(tmp_path)
+    reporter = RecordingReporter()
+    with pytest.raises(ConfigError, match="model_name: .* already exists"):
+        train(config, paths, reporter=reporter, components=tiny_components())
+    assert reporter.phases == []  # nothing heavy started
+    assert (paths.checkpoints_dir / "test-model.safetensors").read_bytes() == b"precious"
