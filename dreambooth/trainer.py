@@ -324,10 +324,6 @@ def class_partner(classes: list[data.Picture], concept_index: int, micro: int,
     return pool[(micro * 7 + slot) % len(pool)]
 
 
-def flips_for(config: TrainingConfig, count: int, rng: random.Random) -> list[bool]:
-    return [config.hflip and rng.random() < 0.5 for _ in range(count)]
-
-
 # --------------------------------------------------------------------------------------------
 # Resume checkpoints
 # --------------------------------------------------------------------------------------------
@@ -486,7 +482,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             if reporter.should_stop():
                 raise Cancelled
         accelerator.wait_for_everyone()
-    pictures = data.collect_pictures(config, include_class=True)
+    # Native training has no class pictures: the early scan already holds every picture.
+    pictures = (data.collect_pictures(config, include_class=True)
+                if config.with_prior_preservation else instances)
     instances = [p for p in pictures if not p.is_class]
     classes = [p for p in pictures if p.is_class]
     if config.with_prior_preservation:
@@ -523,7 +521,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     latents = LatentSource(vae, config, device, weight_dtype)
     if latents.cache is not None:
         reporter.phase("caching")
-        flips = (False, True) if config.hflip else (False,)
+        flips = data.cache_flips(config)
         items = [(p, f, p.bucket) for p in instances for f in flips]
         items += [(c, f, b) for c in classes for f in flips
                   for b in sorted({p.bucket for p in instances if p.concept_index == c.concept_index})]
@@ -606,11 +604,11 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             rng = random.Random(f"{config.seed}-micro-{micro}")
             chosen = [instances[i] for i in batch]
             bucket = chosen[0].bucket
-            rows = [(p, f) for p, f in zip(chosen, flips_for(config, len(chosen), rng))]
+            rows = [(p, f) for p, f in zip(chosen, data.epoch_flips(len(chosen), config, rng))]
             if config.with_prior_preservation:
                 partners = [class_partner(classes, p.concept_index, micro, slot)
                             for slot, p in enumerate(chosen)]
-                rows += list(zip(partners, flips_for(config, len(partners), rng)))
+                rows += list(zip(partners, data.epoch_flips(len(partners), config, rng)))
             model_input = torch.stack([latents.get(p, f, bucket, rng) for p, f in rows]).to(device)
             prompts = [data.prompt_variant(p.caption, config, rng) for p, _ in rows]
 
