@@ -295,15 +295,15 @@ def test_lr_schedulers_follow_their_shape(tmp_path):
     for name in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                  "polynomial"):
         reporter = RecordingReporter()
-        run(tmp_path, reporter=reporter, lr_scheduler=name, lr_warmup_steps=1, max_train_steps=4,
+        run(tmp_path, reporter=reporter, lr_scheduler=name, lr_warmup_steps=2, max_train_steps=5,
             lr_num_cycles=2, lr_power=2.0)
         lrs[name] = [lr for _, _, lr in reporter.steps]
-    assert lrs["constant"] == [1e-3] * 4
-    assert lrs["constant_with_warmup"][-1] == pytest.approx(1e-3)
-    assert lrs["linear"][-1] == pytest.approx(0.0)
+    assert lrs["constant"] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3])  # warm-up applies
+    assert lrs["constant_with_warmup"] == lrs["constant"]
+    assert lrs["linear"][1] == pytest.approx(1e-3) and lrs["linear"][-1] == pytest.approx(0.0)
     assert lrs["cosine"] != lrs["linear"] and lrs["cosine_with_restarts"] != lrs["cosine"]
     assert lrs["polynomial"] != lrs["linear"]
-    assert len({tuple(v) for v in lrs.values()}) == 6
+    assert len({tuple(v) for v in lrs.values()}) == 5
 
 
 def test_max_train_steps_zero_uses_pictures_times_100(tmp_path):
