@@ -457,6 +457,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     reporter.phase("loading")
     if components is None:
         components, prediction_type = load_model(config)
+    if getattr(components, "text_encoder_2", None) is not None:
+        raise ConfigError([FieldError("base_model", "SDXL checkpoints load and convert, but this "
+                                      "version trains SD1.x and SD2.x only; pick an SD1.x/2.x model")])
     prediction_type = config.prediction_type or prediction_type or "epsilon"
     unet, vae, text_encoder, tokenizer = (components.unet, components.vae,
                                           components.text_encoder, components.tokenizer)

@@ -413,3 +413,21 @@ def test_an_existing_output_is_refused_before_training(tmp_path):
         train(config, paths, reporter=reporter, components=tiny_components())
     assert reporter.phases == []  # nothing heavy started
     assert (paths.checkpoints_dir / "test-model.safetensors").read_bytes() == b"precious"
+
+
+def test_sdxl_is_refused_with_a_clear_message(tmp_path):
+    from dreambooth.tiny import build_variant
+
+    with pytest.raises(ConfigError, match="base_model: SDXL checkpoints load and convert"):
+        run(tmp_path, components=build_variant("sdxl"))
+
+
+def test_sd2_v_prediction_model_trains(tmp_path):
+    from dreambooth.tiny import build_variant
+
+    components = build_variant("sd2-v")
+    before = flat(components.unet)
+    config = base_config(tmp_path)
+    result = train(config, run_paths(tmp_path), reporter=RecordingReporter(), components=components,
+                   prediction_type="v_prediction", export_model=False)
+    assert result.steps == 3 and not torch.equal(before, flat(components.unet))
