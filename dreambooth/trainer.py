@@ -535,21 +535,30 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     elif config.cache_latents:
         reporter.log("latents are encoded at every step: random crop, rotation or jitter change "
                      "the picture each time")
-    text_cache: dict[str, torch.Tensor] = {}
+    text_cache = None
+    if config.cache_text_embeddings and not config.train_text_encoder \
+            and not (config.shuffle_tags or config.tag_dropout):
+        # Prompts are fixed: encode each once, then the text encoder leaves the GPU.
+        text_cache = {}
+        unique = list(dict.fromkeys(p.caption for p in pictures))
+        with torch.no_grad():
+            for i in range(0, len(unique), 16):
+                chunk = unique[i:i + 16]
+                encoded = encode_prompts(text_encoder, tokenizer, chunk, config.clip_skip, device)
+                text_cache.update({p: e.cpu() for p, e in zip(chunk, encoded)})
+        text_encoder.to("cpu")
+        reporter.log(f"cached {len(text_cache)} text embeddings")
+    elif config.cache_text_embeddings and not config.train_text_encoder:
+        reporter.log("text embeddings are encoded at every step: tag shuffle or dropout change "
+                     "the prompts each time")
 
     def embeddings(prompts: list[str], train_te: bool) -> torch.Tensor:
         if train_te:
             return encode_prompts(text_encoder, tokenizer, prompts, config.clip_skip, device)
-        if not config.cache_text_embeddings:
-            with torch.no_grad():
-                return encode_prompts(text_encoder, tokenizer, prompts, config.clip_skip, device)
-        missing = [p for p in dict.fromkeys(prompts) if p not in text_cache]
-        if missing:
-            text_encoder.to(device)
-            with torch.no_grad():
-                encoded = encode_prompts(text_encoder, tokenizer, missing, config.clip_skip, device)
-            text_cache.update({p: e.cpu() for p, e in zip(missing, encoded)})
-        return torch.stack([text_cache[p] for p in prompts]).to(device)
+        if text_cache is not None:
+            return torch.stack([text_cache[p] for p in prompts]).to(device)
+        with torch.no_grad():
+            return encode_prompts(text_encoder, tokenizer, prompts, config.clip_skip, device)
 
     # Optimizer and learning-rate schedule (stepped once per optimizer step).
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad],

@@ -431,3 +431,23 @@ def test_sd2_v_prediction_model_trains(tmp_path):
     result = train(config, run_paths(tmp_path), reporter=RecordingReporter(), components=components,
                    prediction_type="v_prediction", export_model=False)
     assert result.steps == 3 and not torch.equal(before, flat(components.unet))
+
+
+def test_text_embedding_cache_encodes_each_prompt_once(tmp_path, monkeypatch):
+    real = trainer.encode_prompts
+    counts = {}
+    for cached in (True, False):
+        calls = []
+        monkeypatch.setattr(trainer, "encode_prompts",
+                            lambda te, tok, batch, cs, dev, calls=calls: calls.append(list(batch))
+                            or real(te, tok, batch, cs, dev))
+        reporter = RecordingReporter()
+        components = tiny_components()
+        run(tmp_path, reporter=reporter, components=components, cache_text_embeddings=cached,
+            max_train_steps=4)
+        counts[cached] = calls
+        if cached:
+            assert "cached 2 text embeddings" in reporter.lines
+            assert next(components.text_encoder.parameters()).device.type == "cpu"
+    assert counts[True] == [["photo of zwx toy", "photo of a toy"]]  # once, before training
+    assert len(counts[False]) == 4  # every step

@@ -1,0 +1,821 @@
+"""Benchmarks: speed and memory of every phase of a real training run.
+
+``python -m dreambooth bench`` runs the real engine (:func:`dreambooth.trainer.train`) on a model
+built in code -- ``--size tiny`` (seconds on a CPU) or ``--size sd15`` (SD1.5's real architecture
+with random weights: the same FLOPs and memory as the real model) -- and reports, for N measured
+steps after warm-up: steps/s and pictures/s (median and spread), peak memory (CUDA allocated and
+reserved, or the process's peak RSS on the CPU), the time of each phase, the export size and the
+environment, including how busy the machine was (shared machines make steps 10-20x slower).
+
+``--matrix NAME|FILE`` runs a list of option sets, each in a fresh subprocess so memory peaks do
+not leak from one run into the next, and prints one comparison table. ``--json PATH`` writes::
+
+    {"schema": 1, "runs": [{"name", "options", "figures", "environment"}]}
+
+Every run carries every key (``null`` where a figure does not apply), so a script can compare two
+files key by key; see :data:`FIGURE_KEYS`. A change of meaning bumps ``schema``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = 1
+PHASES = ("build", "write_base", "load", "class_pictures", "caching", "first_step", "training",
+          "samples", "export", "total")
+FIGURE_KEYS = ("ok", "error", "device", "dtype", "warmup_steps", "measured_steps",
+               "pictures_per_step", "steps_per_s", "pictures_per_s", "step_s", "phases_s",
+               "memory_mb", "export_bytes", "final_loss", "compile", "repeats")
+# Options a run is defined by (argparse dests), in the order tables and JSON show them.
+OPTION_KEYS = ("size", "resolution", "batch_size", "steps", "warmup", "precision", "optimizer",
+               "gradient_checkpointing", "attention", "cache", "train_text_encoder", "prior",
+               "compile", "export", "class_pictures", "sample_steps", "threads", "seed")
+
+# The default matrix follows the issue: each line adds one thing to the one above, except
+# "no-cache", which is "+cache" without it (what the caches save). On CUDA the second line also
+# turns on fp16 (the seed's setup); on the CPU fp16 does not exist, so it stays fp32.
+MATRICES: dict[str, list[dict[str, Any]]] = {
+    "default": [
+        {"name": "baseline", "precision": "no", "optimizer": "adamw",
+         "gradient_checkpointing": False, "cache": False, "train_text_encoder": False},
+        {"name": "+8bit-adam", "precision": "fp16@cuda", "optimizer": "adamw8bit",
+         "gradient_checkpointing": False, "cache": False, "train_text_encoder": False},
+        {"name": "+grad-ckpt", "precision": "fp16@cuda", "optimizer": "adamw8bit",
+         "gradient_checkpointing": True, "cache": False, "train_text_encoder": False},
+        {"name": "+cache", "precision": "fp16@cuda", "optimizer": "adamw8bit",
+         "gradient_checkpointing": True, "cache": True, "train_text_encoder": False},
+        {"name": "+text-encoder", "precision": "fp16@cuda", "optimizer": "adamw8bit",
+         "gradient_checkpointing": True, "cache": True, "train_text_encoder": True},
+    ],
+    # Two short lines: what the tests run.
+    "smoke": [
+        {"name": "adamw", "optimizer": "adamw"},
+        {"name": "adamw+ckpt", "optimizer": "adamw", "gradient_checkpointing": True},
+    ],
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import ATTENTION, OPTIMIZERS, PRECISIONS
+
+    p = argparse.ArgumentParser(
+        prog="python -m dreambooth bench",
+        description="Measure speed and memory of a real training run on a model built in code.")
+    p.add_argument("--size", choices=("tiny", "sd15"), default="tiny",
+                   help="tiny: seconds on a CPU; sd15: SD1.5's real architecture, random weights")
+    p.add_argument("--resolution", type=int, default=64, help="training resolution in pixels")
+    p.add_argument("--batch-size", type=int, default=1, help="instance pictures per step")
+    p.add_argument("--steps", type=int, default=5, help="measured optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before measuring (>= 1)")
+    p.add_argument("--precision", choices=PRECISIONS, default="no",
+                   help="mixed precision (fp16 needs CUDA; on the CPU it falls back to fp32)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=False)
+    p.add_argument("--attention", choices=ATTENTION, default="sdpa")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="cache latents and text embeddings (--no-cache: encode at every step)")
+    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
+                   help="prior preservation: a class picture next to each instance picture")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the UNet's forward (torch >= 2.0)")
+    p.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the base model as a single file, load it back the way the "
+                        "trainer does, and time the export of the trained checkpoint")
+    p.add_argument("--class-pictures", type=int, default=4,
+                   help="class pictures generated by the model (0: drawn, the phase only "
+                        "checks the folder)")
+    p.add_argument("--sample-steps", type=int, default=4,
+                   help="denoising steps of the class pictures and of the end-of-run sample "
+                        "(0: no sample)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="", help="name of the run in the table and the JSON")
+    p.add_argument("--work-dir", default="",
+                   help="keep the run's files here (default: a temporary folder, removed)")
+    p.add_argument("--json", default="", help="write the figures to this JSON file")
+    p.add_argument("--matrix", default="",
+                   help=f"run a list of option sets, each in a fresh process: "
+                        f"{' | '.join(MATRICES)} | a JSON file (a list of objects with a name "
+                        f"and options named as the flags, e.g. \"gradient_checkpointing\")")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each line N times in fresh processes, interleaved, and report the "
+                        "median one (shared machines: FACTS.md)")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+    return p
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in OPTION_KEYS}
+
+
+def options_to_argv(options: dict[str, Any]) -> list[str]:
+    """The flags that reproduce ``options`` (printed with each matrix line and used to run it)."""
+    argv: list[str] = []
+    for key in OPTION_KEYS:
+        if key not in options:
+            continue
+        value, flag = options[key], "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def load_matrix(spec: str) -> list[dict[str, Any]]:
+    """A named matrix or a JSON file: a list of {"name", option: value ...} (or {"runs": [...]}),
+    with options flat or under "options"."""
+    if spec in MATRICES:
+        return copy.deepcopy(MATRICES[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"--matrix: {spec!r} is neither {' nor '.join(MATRICES)} nor a file")
+    loaded = json.loads(path.read_text(encoding="utf-8"))
+    entries = loaded.get("runs", []) if isinstance(loaded, dict) else loaded
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise SystemExit(f"--matrix {spec}: entry {i} is not an object")
+        flat = dict(entry.get("options", {}), **{k: v for k, v in entry.items() if k != "options"})
+        unknown = set(flat) - set(OPTION_KEYS) - {"name"}
+        if unknown:
+            raise SystemExit(f"--matrix {spec}: entry {i} has unknown options {sorted(unknown)}")
+        flat.setdefault("name", f"run{i + 1}")
+        out.append(flat)
+    return out
+
+
+def resolve_entry(entry: dict[str, Any], base: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """A matrix line over the command line's options; "fp16@cuda" means fp16 on CUDA, else fp32."""
+    options = dict(base)
+    options.update({k: v for k, v in entry.items() if k != "name"})
+    if options.get("precision") == "fp16@cuda":
+        options["precision"] = "fp16" if cuda else "no"
+    return options
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def rss_peak_mb() -> float:
+    """The process's peak resident memory since the last :func:`reset_rss_peak` (Linux VmHWM),
+    else since it started (getrusage)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def reset_rss_peak() -> bool:
+    """Restart the peak-RSS counter (Linux >= 4.0: "5" to clear_refs), so each phase gets its
+    own peak; False where that is not possible (the peak is then the process's)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class LoadSampler:
+    """Samples, every ``interval`` seconds in a thread, the machine's CPU use and this process's:
+    the difference is what other processes took from the run (FACTS: "Shared machines")."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.others: list[float] = []  # other processes' share of the whole machine, percent
+        self.loadavg_start = _loadavg()
+        self.loadavg_end: list[float] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "LoadSampler":
+        try:
+            import psutil
+        except ImportError:  # the figures stay, with the load average only
+            return self
+        self._thread = threading.Thread(target=self._run, args=(psutil,), daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, psutil) -> None:
+        me = psutil.Process()
+        cpus = psutil.cpu_count() or 1
+        psutil.cpu_percent(None)
+        mine = me.cpu_percent(None)
+        while not self._stop.wait(self.interval):
+            total = psutil.cpu_percent(None)  # whole machine, 0-100
+            mine = me.cpu_percent(None) / cpus  # this process (all threads), same scale
+            self.others.append(max(0.0, total - mine))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self.loadavg_end = _loadavg()
+
+    def figures(self) -> dict[str, Any]:
+        others = self.others
+        return {"loadavg_start": self.loadavg_start, "loadavg_end": self.loadavg_end,
+                "other_cpu_percent_median": round(statistics.median(others), 1) if others else None,
+                "other_cpu_percent_max": round(max(others), 1) if others else None,
+                "samples": len(others)}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+@dataclass
+class Timeline:
+    """What the trainer reported, stamped with time.perf_counter()."""
+
+    phases: list[tuple[str, float]] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)  # after each optimizer step
+    train_start: float | None = None  # the step-0 progress call, just before the first step
+    losses: list[float] = field(default_factory=list)
+    samples_at: list[float] = field(default_factory=list)
+    saved_at: float | None = None
+    lines: list[str] = field(default_factory=list)
+    phase_peaks: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _trainer_reporter(timeline: Timeline, cuda: bool, quiet: bool):
+    from .trainer import Reporter
+
+    class BenchReporter(Reporter):
+        """Stamps each phase and step. On CUDA it synchronises before reading the clock, so a
+        step's time is its GPU work, not the time to queue it (the loop already syncs once per
+        step to read the loss, so this adds nothing there)."""
+
+        current: str | None = None
+
+        def _now(self) -> float:
+            if cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def _close_peak(self) -> None:
+            if self.current is not None:
+                timeline.phase_peaks[self.current] = memory_peaks(cuda)
+            reset_peaks(cuda)
+
+        def phase(self, name: str) -> None:
+            now = self._now()
+            self._close_peak()
+            self.current = name
+            timeline.phases.append((name, now))
+            if not quiet:
+                print(f"[{name}]", file=sys.stderr, flush=True)
+
+        def log(self, line: str) -> None:
+            timeline.lines.append(line)
+            if line.startswith("saved "):
+                timeline.saved_at = self._now()
+            if not quiet:
+                print(f"  {line}", file=sys.stderr, flush=True)
+
+        def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None:
+            if self.current != "training":
+                return
+            now = self._now()
+            if loss is None:
+                timeline.train_start = now
+                return
+            timeline.steps.append(now)
+            timeline.losses.append(loss)
+            if not quiet:
+                print(f"  step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
+
+        def samples(self, paths: list[Path]) -> None:
+            timeline.samples_at.append(self._now())
+
+        def finish(self) -> None:
+            self._close_peak()
+
+    return BenchReporter()
+
+
+def reset_peaks(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_rss_peak()
+
+
+def memory_peaks(cuda: bool) -> dict[str, float]:
+    peaks = {"rss": round(rss_peak_mb(), 1)}
+    if cuda:
+        import torch
+
+        peaks["allocated"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+        peaks["reserved"] = round(torch.cuda.max_memory_reserved() / 2 ** 20, 1)
+    return peaks
+
+
+def spread(values: list[float]) -> dict[str, Any] | None:
+    """Median and spread of a list: min, max, and the interquartile range relative to the median."""
+    if not values:
+        return None
+    values = sorted(values)
+    median = statistics.median(values)
+    if len(values) >= 4:
+        q = statistics.quantiles(values, n=4)
+        iqr = q[2] - q[0]
+    else:
+        iqr = values[-1] - values[0]
+    return {"median": _r(median), "min": _r(values[0]), "max": _r(values[-1]),
+            "iqr_pct": _r(100 * iqr / median) if median else None, "n": len(values)}
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------
+
+def environment(cuda: bool, threads: int) -> dict[str, Any]:
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes",
+                    "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "versions": versions, "device": "cuda" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name(),
+        "cuda": torch.version.cuda if cuda else None,
+        "gpu_memory_mb": (round(torch.cuda.get_device_properties(0).total_memory / 2 ** 20)
+                          if cuda else None),
+        "cpu_count": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(),
+    }
+    return env
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "cpu"
+
+
+def prepare_folders(root: Path, options: dict[str, Any]) -> tuple[Path, Path]:
+    """Instance pictures (enough for the batch) and, unless the model makes them, class pictures."""
+    from .demo import draw_pictures
+
+    count = max(4, options["batch_size"])
+    inst, cls = root / "instance", root / "class"
+    draw_pictures(inst, count=count, size=options["resolution"], seed=1)
+    if options["prior"] and options["class_pictures"] <= 0:
+        draw_pictures(cls, count=count, size=options["resolution"], seed=2)
+        for p in cls.iterdir():  # the class prompt's noun, not the identifier
+            p.rename(p.with_name(p.name.replace("zwx", "toy")))
+    return inst, cls
+
+
+def make_config(root: Path, options: dict[str, Any], inst: Path, cls: Path):
+    from .config import Concept, TrainingConfig
+
+    sample = options["sample_steps"] > 0
+    generated = options["class_pictures"] > 0
+    return TrainingConfig(
+        base_model=str(root / "base.safetensors"), model_name="bench", models_dir=str(root),
+        concepts=[Concept(instance_data_dir=str(inst), instance_prompt="photo of zwx toy",
+                          class_data_dir=str(cls), class_prompt="photo of a toy")],
+        with_prior_preservation=options["prior"],
+        num_class_images=(options["class_pictures"] if generated
+                          else max(4, options["batch_size"])),
+        class_batch_size=4, class_sample_steps=max(1, options["sample_steps"]),
+        resolution=options["resolution"], train_batch_size=options["batch_size"],
+        max_train_steps=options["warmup"] + options["steps"], learning_rate=1e-6,
+        optimizer=options["optimizer"], mixed_precision=options["precision"],
+        gradient_checkpointing=options["gradient_checkpointing"],
+        attention=options["attention"], cache_latents=options["cache"],
+        cache_text_embeddings=options["cache"], train_text_encoder=options["train_text_encoder"],
+        checkpoint_every_n_steps=0, sample_prompts=["photo of zwx toy"] if sample else [],
+        sample_steps=max(1, options["sample_steps"]), overwrite=True, seed=options["seed"])
+
+
+def compile_unet(unet) -> str:
+    """Compile the UNet in place with ``Module.compile`` (torch >= 2.2), so its state_dict keys
+    (and so the export) stay as they are and accelerate's autocast wrapping of ``forward`` still
+    applies underneath. ``torch.compile(unet)`` would prefix every key with ``_orig_mod.``; the
+    hosts' torch 2.1 (A1111) has no ``Module.compile``, so there the option is refused."""
+    import torch
+
+    if not hasattr(torch.nn.Module, "compile"):
+        raise RuntimeError(f"--compile needs torch >= 2.2 (this is {torch.__version__})")
+    unet.compile()
+    return f"Module.compile (torch {torch.__version__})"
+
+
+def empty_figures() -> dict[str, Any]:
+    """Every figure key, unmeasured: a failed run has the same shape as a good one."""
+    figures: dict[str, Any] = {key: None for key in FIGURE_KEYS}
+    figures.update(ok=False, phases_s={p: None for p in PHASES},
+                   memory_mb={"peak_rss": None, "peak_allocated": None, "peak_reserved": None,
+                              "training_peak_rss": None, "training_peak_allocated": None,
+                              "training_peak_reserved": None, "by_phase": {}})
+    return figures
+
+
+def run_once(options: dict[str, Any], work_dir: Path, quiet: bool = False) -> dict[str, Any]:
+    """One benchmark run in this process; returns {"options", "figures", "environment"}."""
+    import torch
+
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    if options["warmup"] < 1 or options["steps"] < 1:
+        raise SystemExit("--steps and --warmup must be at least 1 (the first step is never "
+                         "measured: it pays for lazy initialisation)")
+    cuda = torch.cuda.is_available()
+    env = environment(cuda, options["threads"])
+    figures = empty_figures()
+    figures["device"] = env["device"]
+    precision = options["precision"]
+    if precision == "fp16" and not cuda:
+        precision = "no"  # what the trainer does on the CPU
+    figures["dtype"] = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
+    figures["warmup_steps"] = options["warmup"]
+    figures["pictures_per_step"] = options["batch_size"] * (2 if options["prior"] else 1)
+    timeline = Timeline()
+    phases = figures["phases_s"]
+    started = time.perf_counter()
+    sampler = LoadSampler()
+    with sampler:
+        try:
+            _measure(options, work_dir, cuda, quiet, figures, timeline, phases)
+            figures["ok"] = True
+        except BaseException as exc:  # a failed line must not stop the matrix: it is a result
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            figures["error"] = f"{type(exc).__name__}: {exc}"
+            if not quiet:
+                traceback.print_exc()
+    phases["total"] = _r(time.perf_counter() - started)
+    env["load"] = sampler.figures()
+    return {"options": options, "figures": figures, "environment": env}
+
+
+def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
+             figures: dict[str, Any], timeline: Timeline, phases: dict[str, Any]) -> None:
+    import gc
+
+    import torch
+
+    from . import tiny
+    from .trainer import RunPaths, load_model, train
+
+    inst, cls = prepare_folders(work_dir, options)
+    config = make_config(work_dir, options, inst, cls)
+    paths = RunPaths(work_dir=work_dir / "work", checkpoints_dir=work_dir / "Stable-diffusion")
+    paths.work_dir.mkdir(parents=True, exist_ok=True)
+    paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    memory = figures["memory_mb"]
+    reset_peaks(cuda)
+
+    t = time.perf_counter()
+    components = tiny.build_components(options["size"], seed=options["seed"])
+    phases["build"] = _r(time.perf_counter() - t)
+    prediction_type = "epsilon"
+    if options["export"]:
+        # The export starts from the base file, as in the product; loading the model back from it
+        # is the real load/convert path, so that is what is trained.
+        from .checkpoint import save_single_file
+
+        t = time.perf_counter()
+        save_single_file(components, Path(config.base_model), dtype="fp16", overwrite=True)
+        phases["write_base"] = _r(time.perf_counter() - t)
+        del components
+        gc.collect()
+        t = time.perf_counter()
+        components, prediction_type = load_model(config)
+        phases["load"] = _r(time.perf_counter() - t)
+    memory["by_phase"]["model"] = memory_peaks(cuda)
+    if options["compile"]:
+        figures["compile"] = compile_unet(components.unet)
+
+    reporter = _trainer_reporter(timeline, cuda, quiet)
+    reset_peaks(cuda)
+    result = train(config, paths, reporter=reporter, components=components,
+                   prediction_type=prediction_type, export_model=options["export"])
+    end = reporter._now()
+    reporter.finish()
+    if result.cancelled or result.steps < config.max_train_steps:
+        raise RuntimeError(f"the run stopped at step {result.steps}/{config.max_train_steps}: "
+                           + (timeline.lines[-1] if timeline.lines else "no log"))
+
+    # Phases from the trainer's own phase changes.
+    marks = dict(timeline.phases)  # the last stamp of each (a phase is entered once here)
+    order = [name for name, _ in timeline.phases]
+
+    def span(name: str) -> float | None:
+        if name not in marks:
+            return None
+        following = [s for n, s in timeline.phases if s > marks[name]]
+        return _r((following[0] if following else end) - marks[name])
+
+    phases["class_pictures"] = span("class_images")
+    phases["caching"] = span("caching")
+    steps = timeline.steps
+    start = timeline.train_start if timeline.train_start is not None else marks.get("training")
+    durations = [b - a for a, b in zip([start] + steps[:-1], steps)]
+    phases["first_step"] = _r(durations[0]) if durations else None
+    phases["training"] = _r(steps[-1] - start) if steps else None
+    if timeline.samples_at and steps:
+        phases["samples"] = _r(timeline.samples_at[-1] - steps[-1])
+    if "saving" in order:
+        phases["export"] = _r((timeline.saved_at or end) - marks["saving"])
+    measured = durations[options["warmup"]:]
+    figures["measured_steps"] = len(measured)
+    figures["step_s"] = spread(measured)
+    figures["steps_per_s"] = spread([1 / d for d in measured if d > 0])
+    figures["pictures_per_s"] = spread([figures["pictures_per_step"] / d for d in measured
+                                        if d > 0])
+    figures["final_loss"] = _r(timeline.losses[-1]) if timeline.losses else None
+    if result.output_path is not None and Path(result.output_path).is_file():
+        figures["export_bytes"] = Path(result.output_path).stat().st_size
+
+    by_phase = memory["by_phase"]
+    by_phase.update(timeline.phase_peaks)
+    rss = [p["rss"] for p in by_phase.values() if "rss" in p]
+    memory["peak_rss"] = max(rss) if rss else round(rss_peak_mb(), 1)
+    train_peak = by_phase.get("training", {})
+    memory["training_peak_rss"] = train_peak.get("rss")
+    if cuda:
+        memory["peak_allocated"] = max(p.get("allocated", 0) for p in by_phase.values())
+        memory["peak_reserved"] = max(p.get("reserved", 0) for p in by_phase.values())
+        memory["training_peak_allocated"] = train_peak.get("allocated")
+        memory["training_peak_reserved"] = train_peak.get("reserved")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables and JSON
+# --------------------------------------------------------------------------------------------
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _gb(mb: float | None) -> str:
+    return "-" if mb is None else f"{mb / 1024:.2f}"
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """One Markdown table (it pastes into the README as it is)."""
+    cuda = any(r["environment"].get("device") == "cuda" for r in runs)
+    mem_head = "peak alloc / reserved GB (train)" if cuda else "peak RSS GB (all / train)"
+    head = ["run", "steps/s (median)", "spread (min-max)", "pictures/s", "s/step", mem_head,
+            "load s", "class pics s", "caching s", "1st step s", "samples s", "export s",
+            "export MB", "other CPU %"]
+    rows = []
+    for run in runs:
+        f = run["figures"]
+        if not f.get("ok"):
+            rows.append([run["name"], f"FAILED: {f.get('error')}"] + [""] * (len(head) - 2))
+            continue
+        sps, pps, sec = f["steps_per_s"] or {}, f["pictures_per_s"] or {}, f["step_s"] or {}
+        m, ph = f["memory_mb"], f["phases_s"]
+        if cuda:
+            mem = f"{_gb(m['training_peak_allocated'])} / {_gb(m['training_peak_reserved'])}"
+        else:
+            mem = f"{_gb(m['peak_rss'])} / {_gb(m['training_peak_rss'])}"
+        load = run["environment"].get("load") or {}
+        rows.append([
+            run["name"], _fmt(sps.get("median")),
+            f"{_fmt(sps.get('min'))}-{_fmt(sps.get('max'))}", _fmt(pps.get("median")),
+            _fmt(sec.get("median")), mem, _fmt(ph.get("load")), _fmt(ph.get("class_pictures")),
+            _fmt(ph.get("caching")), _fmt(ph.get("first_step")), _fmt(ph.get("samples")),
+            _fmt(ph.get("export")),
+            "-" if f["export_bytes"] is None else f"{f['export_bytes'] / 1e6:.1f}",
+            f"{_fmt(load.get('other_cpu_percent_median'))} (max {_fmt(load.get('other_cpu_percent_max'))})",
+        ])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """The environment once, and each run's exact command."""
+    if not runs:
+        return []
+    env = runs[0]["environment"]
+    v = env.get("versions", {})
+    lines = [f"device: {env.get('device_name')} ({env.get('device')}), torch threads "
+             f"{env.get('torch_threads')} of {env.get('cpu_count')} CPUs; "
+             + ", ".join(f"{k} {v[k]}" for k in v if v[k])]
+    for run in runs:
+        load = run["environment"].get("load") or {}
+        reps = run["figures"].get("repeats") or {}
+        each = (f", steps/s of each repeat {reps.get('steps_per_s_medians')}"
+                if reps.get("n", 1) > 1 else "")
+        lines.append(f"{run['name']}: dtype {run['figures'].get('dtype')}, load average "
+                     f"{load.get('loadavg_start')} -> {load.get('loadavg_end')}{each}; command: "
+                     f"{run.get('command')}")
+    return lines
+
+
+def write_json(path: str | Path, runs: list[dict[str, Any]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"schema": SCHEMA, "runs": [
+        {"name": r["name"], "options": r["options"], "figures": r["figures"],
+         "environment": r["environment"], "command": r.get("command")} for r in runs]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def command_for(options: dict[str, Any], name: str) -> str:
+    argv = ["python", "-m", "dreambooth", "bench", *options_to_argv(options), "--name", name]
+    return shlex.join(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _work_dir(given: str) -> Iterator[Path]:
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
+            yield Path(tmp)
+
+
+def single(args: argparse.Namespace) -> dict[str, Any]:
+    options = run_options(args)
+    name = args.name or "run"
+    with _work_dir(args.work_dir) as root:
+        run = run_once(options, root, quiet=args.quiet)
+    run["name"] = name
+    run["command"] = command_for(options, name)
+    return run
+
+
+def matrix(args: argparse.Namespace, explicit: set[str]) -> list[dict[str, Any]]:
+    """Each line in a fresh ``python -m dreambooth bench`` process, so peaks do not leak.
+
+    With ``--repeat N`` the whole list is run N times, line after line (so a burst of load from
+    another process hits every line, not one), and each line reports its median repeat."""
+    entries = load_matrix(args.matrix) if args.matrix else [{"name": args.name or "run"}]
+    base = run_options(args)
+    cuda = _cuda_available()
+    lines = []
+    for i, entry in enumerate(entries, 1):
+        # Options given on the command line win over the matrix (e.g. --size sd15 --steps 3),
+        # except the ones the matrix line sets itself.
+        options = resolve_entry(entry, base, cuda)
+        for key in explicit:
+            if key not in entry:
+                options[key] = base[key]
+        lines.append((entry.get("name", f"run{i}"), options))
+    repeats: list[list[dict[str, Any]]] = [[] for _ in lines]
+    for r in range(args.repeat):
+        for i, (name, options) in enumerate(lines):
+            if not args.quiet:
+                print(f"[{r * len(lines) + i + 1}/{args.repeat * len(lines)}] {name}: "
+                      f"{command_for(options, name)}", file=sys.stderr, flush=True)
+            work = (Path(args.work_dir) / f"{i + 1:02d}-{name}-{r + 1}") if args.work_dir else None
+            run = run_child(name, options, work)
+            repeats[i].append(run)
+            if not args.quiet:
+                f = run["figures"]
+                sps = (f.get("steps_per_s") or {}).get("median")
+                print(f"    {'ok' if f.get('ok') else 'FAILED'}: {_fmt(sps)} steps/s"
+                      + ("" if f.get("ok") else f" ({f.get('error')})"), file=sys.stderr,
+                      flush=True)
+    return [median_repeat(runs) for runs in repeats]
+
+
+def run_child(name: str, options: dict[str, Any], work: Path | None) -> dict[str, Any]:
+    """One run in a fresh process; a child that dies (out of memory, a crash) is a failed run."""
+    with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as tmp:
+        out = Path(tmp) / "run.json"
+        argv = [sys.executable, "-m", "dreambooth", "bench", *options_to_argv(options),
+                "--name", name, "--json", str(out), "--quiet"]
+        if work is not None:
+            argv += ["--work-dir", str(work)]
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parent.parent))
+        if out.is_file():
+            return json.loads(out.read_text(encoding="utf-8"))["runs"][0]
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+        figures = empty_figures()
+        figures["error"] = f"exit {proc.returncode}: {' | '.join(tail)}"
+        env = environment(_cuda_available(), options["threads"])
+        env["load"] = {"loadavg_start": None, "loadavg_end": _loadavg(),
+                       "other_cpu_percent_median": None, "other_cpu_percent_max": None,
+                       "samples": 0}
+        figures["device"] = env["device"]
+        return {"name": name, "options": options, "figures": figures, "environment": env,
+                "command": command_for(options, name)}
+
+
+def median_repeat(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the median steps/s (the lower middle one for an even count), its figures
+    kept whole so they stay consistent with each other; every repeat's steps/s and machine load
+    go under figures["repeats"]. Failed repeats count only when all failed."""
+    ok = [r for r in runs if r["figures"].get("ok")]
+    pool = sorted(ok, key=lambda r: r["figures"]["steps_per_s"]["median"]) if ok else runs
+    chosen = copy.deepcopy(pool[(len(pool) - 1) // 2])
+    chosen["figures"]["repeats"] = {
+        "n": len(runs), "failed": len(runs) - len(ok),
+        "steps_per_s_medians": [(r["figures"].get("steps_per_s") or {}).get("median")
+                                for r in runs],
+        "other_cpu_percent_medians": [
+            (r["environment"].get("load") or {}).get("other_cpu_percent_median") for r in runs],
+    }
+    return chosen
+
+
+def _explicit_options(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
+    """The options given on the command line (as opposed to left at their defaults)."""
+    given = set()
+    for action in parser._actions:
+        for flag in action.option_strings:
+            names = {flag}
+            if isinstance(action, argparse.BooleanOptionalAction) and flag.startswith("--"):
+                names.add("--no-" + flag[2:])
+            if any(a == n or a.startswith(n + "=") for a in argv for n in names):
+                given.add(action.dest)
+    return given & set(OPTION_KEYS)
+
+
+def bench_main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1 (the first step is never "
+                     "measured: it pays for lazy initialisation)")
+    if args.matrix or args.repeat > 1:
+        runs = matrix(args, _explicit_options(argv, parser))
+    else:
+        runs = [single(args)]
+    print(table(runs))
+    for line in summary_lines(runs):
+        print(line)
+    if args.json:
+        write_json(args.json, runs)
+        print(f"figures written to {args.json}")
+    return 0 if all(r["figures"].get("ok") for r in runs) else 1
