@@ -135,11 +135,14 @@ class JobRunner:
     def start(self, config: TrainingConfig, paths: RunPaths, *,
               context: Callable[[], ContextManager] | None = None,
               on_success: Callable[[TrainResult], None] | None = None,
+              work: Callable[..., TrainResult] | None = None,
               **train_kwargs) -> int:
         """Start ``train(config, paths, **train_kwargs)`` in a thread; returns the job id.
 
         ``context`` wraps the whole run (the WebUI adapter frees the GPU and holds generation
-        there); ``on_success`` runs after a finished export (refresh the checkpoint list)."""
+        there); ``on_success`` runs after a finished export (refresh the checkpoint list);
+        ``work`` replaces ``train`` with the same signature (the tab's "Generate class pictures"
+        and a reporter that mirrors progress into the WebUI run through the same one-job slot)."""
         config.check()  # field errors reach the caller before a thread exists
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
@@ -152,7 +155,8 @@ class JobRunner:
                                       phase="loading", started_at=time.time())
             self.result = None
             thread = threading.Thread(target=self._run, name=f"dreambooth-job-{job_id}",
-                                      args=(job_id, config, paths, context, on_success, train_kwargs),
+                                      args=(job_id, config, paths, context, on_success, work or train,
+                                            train_kwargs),
                                       daemon=True)
             self._thread = thread
         thread.start()
@@ -174,13 +178,13 @@ class JobRunner:
 
     # -- the thread --------------------------------------------------------------------------------
     def _run(self, job_id: int, config: TrainingConfig, paths: RunPaths, context, on_success,
-             train_kwargs: dict) -> None:
+             work: Callable[..., TrainResult], train_kwargs: dict) -> None:
         reporter = _JobReporter(self, job_id)
         try:
             paths.work_dir.mkdir(parents=True, exist_ok=True)
             config.save(paths.work_dir / "config.json")
             with (context() if context else contextlib.nullcontext()):
-                result = train(config, paths, reporter=reporter, **train_kwargs)
+                result = work(config, paths, reporter=reporter, **train_kwargs)
             self.result = result
             phase = "cancelled" if result.cancelled else "done"
             self._update(phase=phase, output_path=str(result.output_path) if result.output_path else None)

@@ -1,26 +1,1091 @@
-"""The DreamBooth tab (gradio 3.41 and 4.40). PLACEHOLDER until the tab issue lands."""
+"""The DreamBooth tab, for gradio 3.41 (AUTOMATIC1111 1.10) and 4.40 (Forge), and standalone.
+
+Layout (like the WebUI's own tabs): settings on the left in three sub-tabs (Model, Concepts,
+Parameters), actions and live output on the right.
+
+How progress reaches the page
+-----------------------------
+The state of a run lives in the process's job runner (``job.runner().snapshot()``), never in the
+page: several browser tabs show the same run, and a reloaded page shows it again at its next poll.
+``javascript/dreambooth.js`` clicks a hidden button (``#dreambooth_poll``) every second while the
+tab is visible (every 4 s when idle). Its event is registered with ``queue=False``: it is a plain
+HTTP request answered at once, never put in gradio's queue, so it does not wait behind a
+generation or another long event, and it works the same on gradio 3.41 (which has no
+``gr.Timer``) and 4.40. Each browser session keeps a small ``gr.State`` with what it last
+received, so the gallery, plot and log are only re-sent when they changed (no flicker).
+
+Only this module imports gradio; the WebUI is reached only through ``webui.py``.
+"""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import hashlib
+import html
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
 from typing import Any
+
+from . import service
+from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, OPTIMIZERS, PRECISIONS, PRESETS,
+                     SCHEDULERS, ConfigError, FieldError, TrainingConfig, read_concepts_list,
+                     write_concepts_list)
+from .job import JobBusy, runner
+from .webui import Host, StandaloneHost, get_host, sanitize_model_name, tool_button_class
 
 TAB_TITLE = "DreamBooth"
 TAB_ELEM_ID = "dreambooth"
+CONCEPT_SLOTS = 4
+AUTO = "auto (from the checkpoint)"
+NO_VAE = "None (the checkpoint's own)"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The host the tab works with: the WebUI's, or the one standalone_main() sets.
+_HOST: Host | None = None
+_TIMERS_STOPPED = threading.Event()
+
+
+def current_host() -> Host:
+    return _HOST if _HOST is not None else get_host()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every option of TrainingConfig, grouped, with the info text the WebUI shows under a field.
+# A test checks that nothing of TrainingConfig is left out.
+# ---------------------------------------------------------------------------------------------
+MODEL_FIELDS = ("base_model", "vae_path", "prediction_type", "base_use_ema", "model_name")
+NOT_IN_FORM = ("concepts", "models_dir")  # concepts have their own rows; folders come from the host
+
+GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
+    ("basics", "Basics", [
+        ("max_train_steps", "Training steps", "0 = instance pictures × 100 (the rule of thumb)"),
+        ("learning_rate", "Learning rate", "1e-6 is the classic DreamBooth value; higher learns "
+                                           "faster and overfits sooner"),
+        ("lr_scheduler", "Learning-rate schedule", "how the rate changes over the run"),
+        ("lr_warmup_steps", "Warmup steps", "steps to ramp the rate up from 0"),
+        ("train_batch_size", "Batch size", "pictures per step; more needs more GPU memory"),
+        ("resolution", "Resolution", "training size in pixels (multiple of 8): 512 for SD 1.x, "
+                                     "768 for SD 2.x-v, 1024 for SDXL"),
+        ("seed", "Seed", "same seed and settings give the same model"),
+        ("optimizer", "Optimizer", "adamw8bit: 8-bit Adam (bitsandbytes), far less memory; "
+                                   "prodigy needs no learning rate tuning (set it to 1.0)"),
+        ("save_every_n_steps", "Save a checkpoint every N steps", "0 = only at the end; "
+                                                                  "extra files get -step suffixes"),
+        ("checkpoint_every_n_steps", "Resume point every N steps", "0 = none; resume continues "
+                                                                  "from the latest one"),
+        ("sample_every_n_steps", "Sample pictures every N steps", "0 = only at the end"),
+        ("sample_prompts", "Sample prompts (one per line)", "empty: each concept's sample prompt, "
+                                                            "else its instance prompt"),
+    ]),
+    ("memory", "Memory & speed", [
+        ("mixed_precision", "Mixed precision", "fp16: half the memory on NVIDIA GPUs; bf16 on "
+                                               "Ampere and newer; no: full precision (CPU)"),
+        ("gradient_checkpointing", "Gradient checkpointing", "recomputes activations: much less "
+                                                             "memory, ~20% slower"),
+        ("gradient_accumulation_steps", "Gradient accumulation", "steps added up before an "
+                                                                 "update: a larger batch for free"),
+        ("attention", "Attention", "sdpa (PyTorch's fused attention) or xformers when installed"),
+        ("allow_tf32", "Allow TF32", "faster matrix maths on Ampere and newer GPUs"),
+        ("cache_latents", "Cache latents", "encode every picture once; the VAE then leaves "
+                                           "the GPU"),
+        ("cache_text_embeddings", "Cache text embeddings", "while the text encoder is frozen, "
+                                                           "encode prompts once"),
+    ]),
+    ("text_encoder", "Text encoder", [
+        ("train_text_encoder", "Train the text encoder", "better likeness for people; more "
+                                                         "memory (~1.5 GB)"),
+        ("text_encoder_lr", "Text encoder learning rate", "0 = the UNet's rate"),
+        ("text_encoder_stop", "Stop training it at", "a fraction of the steps (0.3 = first 30%) "
+                                                     "or a step number"),
+        ("clip_skip", "CLIP skip", "2 for anime / NovelAI-family models, else 1"),
+    ]),
+    ("prior", "Prior preservation", [
+        ("with_prior_preservation", "Prior preservation", "trains on generated class pictures "
+                                                          "too, so 'a dog' stays any dog; off = "
+                                                          "native training with captions"),
+        ("prior_loss_weight", "Prior loss weight", "lower overfits less but learns less; 1.0 is "
+                                                   "the paper's value"),
+        ("num_class_images", "Class pictures per concept", "generated by the base model when the "
+                                                           "class folder holds fewer"),
+        ("class_batch_size", "Class picture batch", "pictures generated at once"),
+        ("class_sample_steps", "Class picture sampler steps", "steps per generated picture"),
+        ("class_guidance_scale", "Class picture CFG scale", "guidance when generating them"),
+        ("class_clip_skip", "Class picture CLIP skip", "2 is advised for anime-family models"),
+    ]),
+    ("pictures", "Pictures & captions", [
+        ("aspect_ratio_buckets", "Aspect-ratio buckets", "keeps pictures' shapes (19 buckets); "
+                                                         "suits native training, works poorly "
+                                                         "with DreamBooth"),
+        ("random_crop", "Random crop", "off: center crop"),
+        ("hflip", "Horizontal flip", "each picture also mirrored; avoid for asymmetric subjects "
+                                     "(text, logos)"),
+        ("rotation_degrees", "Rotation (degrees)", "random small rotations, 0 = off"),
+        ("brightness_jitter", "Brightness jitter", "0 = off, 0.1 = ±10%"),
+        ("contrast_jitter", "Contrast jitter", "0 = off, 0.1 = ±10%"),
+        ("caption_extension", "Caption file extension", "a caption beside a picture (same name) "
+                                                        "fills [filewords]"),
+        ("shuffle_tags", "Shuffle caption tags", "comma-separated tags in random order"),
+        ("keep_tokens", "Keep first N tags", "not shuffled or dropped"),
+        ("tag_dropout", "Tag dropout", "chance to drop each tag, 0 = off"),
+        ("alpha_background", "Transparent background becomes", "white (default), black or a "
+                                                               "#rrggbb colour"),
+        ("recursive", "Read subfolders", "pictures in subfolders of the instance folder too"),
+        ("skip_bad_images", "Skip unreadable pictures", "off: stop with the list of bad files"),
+    ]),
+    ("advanced", "Advanced", [
+        ("lr_num_cycles", "Restart cycles", "for cosine_with_restarts"),
+        ("lr_power", "Polynomial power", "for the polynomial schedule"),
+        ("adam_beta1", "Adam beta1", ""),
+        ("adam_beta2", "Adam beta2", ""),
+        ("adam_epsilon", "Adam epsilon", ""),
+        ("weight_decay", "Weight decay", ""),
+        ("max_grad_norm", "Gradient clipping", "max gradient norm, 0 = no clipping"),
+        ("offset_noise", "Offset noise", "0.05-0.1 helps very dark or bright pictures; 0 = off"),
+        ("min_snr_gamma", "Min-SNR gamma", "5 is the paper's value: steadier training; 0 = off"),
+        ("use_ema", "EMA of the weights", "exports a moving average: smoother, needs memory for "
+                                          "a copy of the UNet"),
+        ("ema_decay", "EMA decay", ""),
+        ("checkpoints_total_limit", "Resume points kept", "older ones are deleted"),
+        ("save_on_cancel", "Save the model on cancel", "off: a cancelled run writes nothing"),
+        ("export_dtype", "Saved precision", "fp16 halves the file (the seed's --half)"),
+        ("export_format", "Saved format", "safetensors is safe to load; ckpt is pickle"),
+        ("overwrite", "Overwrite an existing file", "off: refuse a name already taken"),
+        ("sample_negative_prompt", "Sample negative prompt", ""),
+        ("sample_steps", "Sample sampler steps", ""),
+        ("sample_guidance_scale", "Sample CFG scale", ""),
+        ("sample_seed", "Sample seed", "fixed, so samples are comparable across steps"),
+        ("sample_size", "Sample size", "0 = the training resolution"),
+    ]),
+]
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
+    "attention": ATTENTION, "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
+}
+
+CONCEPT_FIELDS: list[tuple[str, str, str]] = [
+    ("instance_data_dir", "Instance pictures folder", "the pictures of your subject or style"),
+    ("instance_prompt", "Instance prompt", "with a rare identifier: 'photo of ohwx dog'; for a "
+                                           "style 'painting by ohwx'; [filewords] = caption"),
+    ("class_prompt", "Class prompt", "the same without the identifier: 'photo of a dog'"),
+    ("class_data_dir", "Class pictures folder", "generated pictures only, never real photos"),
+    ("class_negative_prompt", "Class negative prompt", "used when generating class pictures"),
+    ("num_class_images", "Class pictures", "0 = the number under Prior preservation"),
+    ("sample_prompt", "Sample prompt", "empty: the instance prompt"),
+]
+
+# How the concept fields sit in rows (every CONCEPT_FIELDS name exactly once).
+CONCEPT_LAYOUT = [("instance_data_dir", "instance_prompt"), ("class_data_dir", "class_prompt"),
+                  ("class_negative_prompt", "num_class_images"), ("sample_prompt",)]
+
+PHASE_TEXT = {"idle": "Idle", "loading": "Loading the model", "class_images": "Making class pictures",
+              "caching": "Caching latents", "training": "Training", "saving": "Saving the checkpoint",
+              "done": "Done", "cancelled": "Cancelled", "failed": "Failed"}
+
+# No spinner over small live-updating parts (gradio 3.41 and 4.x both take "hidden").
+HIDDEN = "hidden"
+LOG_TAIL = 8  # lines shown: exactly the log box's height, so the newest line is always visible
+
+
+def option_names() -> list[str]:
+    return [name for _, _, items in GROUPS for name, _, _ in items]
+
+
+def form_keys() -> list[str]:
+    """The order of the form's values everywhere in this module."""
+    keys = list(MODEL_FIELDS)
+    keys += [f"concepts.{i}.{name}" for i in range(CONCEPT_SLOTS) for name, _, _ in CONCEPT_FIELDS]
+    return keys + option_names()
+
+
+def _labels() -> dict[str, str]:
+    labels = {"base_model": "Base model", "vae_path": "VAE", "prediction_type": "Prediction type",
+              "base_use_ema": "Train from the checkpoint's EMA weights",
+              "model_name": "Name of the new model"}
+    for i in range(CONCEPT_SLOTS):
+        for name, label, _ in CONCEPT_FIELDS:
+            labels[f"concepts.{i}.{name}"] = label
+    for _, _, items in GROUPS:
+        for name, label, _ in items:
+            labels[name] = label
+    return labels
+
+
+LABELS = _labels()
+
+
+# ---------------------------------------------------------------------------------------------
+# Form values <-> TrainingConfig (pure functions, tested without a browser)
+# ---------------------------------------------------------------------------------------------
+def form_to_config(values: dict[str, Any], extra_concepts: list | None = None
+                   ) -> tuple[TrainingConfig, list[int]]:
+    """The config the form describes, and for each of its concepts the form row it came from
+    (-1: a concept imported from a file beyond the rows). Raises ConfigError naming fields."""
+    data: dict[str, Any] = {name: values[name] for name in option_names() if name in values}
+    data["base_model"] = str(values.get("base_model") or "")
+    data["model_name"] = str(values.get("model_name") or "")
+    vae = str(values.get("vae_path") or "")
+    data["vae_path"] = "" if vae == NO_VAE else vae
+    prediction = str(values.get("prediction_type") or "")
+    data["prediction_type"] = "" if prediction == AUTO else prediction
+    data["base_use_ema"] = bool(values.get("base_use_ema"))
+    rows, row_of = [], []
+    for i in range(CONCEPT_SLOTS):
+        row = {name: values.get(f"concepts.{i}.{name}") for name, _, _ in CONCEPT_FIELDS}
+        concepts = service.concepts_from_rows([row])
+        if concepts:
+            rows += concepts
+            row_of.append(i)
+    extra = list(extra_concepts or [])
+    data["concepts"] = rows + [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c
+                               for c in extra]
+    row_of += [-1] * len(extra)
+    return TrainingConfig.from_dict(data), row_of
+
+
+def config_to_values(config: TrainingConfig, host: Host | None = None) -> tuple[dict[str, Any], list]:
+    """Form values for a config, and the concepts that do not fit in the rows."""
+    values: dict[str, Any] = {name: getattr(config, name) for name in option_names()}
+    values["sample_prompts"] = "\n".join(config.sample_prompts)
+    base = config.base_model
+    if host is not None and base:
+        entry = None
+        try:
+            for candidate in host.list_checkpoints():
+                if Path(candidate.filename).resolve() == Path(base).expanduser().resolve():
+                    entry = candidate
+        except OSError:
+            entry = None
+        base = entry.title if entry is not None else base
+    values.update(base_model=base, model_name=config.model_name,
+                  vae_path=config.vae_path or NO_VAE,
+                  prediction_type=config.prediction_type or AUTO, base_use_ema=config.base_use_ema)
+    for i in range(CONCEPT_SLOTS):
+        concept = config.concepts[i] if i < len(config.concepts) else None
+        for name, _, _ in CONCEPT_FIELDS:
+            value = getattr(concept, name) if concept is not None else ""
+            if name == "num_class_images":
+                value = value or 0
+            values[f"concepts.{i}.{name}"] = value
+    return values, list(config.concepts[CONCEPT_SLOTS:])
+
+
+def field_key(field: str, row_of: list[int]) -> str | None:
+    """The form key for an error's field ("concepts[1].instance_prompt" -> its row's key)."""
+    if field.startswith("concepts[") and "]" in field:
+        index = int(field[len("concepts["):field.index("]")])
+        rest = field[field.index("]") + 1:].lstrip(".")
+        row = row_of[index] if index < len(row_of) else -1
+        if row < 0 or not rest:
+            return None
+        key = f"concepts.{row}.{rest}"
+        return key if key in LABELS else None
+    return field if field in LABELS else None
+
+
+def describe_field(field: str, row_of: list[int]) -> str:
+    key = field_key(field, row_of)
+    if key is None:
+        return field
+    if key.startswith("concepts."):
+        _, row, _name = key.split(".", 2)
+        return f"Concept {int(row) + 1} › {LABELS[key]}"
+    return LABELS[key]
+
+
+def error_panel(errors: list[FieldError], row_of: list[int], title: str = "Fix these first") -> str:
+    items = "".join(f"<li><b>{html.escape(describe_field(e.field, row_of))}</b> "
+                    f"<code>{html.escape(e.field)}</code>: {html.escape(e.message)}</li>"
+                    for e in errors)
+    return (f"<div class='dreambooth-message dreambooth-error' id='dreambooth_errors'>"
+            f"<b>{html.escape(title)}</b><ul>{items}</ul></div>")
+
+
+def message(text: str, kind: str = "info") -> str:
+    return f"<div class='dreambooth-message dreambooth-{kind}'>{html.escape(text)}</div>"
+
+
+def label_updates(gr, errors: list[FieldError], row_of: list[int]) -> list[Any]:
+    """A label update for every form field: '⚠ reason' on those at fault, the plain label back
+    on the others (errors shown next to the fields they concern)."""
+    marks: dict[str, str] = {}
+    for error in errors:
+        key = field_key(error.field, row_of)
+        if key is not None:
+            marks.setdefault(key, error.message)
+    return [gr.update(label=f"{LABELS[key]} — ⚠ {marks[key]}" if key in marks else LABELS[key])
+            for key in form_keys()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Live output (pure functions of a snapshot)
+# ---------------------------------------------------------------------------------------------
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def status_html(snap) -> str:
+    phase = snap.phase
+    bits = [f"<span class='dreambooth-phase dreambooth-phase-{phase}'>"
+            f"{html.escape(PHASE_TEXT.get(phase, phase))}</span>"]
+    if snap.model_name:
+        bits.append(f"<span>{html.escape(snap.model_name)}</span>")
+    if snap.loss is not None:
+        bits.append(f"<span>loss {snap.loss:.4f}</span>")
+    if snap.lr is not None:
+        bits.append(f"<span>lr {snap.lr:.2e}</span>")
+    if snap.peak_gpu_mb is not None:
+        bits.append(f"<span>peak GPU {snap.peak_gpu_mb / 1024:.2f} GB</span>")
+    else:
+        bits.append("<span>peak GPU –</span>")
+    if snap.error:
+        bits.append(f"<span class='dreambooth-error-text'>{html.escape(snap.error)}</span>")
+    return (f"<div id='dreambooth_status_line' class='dreambooth-status' "
+            f"data-phase='{phase}' data-running='{1 if snap.running else 0}' "
+            f"data-step='{snap.step}'>{' · '.join(bits)}</div>")
+
+
+def progress_html(snap) -> str:
+    total = max(int(snap.total or 0), 0)
+    step = max(min(int(snap.step or 0), total), 0) if total else 0
+    fraction = step / total if total else (1.0 if snap.phase == "done" else 0.0)
+    unit = "pictures" if snap.phase == "class_images" else "steps"
+    text = f"{step} / {total} {unit}" if total else PHASE_TEXT.get(snap.phase, snap.phase)
+    if snap.it_per_s:
+        text += f" · {snap.it_per_s:.2f} it/s"
+    if snap.running and snap.eta_seconds is not None:
+        text += f" · ETA {_clock(snap.eta_seconds)}"
+    elif snap.started_at and snap.finished_at:
+        text += f" · took {_clock(snap.finished_at - snap.started_at)}"
+    return (f"<div class='dreambooth-progress' data-step='{step}' data-total='{total}'>"
+            f"<div class='dreambooth-progress-bar dreambooth-bar-{snap.phase}' "
+            f"style='width:{fraction * 100:.1f}%'></div>"
+            f"<div class='dreambooth-progress-text'>{html.escape(text)}</div></div>")
+
+
+def _thin(points: list, limit: int = 300) -> list:
+    if len(points) <= limit:
+        return points
+    stride = len(points) / limit
+    return [points[int(i * stride)] for i in range(limit)] + [points[-1]]
+
+
+def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height: int = 170) -> str:
+    """The loss curve (raw, and smoothed) with the learning rate on its own scale, as inline SVG:
+    no plotting library (gradio 3.41's LinePlot needs altair, Forge's lane lacks it), a fixed
+    size (no layout jump), colours from the theme's variables."""
+    left, right, top, bottom = 44, 8, 10, 22
+    inner_w, inner_h = width - left - right, height - top - bottom
+    parts = [f"<svg class='dreambooth-plot' viewBox='0 0 {width} {height}' "
+             f"preserveAspectRatio='none' role='img' aria-label='loss curve'>",
+             f"<rect x='{left}' y='{top}' width='{inner_w}' height='{inner_h}' "
+             f"class='dreambooth-plot-frame'/>"]
+    points = [(int(s), float(v)) for s, v in loss_history if v is not None and v == v]
+    if not points:
+        parts.append(f"<text x='{width / 2}' y='{height / 2}' text-anchor='middle' "
+                     f"class='dreambooth-plot-label'>the loss curve appears with the first steps"
+                     f"</text></svg>")
+        return "".join(parts)
+    points = _thin(points)
+    steps = [s for s, _ in points]
+    values = [v for _, v in points]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+
+    def xy(step: float, value: float, low: float, high: float) -> str:
+        x = left + (step - x0) / (x1 - x0) * inner_w
+        y = top + (1 - (value - low) / (high - low)) * inner_h
+        return f"{x:.1f},{y:.1f}"
+
+    raw = " ".join(xy(s, v, lo, hi) for s, v in points)
+    smooth, ema = [], None
+    for s, v in points:
+        ema = v if ema is None else 0.85 * ema + 0.15 * v
+        smooth.append(xy(s, ema, lo, hi))
+    parts.append(f"<polyline class='dreambooth-plot-raw' points='{raw}'/>")
+    parts.append(f"<polyline class='dreambooth-plot-loss' points='{' '.join(smooth)}'/>")
+    lrs = [(int(s), float(v)) for s, v in lr_history if v is not None]
+    if lrs:
+        lrs = _thin(lrs)
+        lr_lo, lr_hi = 0.0, max(v for _, v in lrs) or 1.0
+        parts.append("<polyline class='dreambooth-plot-lr' points='"
+                     + " ".join(xy(s, v, lr_lo, lr_hi * 1.05) for s, v in lrs) + "'/>")
+    parts.append(f"<text x='{left - 4}' y='{top + 9}' text-anchor='end' "
+                 f"class='dreambooth-plot-label'>{hi:.3g}</text>")
+    parts.append(f"<text x='{left - 4}' y='{top + inner_h}' text-anchor='end' "
+                 f"class='dreambooth-plot-label'>{lo:.3g}</text>")
+    parts.append(f"<text x='{left}' y='{height - 6}' class='dreambooth-plot-label'>step {x0}</text>")
+    parts.append(f"<text x='{left + inner_w}' y='{height - 6}' text-anchor='end' "
+                 f"class='dreambooth-plot-label'>step {x1}</text>")
+    parts.append(f"<text x='{left + inner_w / 2}' y='{height - 6}' text-anchor='middle' "
+                 f"class='dreambooth-plot-label'>loss (smoothed) · raw · "
+                 f"<tspan class='dreambooth-plot-lr-label'>lr</tspan></text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def gallery_items(paths: list[str]) -> list[tuple[str, str]]:
+    """Gallery entries (newest first) with the step as caption."""
+    items = []
+    for path in reversed(paths[-32:]):
+        stem = Path(path).stem  # step-000040-0
+        parts = stem.split("-")
+        caption = f"step {int(parts[1])}" if stem.startswith("step-") and parts[1].isdigit() else stem
+        items.append((str(path), caption))
+    return items
+
+
+def saved_samples(host: Host, model_name: str) -> list[str]:
+    """Samples an earlier run of this name left in its work folder (browsable when idle)."""
+    try:
+        folder = host.work_dir(model_name) / "samples"
+    except ValueError:
+        return []
+    if not folder.is_dir():
+        return []
+    return [str(p) for p in sorted(folder.glob("*.png"))][-32:]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(repr(value).encode()).hexdigest()
+
+
+def poll(model_name: str, seen: dict | None) -> tuple:
+    """One poll: (status, progress, plot, gallery, log, output path, output-row class, seen).
+
+    ``seen`` is this browser session's record of what it last got: unchanged parts go back as
+    ``gr.update()`` so the page does not redraw them every second."""
+    import gradio as gr
+
+    seen = dict(seen or {})
+    snap = runner().snapshot()
+    host = current_host()
+    samples = snap.samples or ([] if snap.running else saved_samples(host, model_name or ""))
+    output = snap.output_path or ""
+    parts = {
+        "status": status_html(snap),
+        "progress": progress_html(snap),
+        "plot": loss_plot_svg(snap.loss_history, snap.lr_history),
+        "gallery": gallery_items(samples),
+        "log": "\n".join(snap.log[-LOG_TAIL:]),
+        "output": output,
+    }
+    out = []
+    for key, value in parts.items():
+        digest = _digest(value)
+        if seen.get(key) == digest:
+            out.append(gr.update())
+        else:
+            seen[key] = digest
+            out.append(_gallery_value(value) if key == "gallery" else value)
+    return (*out, seen)
+
+
+def _gallery_value(items: list[tuple[str, str]]) -> list:
+    """Gradio 4 serves only files under the working or temp folder (or allowed_paths): other
+    samples go as pictures instead of paths."""
+    import gradio as gr
+
+    if int(gr.__version__.split(".")[0]) < 4:
+        return items
+    allowed = [Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve(), *_ALLOWED]
+    result = []
+    for path, caption in items:
+        resolved = Path(path).resolve()
+        if any(resolved == root or root in resolved.parents for root in allowed):
+            result.append((str(path), caption))
+        else:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                result.append((image.copy(), caption))
+    return result
+
+
+_ALLOWED: list[Path] = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions (called by the buttons; plain functions so tests can call them)
+# ---------------------------------------------------------------------------------------------
+def _values(args: tuple) -> tuple[dict[str, Any], list]:
+    keys = form_keys()
+    return dict(zip(keys, args[:len(keys)])), (args[len(keys)] if len(args) > len(keys) else []) or []
+
+
+def start_from_form(values: dict[str, Any], extra: list | None, *, host: Host | None = None,
+                    what: str = "train") -> tuple[str, list[FieldError], list[int]]:
+    """Validate the form and start training (or class pictures): (message html, errors, rows)."""
+    host = host or current_host()
+    try:
+        config, row_of = form_to_config(values, extra)
+    except ConfigError as exc:
+        return error_panel(exc.errors, []), exc.errors, []
+    try:
+        if what == "class_pictures":
+            service.start_class_pictures(config, host)
+            return message("Making class pictures… (Cancel stops after the current batch; what "
+                           "was made stays)"), [], row_of
+        service.start_training(config, host)
+    except ConfigError as exc:
+        return error_panel(exc.errors, row_of), exc.errors, row_of
+    except JobBusy as exc:
+        return message(str(exc), "error"), [], row_of
+    warnings = config.warnings()
+    text = "Training started." + (" Note: " + "; ".join(warnings) if warnings else "")
+    return message(text, "warning" if warnings else "info"), [], row_of
+
+
+def resume_run(name: str, host: Host | None = None) -> str:
+    host = host or current_host()
+    if not name:
+        return message("Choose a previous run to resume.", "error")
+    try:
+        run = next((r for r in service.list_runs(host) if r.name == name), None)
+        if run is None or not run.resume_points:
+            return message(f"{name} has no resume points: set 'Resume point every N steps' "
+                           "above 0 before training to be able to resume", "error")
+        # A cancelled run may have saved its model already: the resumed run replaces that file.
+        config = dataclasses.replace(service.run_config(host, name), overwrite=True)
+        service.start_training(config, host, resume=True)
+    except ConfigError as exc:
+        return error_panel(exc.errors, [], f"{name} cannot be resumed")
+    except (JobBusy, ValueError) as exc:
+        return message(str(exc), "error")
+    return message(f"Resuming {name} from its latest resume point.")
+
+
+def cancel_job() -> str:
+    if runner().cancel():
+        return message("Cancel requested: the job stops after the current step.", "warning")
+    return message("Nothing is running.")
+
+
+def check_dataset_report(values: dict[str, Any], extra: list | None, host: Host | None = None) -> str:
+    """The dataset check as text (preflight errors first: base model, folders, name)."""
+    from .dataset_check import check_dataset
+
+    host = host or current_host()
+    try:
+        config, row_of = form_to_config(values, extra)
+    except ConfigError as exc:
+        return "\n".join(f"error: {e}" for e in exc.errors)
+    resolved, errors = service.preflight(config, host)
+    report = check_dataset(resolved, tokenizer=service.tokenizer())
+    lines = [report.to_text()]
+    extra_errors = [e for e in errors if str(e) not in report.errors]
+    if extra_errors:
+        lines.append("\nbefore training can start:")
+        lines += [f"  - {describe_field(e.field, row_of)}: {e.message}" for e in extra_errors]
+    return "\n".join(lines)
+
+
+def identifier_html(instance_prompt: str, class_prompt: str) -> str:
+    report = service.identifier_check(instance_prompt, class_prompt)
+    if report is None:
+        return "<div class='dreambooth-ident'></div>"
+    verdict = report["verdict"]
+    text = report["message"]
+    if report.get("suggestions"):
+        text += f" — try: {', '.join(report['suggestions'])}"
+    return (f"<div class='dreambooth-ident dreambooth-ident-{verdict}'>"
+            f"identifier <b>{html.escape(report['identifier'])}</b>: {html.escape(text)}</div>")
+
+
+def model_name_note(name: str, overwrite: bool = False, host: Host | None = None) -> str:
+    host = host or current_host()
+    if not (name or "").strip():
+        return "<div class='dreambooth-note'>Give the new model a name.</div>"
+    try:
+        clean = sanitize_model_name(name)
+        out = host.output_dir() / f"{clean}.safetensors"
+        work = host.work_dir(clean)
+    except ValueError as exc:
+        return f"<div class='dreambooth-note dreambooth-error-text'>⚠ {html.escape(str(exc))}</div>"
+    text = f"saves {html.escape(str(out))}"
+    if clean != name.strip():
+        text = f"name becomes <b>{html.escape(clean)}</b>; " + text
+    warn = ""
+    if out.exists():
+        warn = (" — ⚠ this file exists: tick 'Overwrite' or choose another name" if not overwrite
+                else " — ⚠ this file exists and will be replaced")
+    elif (work / "config.json").is_file():
+        warn = " — a run of this name exists (its resume points are kept)"
+    return f"<div class='dreambooth-note'>{text}{html.escape(warn) if warn else ''}</div>"
+
+
+def load_output(output_path: str, host: Host | None = None) -> tuple[str, str]:
+    """The "Load in txt2img" button: (checkpoint title for the page's selectCheckpoint, message)."""
+    title, text = service.load_in_txt2img(host or current_host(), output_path)
+    return title or "", message(text, "info" if title else "error")
+
+
+def checkpoint_choices(host: Host | None = None) -> list[str]:
+    return [e.title for e in (host or current_host()).list_checkpoints()]
+
+
+def refresh_checkpoints(current: str, host: Host | None = None) -> tuple[list[str], str]:
+    """Rescan, and keep the selection on the same file when its title changed (hash added)."""
+    host = host or current_host()
+    host.refresh_checkpoints()
+    choices = checkpoint_choices(host)
+    value = current or ""
+    if value and value not in choices:
+        entry = host.resolve_checkpoint(value)
+        if entry is not None:
+            value = entry.title
+    return choices, value
+
+
+def vae_choices(host: Host | None = None) -> list[str]:
+    host = host or current_host()
+    root = host.vae_dir()
+    names = []
+    for path in host.list_vaes():
+        try:
+            names.append(path.relative_to(root).as_posix())
+        except ValueError:
+            names.append(str(path))
+    return [NO_VAE, *names]
+
+
+def run_choices(host: Host | None = None) -> list[str]:
+    return [r.name for r in service.list_runs(host or current_host())]
+
+
+def export_concepts(values: dict[str, Any], extra: list | None) -> str | None:
+    """Writes the concepts to a concepts_list.json for download; None when there are none."""
+    rows = [{name: values.get(f"concepts.{i}.{name}") for name, _, _ in CONCEPT_FIELDS}
+            for i in range(CONCEPT_SLOTS)]
+    concepts = service.concepts_from_rows(rows) + list(extra or [])
+    if not concepts:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="dreambooth-concepts-"))
+    return str(write_concepts_list(concepts, folder / "concepts_list.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the tab
+# ---------------------------------------------------------------------------------------------
+def _gradio4(gr) -> bool:
+    return int(gr.__version__.split(".")[0]) >= 4
+
+
+def _js(gr, code: str) -> dict[str, str]:
+    """gradio 3 calls it ``_js``, gradio 4 ``js`` (Forge shims ``_js`` too; plain 4.40 does not)."""
+    return {"js": code} if _gradio4(gr) else {"_js": code}
+
+
+def _tool_button(gr, value: str, elem_id: str, tooltip: str):
+    cls = tool_button_class()
+    if cls is not None:
+        try:
+            return cls(value=value, elem_id=elem_id, tooltip=tooltip)
+        except TypeError:
+            return cls(value=value, elem_id=elem_id)
+    return gr.Button(value=value, elem_id=elem_id, elem_classes=["tool", "dreambooth-tool"],
+                     scale=0, min_width=40)
+
+
+def _component(gr, key: str, label: str, info: str, value: Any):
+    elem_id = "dreambooth_" + key.replace(".", "_")
+    common = dict(label=label, elem_id=elem_id)
+    if info:
+        common["info"] = info
+    name = key.split(".")[-1]
+    if name in CHOICES:
+        return gr.Dropdown(choices=list(CHOICES[name]), value=value, **common)
+    if isinstance(value, bool):
+        return gr.Checkbox(value=value, **common)
+    if isinstance(value, int) or name == "num_class_images":
+        return gr.Number(value=value or 0, precision=0, **common)
+    if isinstance(value, float):
+        return gr.Number(value=value, **common)
+    if isinstance(value, list):
+        return gr.Textbox(value="\n".join(value), lines=3, **common)
+    return gr.Textbox(value=value, **common)
+
+
+def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -> Any:
+    """The tab's Blocks (not rendered anywhere yet)."""
+    import gradio as gr
+
+    host = host or current_host()
+    initial = initial or TrainingConfig()
+    start_values, start_extra = config_to_values(initial, host)
+    # Building the CLIP tokenizer takes seconds: do it now, so the identifier check under the
+    # first prompt typed answers at once.
+    threading.Thread(target=service.tokenizer, name="dreambooth-tokenizer", daemon=True).start()
+    comps: dict[str, Any] = {}
+
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        extra_state = gr.State(start_extra)
+        seen_state = gr.State({})
+        with gr.Row(elem_id="dreambooth_main"):
+            with gr.Column(scale=3, elem_id="dreambooth_settings"):
+                with gr.Tabs(elem_id="dreambooth_settings_tabs"):
+                    with gr.Tab("Model", elem_id="dreambooth_tab_model"):
+                        with gr.Row():
+                            choices = checkpoint_choices(host)
+                            comps["base_model"] = gr.Dropdown(
+                                choices=choices, value=start_values["base_model"] or None,
+                                label=LABELS["base_model"], elem_id="dreambooth_base_model",
+                                info="the checkpoint to start from (the WebUI's list); it is "
+                                     "never modified", allow_custom_value=True)
+                            refresh_models = _tool_button(gr, "\U0001f504", "dreambooth_refresh_models",
+                                                          "Refresh the checkpoint list")
+                        model_kind = gr.HTML(service.describe_model(host, start_values["base_model"]),
+                                             elem_id="dreambooth_model_kind")
+                        with gr.Row():
+                            comps["vae_path"] = gr.Dropdown(
+                                choices=vae_choices(host), value=start_values["vae_path"],
+                                label=LABELS["vae_path"], elem_id="dreambooth_vae_path",
+                                info="a separate VAE from models/VAE (the seed's "
+                                     "--pretrained_vae_name_or_path)", allow_custom_value=True)
+                            refresh_vaes = _tool_button(gr, "\U0001f504", "dreambooth_refresh_vaes",
+                                                        "Refresh the VAE list")
+                        with gr.Row():
+                            comps["prediction_type"] = gr.Dropdown(
+                                choices=[AUTO, "epsilon", "v_prediction"],
+                                value=start_values["prediction_type"], label=LABELS["prediction_type"],
+                                elem_id="dreambooth_prediction_type",
+                                info="v_prediction for SD 2.x 768 models; auto reads the checkpoint")
+                            comps["base_use_ema"] = gr.Checkbox(
+                                value=start_values["base_use_ema"], label=LABELS["base_use_ema"],
+                                elem_id="dreambooth_base_use_ema",
+                                info="when the file holds EMA weights (model_ema.*)")
+                        comps["model_name"] = gr.Textbox(
+                            value=start_values["model_name"], label=LABELS["model_name"],
+                            elem_id="dreambooth_model_name",
+                            info="file name of the result in the checkpoints folder")
+                        name_note = gr.HTML(model_name_note(start_values["model_name"], host=host),
+                                            elem_id="dreambooth_name_note")
+                        with gr.Row():
+                            previous = gr.Dropdown(choices=run_choices(host), value=None,
+                                                   label="Previous runs", elem_id="dreambooth_runs",
+                                                   info="reload a run's settings, or resume it "
+                                                        "from its latest resume point")
+                            refresh_runs = _tool_button(gr, "\U0001f504", "dreambooth_refresh_runs",
+                                                        "Refresh the list of runs")
+                        with gr.Row():
+                            load_settings = gr.Button("Load its settings", elem_id="dreambooth_load_settings")
+                            resume = gr.Button("Resume", elem_id="dreambooth_resume")
+
+                    with gr.Tab("Concepts", elem_id="dreambooth_tab_concepts"):
+                        ident_boxes = []
+                        for i in range(CONCEPT_SLOTS):
+                            with gr.Accordion(f"Concept {i + 1}", open=i == 0,
+                                              elem_id=f"dreambooth_concept_{i}"):
+                                info_of = {name: (label, info) for name, label, info in CONCEPT_FIELDS}
+                                for row in CONCEPT_LAYOUT:
+                                    with gr.Row():
+                                        for name in row:
+                                            key = f"concepts.{i}.{name}"
+                                            comps[key] = _component(gr, key, *info_of[name],
+                                                                    start_values[key])
+                                    if "instance_prompt" in row:
+                                        ident_boxes.append(gr.HTML(
+                                            identifier_html(start_values[f"concepts.{i}.instance_prompt"],
+                                                            start_values[f"concepts.{i}.class_prompt"]),
+                                            elem_id=f"dreambooth_ident_{i}"))
+                        extra_note = gr.HTML(_extra_note(start_extra), elem_id="dreambooth_extra_note")
+                        with gr.Row():
+                            concepts_file = gr.File(label="Import concepts_list.json (JSON or the "
+                                                    "seed's Python list)", file_types=[".json", ".txt", ".py"],
+                                                    elem_id="dreambooth_import_concepts")
+                            concepts_out = gr.File(label="Exported concepts_list.json",
+                                                   interactive=False, elem_id="dreambooth_concepts_out")
+                        export_btn = gr.Button("Export concepts_list.json", elem_id="dreambooth_export_concepts")
+
+                    with gr.Tab("Parameters", elem_id="dreambooth_tab_parameters"):
+                        with gr.Row():
+                            preset = gr.Dropdown(choices=list(PRESETS), value=None, label="Preset",
+                                                 elem_id="dreambooth_preset",
+                                                 info="person / object: DreamBooth with prior "
+                                                      "preservation; style: native training with "
+                                                      "captions and buckets")
+                            apply_preset = gr.Button("Apply preset", elem_id="dreambooth_apply_preset",
+                                                     scale=0, min_width=140)
+                        estimate = gr.HTML("", elem_id="dreambooth_estimate")
+                        for group_id, title, items in GROUPS:
+                            with gr.Accordion(title, open=group_id == "basics",
+                                              elem_id=f"dreambooth_group_{group_id}"):
+                                # two fields a row, as the WebUI's own forms; text fields alone
+                                for row in _rows(items):
+                                    with gr.Row():
+                                        for name, label, info in row:
+                                            comps[name] = _component(gr, name, label, info,
+                                                                     start_values[name])
+
+            with gr.Column(scale=2, elem_id="dreambooth_output_column"):
+                with gr.Row(elem_id="dreambooth_actions"):
+                    train = gr.Button("Train", variant="primary", elem_id="dreambooth_train")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="dreambooth_cancel")
+                with gr.Row():
+                    check = gr.Button("Check dataset", elem_id="dreambooth_check")
+                    make_class = gr.Button("Generate class pictures", elem_id="dreambooth_make_class")
+                action_msg = gr.HTML("", elem_id="dreambooth_message")
+                snap = runner().snapshot()
+                status = gr.HTML(status_html(snap), elem_id="dreambooth_status")
+                progress = gr.HTML(progress_html(snap), elem_id="dreambooth_progress")
+                plot = gr.HTML(loss_plot_svg(snap.loss_history, snap.lr_history),
+                               elem_id="dreambooth_loss_plot")
+                gallery = gr.Gallery(value=None, label="Samples", elem_id="dreambooth_gallery",
+                                     columns=4, height=220, object_fit="contain", preview=False)
+                log = gr.Textbox("", label="Log", lines=LOG_TAIL, max_lines=LOG_TAIL, interactive=False,
+                                 elem_id="dreambooth_log")
+                with gr.Row(elem_id="dreambooth_output_row"):
+                    output = gr.Textbox("", label="Output file", interactive=False,
+                                        elem_id="dreambooth_output", scale=3)
+                with gr.Row():
+                    load_btn = gr.Button("Load in txt2img", elem_id="dreambooth_load_txt2img")
+                    open_btn = gr.Button("\U0001f4c2 Open folder", elem_id="dreambooth_open_folder")
+                load_title = gr.Textbox("", visible=False, elem_id="dreambooth_load_title")
+                report = gr.Textbox("", label="Dataset check", lines=6, max_lines=24,
+                                    interactive=False, elem_id="dreambooth_report")
+                poll_btn = gr.Button("poll", elem_id="dreambooth_poll",
+                                     elem_classes=["dreambooth-hidden"])
+
+        fields = [comps[k] for k in form_keys()]
+        form_inputs = fields + [extra_state]
+
+        # --- live output: JS clicks #dreambooth_poll; queue=False never waits in gradio's queue
+        poll_outputs = [status, progress, plot, gallery, log, output, seen_state]
+        poll_btn.click(poll, inputs=[comps["model_name"], seen_state], outputs=poll_outputs,
+                       queue=False, show_progress=HIDDEN)
+
+        # --- model section
+        def on_refresh_models(current):
+            choices_, value = refresh_checkpoints(current, host)
+            return gr.update(choices=choices_, value=value or None)
+
+        refresh_models.click(on_refresh_models, inputs=[comps["base_model"]],
+                             outputs=[comps["base_model"]], queue=False)
+        refresh_vaes.click(lambda: gr.update(choices=vae_choices(host)), outputs=[comps["vae_path"]],
+                           queue=False)
+        refresh_runs.click(lambda: gr.update(choices=run_choices(host)), outputs=[previous], queue=False)
+        comps["base_model"].change(lambda base: service.describe_model(host, base or ""),
+                                   inputs=[comps["base_model"]], outputs=[model_kind], queue=False,
+                                   show_progress=HIDDEN)
+        for trigger in (comps["model_name"], comps["overwrite"]):
+            trigger.change(lambda name, over: model_name_note(name, over, host),
+                           inputs=[comps["model_name"], comps["overwrite"]], outputs=[name_note],
+                           queue=False, show_progress=HIDDEN)
+
+        def fill(config: TrainingConfig):
+            values, extra = config_to_values(config, host)
+            return [gr.update(value=values[k]) for k in form_keys()] + [extra, _extra_note(extra)]
+
+        def on_load_settings(name):
+            if not name:
+                return [gr.update() for _ in fields] + [gr.update(), gr.update(),
+                                                        message("Choose a previous run.", "error")]
+            try:
+                config = service.run_config(host, name)
+            except (ConfigError, ValueError) as exc:
+                return [gr.update() for _ in fields] + [gr.update(), gr.update(),
+                                                        message(str(exc), "error")]
+            return fill(config) + [message(f"Loaded the settings of {name}.")]
+
+        load_settings.click(on_load_settings, inputs=[previous],
+                            outputs=fields + [extra_state, extra_note, action_msg])
+        resume.click(lambda name: resume_run(name, host), inputs=[previous], outputs=[action_msg])
+
+        # --- concepts
+        for i in range(CONCEPT_SLOTS):
+            ip, cp = comps[f"concepts.{i}.instance_prompt"], comps[f"concepts.{i}.class_prompt"]
+            for trigger in (ip, cp):
+                trigger.change(identifier_html, inputs=[ip, cp], outputs=[ident_boxes[i]], queue=False,
+                               show_progress=HIDDEN)
+
+        def on_import(file):
+            if file is None:
+                return [gr.update() for _ in fields] + [gr.update(), gr.update(), gr.update()]
+            path = getattr(file, "name", file)
+            try:
+                concepts = read_concepts_list(path)
+            except (ConfigError, OSError, ValueError, SyntaxError) as exc:
+                return [gr.update() for _ in fields] + [gr.update(), gr.update(),
+                                                        message(f"cannot read {Path(path).name}: {exc}",
+                                                                "error")]
+            values, extra = config_to_values(TrainingConfig(concepts=concepts))
+            updates = [gr.update(value=values[k]) if k.startswith("concepts.") else gr.update()
+                       for k in form_keys()]
+            return updates + [extra, _extra_note(extra),
+                              message(f"Imported {len(concepts)} concept(s).")]
+
+        concepts_file.upload(on_import, inputs=[concepts_file],
+                             outputs=fields + [extra_state, extra_note, action_msg])
+
+        def on_export(*args):
+            values, extra = _values(args)
+            return export_concepts(values, extra)
+
+        export_btn.click(on_export, inputs=form_inputs, outputs=[concepts_out])
+
+        # --- parameters
+        def on_preset(name):
+            if not name:
+                return [gr.update() for _ in fields]
+            chosen = PRESETS[name]
+            return [gr.update(value=chosen[k]) if k in chosen else gr.update() for k in form_keys()]
+
+        apply_preset.click(on_preset, inputs=[preset], outputs=fields, queue=False)
+
+        def on_estimate(*args):
+            values, extra = _values(args)
+            try:
+                config, _ = form_to_config(values, extra)
+            except ConfigError as exc:
+                return message("; ".join(str(e) for e in exc.errors), "error")
+            return f"<div class='dreambooth-note'>{html.escape(service.step_estimate(config))}</div>"
+
+        estimate_triggers = [comps[k] for k in ("max_train_steps", "train_batch_size",
+                                                "gradient_accumulation_steps", "recursive",
+                                                "optimizer", "train_text_encoder",
+                                                "gradient_checkpointing", "resolution",
+                                                "mixed_precision")]
+        estimate_triggers += [comps[f"concepts.{i}.instance_data_dir"] for i in range(CONCEPT_SLOTS)]
+        for trigger in estimate_triggers:
+            trigger.change(on_estimate, inputs=form_inputs, outputs=[estimate], queue=False,
+                           show_progress=HIDDEN)
+
+        # --- actions
+        def on_train(*args):
+            values, extra = _values(args)
+            text, errors, row_of = start_from_form(values, extra, host=host)
+            return [text] + label_updates(gr, errors, row_of)
+
+        def on_make_class(*args):
+            values, extra = _values(args)
+            text, errors, row_of = start_from_form(values, extra, host=host, what="class_pictures")
+            return [text] + label_updates(gr, errors, row_of)
+
+        train.click(on_train, inputs=form_inputs, outputs=[action_msg] + fields, queue=False)
+        make_class.click(on_make_class, inputs=form_inputs, outputs=[action_msg] + fields, queue=False)
+        cancel.click(cancel_job, outputs=[action_msg], queue=False)
+
+        def on_check(*args):
+            values, extra = _values(args)
+            return check_dataset_report(values, extra, host)
+
+        check.click(on_check, inputs=form_inputs, outputs=[report])
+
+        load_btn.click(lambda path: load_output(path, host), inputs=[output],
+                       outputs=[load_title, action_msg]).then(
+            None, inputs=[load_title], outputs=None,
+            **_js(gr, "(title) => { dreamboothLoadInTxt2img(title); return []; }"))
+        open_btn.click(lambda path: message(service.open_folder(path or host.output_dir())),
+                       inputs=[output], outputs=[action_msg], queue=False)
+
+    blocks.dreambooth_components = comps  # for tests and for other scripts that want them
+    return blocks
+
+
+def _rows(items: list[tuple[str, str, str]]) -> list[list[tuple[str, str, str]]]:
+    """Options paired two by two; list-valued (multi-line) ones get a row of their own."""
+    rows: list[list[tuple[str, str, str]]] = []
+    for item in items:
+        wide = isinstance(getattr(TrainingConfig(), item[0]), list)
+        if wide or not rows or len(rows[-1]) == 2 or isinstance(
+                getattr(TrainingConfig(), rows[-1][0][0]), list):
+            rows.append([item])
+        else:
+            rows[-1].append(item)
+    return rows
+
+
+def _extra_note(extra: list) -> str:
+    if not extra:
+        return "<div class='dreambooth-note'></div>"
+    return (f"<div class='dreambooth-note'>{len(extra)} more concept(s) from the imported file "
+            f"are kept and trained too (only {CONCEPT_SLOTS} are shown).</div>")
 
 
 def create_tab() -> list[tuple[Any, str, str]]:
     """``on_ui_tabs`` callback: ``[(blocks, "DreamBooth", "dreambooth")]``, built outside any Blocks."""
-    import gradio as gr  # only the UI needs gradio; importing the package must not
-
-    with gr.Blocks(analytics_enabled=False) as blocks:
-        gr.Markdown("## DreamBooth\nThe training tab is coming soon.", elem_id="dreambooth_placeholder")
-    return [(blocks, TAB_TITLE, TAB_ELEM_ID)]
+    _TIMERS_STOPPED.clear()
+    return [(build_tab(), TAB_TITLE, TAB_ELEM_ID)]
 
 
 def stop_timers() -> None:
-    """``on_script_unloaded`` callback: stop UI polling before "Reload UI"; a running job keeps going."""
-    return None
+    """``on_script_unloaded`` callback ("Reload UI"). Polling lives in the page (a JS interval
+    that dies with it) and the server keeps no timer, so nothing runs on; a running job is kept
+    and the reloaded tab re-attaches to it at its first poll."""
+    _TIMERS_STOPPED.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Standalone: python -m dreambooth ui
+# ---------------------------------------------------------------------------------------------
+def standalone_blocks(host: Host, initial: TrainingConfig | None = None) -> Any:
+    """The tab inside a page laid out like the WebUI's (same element ids), with our CSS and JS."""
+    import gradio as gr
+
+    global _HOST
+    _HOST = host
+    css = (REPO_ROOT / "style.css").read_text(encoding="utf-8")
+    script = (REPO_ROOT / "javascript" / "dreambooth.js").read_text(encoding="utf-8")
+    tab = build_tab(host, initial)
+    with gr.Blocks(css=css, title="DreamBooth", analytics_enabled=False) as demo:
+        with gr.Tabs(elem_id="tabs"):
+            with gr.TabItem(TAB_TITLE, id=TAB_ELEM_ID, elem_id=f"tab_{TAB_ELEM_ID}"):
+                tab.render()
+        # The WebUI injects javascript/*.js into its page; standalone, gradio runs it on load.
+        demo.load(None, inputs=None, outputs=None, **_js(gr, "() => {\n" + script + "\n}"))
+    return demo
 
 
 def standalone_main(argv: list[str]) -> int:
-    print("python -m dreambooth ui: the standalone tab is not available yet.")
-    return 1
+    """``python -m dreambooth ui [--models-dir DIR] [--port N] [--config FILE]``."""
+    parser = argparse.ArgumentParser(prog="python -m dreambooth ui",
+                                     description="Serve the DreamBooth tab without the WebUI, on "
+                                                 "127.0.0.1.")
+    parser.add_argument("--models-dir", default=os.environ.get("DREAMBOOTH_MODELS_DIR", "models"),
+                        help="models folder laid out like the WebUI's (Stable-diffusion/, VAE/); "
+                             "default ./models")
+    parser.add_argument("--port", type=int, default=7861, help="port on 127.0.0.1 (default 7861)")
+    parser.add_argument("--config", help="a TrainingConfig JSON to fill the form with")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+    models = Path(args.models_dir).expanduser().resolve()
+    (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
+    host = StandaloneHost(models)
+    initial = None
+    if args.config:
+        try:
+            initial = TrainingConfig.load(args.config)
+        except ConfigError as exc:
+            print(exc)
+            return 2
+    _ALLOWED[:] = [models]
+    demo = standalone_blocks(host, initial)
+    demo.queue()
+    from . import api
+
+    app, url, _ = demo.launch(server_name="127.0.0.1", server_port=args.port, prevent_thread_lock=True,
+                              allowed_paths=[str(models)], quiet=True, show_api=False)
+    api.mount(app, host=host, credentials={})
+    print(f"DreamBooth: serving {url} (models: {models}); Ctrl+C stops", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        if runner().cancel():
+            runner().wait(60)  # let it stop at a step boundary (and save, if set to)
+        demo.close()
+    return 0

@@ -469,3 +469,23 @@ def get_host(models_dir: str | os.PathLike | None = None) -> Host:
 def register_settings() -> None:
     """``on_ui_settings`` callback: the DreamBooth section of the WebUI's settings page."""
     WebUIHost().register_settings()
+
+
+def tool_button_class() -> Any | None:
+    """The WebUI's ``ToolButton`` (the small emoji button beside its dropdowns), or None outside
+    the WebUI; the tab then styles a plain button the same way."""
+    if not webui_available():
+        return None
+    try:
+        return _m("ui_components").ToolButton
+    except Exception:
+        return None
+
+
+def api_auth_setting() -> str | None:
+    """The WebUI's ``--api-auth`` value ("user:pass,user2:pass2"), or None when not set or when
+    there is no WebUI. Our routes are added through ``on_app_started`` and so are not covered by
+    the WebUI's own check: api.py applies it itself."""
+    if not webui_available():
+        return None
+    return getattr(_m("shared").cmd_opts, "api_auth", None) or None

@@ -114,7 +114,8 @@ def test_status_route_answers(loaded):
     webui, _ = loaded
     app = FastAPI()
     webui.script_callbacks.app_started_callback(None, app)  # demo is None under --nowebui
-    assert asgi_get(app, "/dreambooth/v1/status") == (200, {"phase": "idle"})
+    status, body = asgi_get(app, "/dreambooth/v1/status")
+    assert status == 200 and body["phase"] == "idle" and body["running"] is False
 
 
 def test_script_unloaded_callback_runs(loaded):

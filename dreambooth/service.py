@@ -1,0 +1,508 @@
+"""Glue between the front ends (the tab, the HTTP API) and the engine (config, job runner, host).
+
+Both ``ui.py`` and ``api.py`` start, check and describe jobs through these functions, so a run
+started from the API looks the same in the tab and the other way round. Nothing here imports
+gradio or ``modules.*``: the host adapter (``webui.py``) stands between us and the WebUI.
+
+What a start does (``start_training``):
+
+1. checks everything that can be checked before a thread exists — the config's own validation,
+   the base model (a WebUI checkpoint title, name or hash is resolved to its file: titles change
+   once the WebUI hashes a file), the VAE, the model name (sanitised; nothing may leave the
+   models folder), the instance folders, an existing output file, an 8-bit optimizer the
+   machine cannot run — and raises one ``ConfigError`` naming every field at fault;
+2. starts the job in the process's runner with ``RunPaths(host.work_dir(name), host.output_dir())``;
+3. inside the job thread: ``host.hold_generation()`` (txt2img waits, as with the WebUI's own
+   Train tab, when the setting says so), ``host.free_gpu_for_training()`` (when the setting says
+   so), progress mirrored into the WebUI's own progress bar, and ``host.refresh_checkpoints()``
+   after a successful export so the new model is in the WebUI's list at once.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Concept, ConfigError, FieldError, TrainingConfig
+from .job import JobRunner, runner as default_runner
+from .trainer import Reporter, RunPaths, TrainResult, list_resume_points, train
+from .webui import CheckpointEntry, Host, sanitize_model_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a config before a job starts
+# ---------------------------------------------------------------------------------------------
+def resolve_base_model(base: str, host: Host) -> Path | None:
+    """The file (or diffusers folder) behind ``base``: an existing path, else a checkpoint the
+    host lists under that title / name / hash; None when neither."""
+    text = (base or "").strip()
+    if not text:
+        return None
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    entry = host.resolve_checkpoint(text)
+    return Path(entry.filename) if entry is not None else None
+
+
+def resolve_vae(vae: str, host: Host) -> Path | None:
+    """A VAE given as a path, or by its name in the host's VAE folder (the WebUI's models/VAE)."""
+    text = (vae or "").strip()
+    if not text:
+        return None
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    for candidate in host.list_vaes():
+        if text in (candidate.name, candidate.stem, str(candidate)):
+            return candidate
+        try:
+            if text == candidate.relative_to(host.vae_dir()).as_posix():
+                return candidate
+        except ValueError:
+            pass
+    return None
+
+
+def output_file(config: TrainingConfig, host: Host) -> Path:
+    """Where the trained checkpoint will be written (the trainer's naming)."""
+    return host.output_dir() / f"{sanitize_model_name(config.model_name)}.{config.export_format}"
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True
+              ) -> tuple[TrainingConfig, list[FieldError]]:
+    """The config with the base model, VAE and name resolved, and every error found on the way.
+
+    Cheap: reads folder listings and file headers, never pictures' pixels or model weights."""
+    errors = list(config.validate())
+    resolved = config
+    base = resolve_base_model(config.base_model, host)
+    if config.base_model.strip() and base is None:
+        errors.append(FieldError("base_model", f"{config.base_model!r} is neither a file nor a "
+                                 "checkpoint in the list; pick one (press 🔄 after adding files)"))
+    elif base is not None:
+        resolved = replace(resolved, base_model=str(base))
+    if config.vae_path.strip():
+        vae = resolve_vae(config.vae_path, host)
+        if vae is None:
+            errors.append(FieldError("vae_path", f"{config.vae_path!r} is not a file or a VAE in "
+                                     f"{host.vae_dir()}"))
+        else:
+            resolved = replace(resolved, vae_path=str(vae))
+    try:
+        name = sanitize_model_name(config.model_name)
+        host.work_dir(name)  # raises for a name that would leave the work folder
+        resolved = replace(resolved, model_name=name)
+        if check_output and not config.overwrite and output_file(resolved, host).exists():
+            errors.append(FieldError("model_name", f"{output_file(resolved, host).name} already "
+                                     "exists; choose another name or turn on 'overwrite'"))
+    except ValueError as exc:
+        errors.append(FieldError("model_name", str(exc)))
+    for index, concept in enumerate(config.concepts):
+        folder = concept.instance_data_dir.strip()
+        if folder and not Path(folder).expanduser().is_dir():
+            errors.append(FieldError(f"concepts[{index}].instance_data_dir",
+                                     f"{folder} is not a folder"))
+        elif folder:
+            from .data import list_pictures
+
+            if not list_pictures(Path(folder).expanduser(), recursive=config.recursive):
+                errors.append(FieldError(f"concepts[{index}].instance_data_dir",
+                                         f"{folder} holds no pictures (PNG, JPEG, WebP ...)"))
+    if config.optimizer in ("adamw8bit", "lion8bit", "lion"):
+        from .trainer import eight_bit_problem
+
+        problem = eight_bit_problem(_device())
+        if problem:
+            errors.append(FieldError("optimizer", problem))
+    # the same field named twice (validate() and a check here) is shown once
+    unique: dict[tuple[str, str], FieldError] = {(e.field, e.message): e for e in errors}
+    return resolved, list(unique.values())
+
+
+def prepare(config: TrainingConfig, host: Host) -> tuple[TrainingConfig, RunPaths]:
+    """The resolved config and its paths; ConfigError naming every field at fault."""
+    resolved, errors = preflight(config, host)
+    if errors:
+        raise ConfigError(errors)
+    return resolved, RunPaths(work_dir=host.work_dir(resolved.model_name),
+                              checkpoints_dir=host.output_dir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+class MirrorReporter(Reporter):
+    """Passes everything to the job's reporter and mirrors it into the WebUI's own progress bar.
+
+    It runs on the job's thread, which is the thread holding the WebUI's generation lock: the
+    host only touches ``shared.state`` from there (otherwise the bar belongs to a generation)."""
+
+    def __init__(self, inner: Reporter, host: Host, title: str = "DreamBooth"):
+        self.inner, self.host, self.title = inner, host, title
+        self.current = "loading"
+
+    def phase(self, name: str) -> None:
+        self.current = name
+        self.inner.phase(name)
+        self._mirror(0, 0, f"{self.title}: {name}")
+
+    def log(self, line: str) -> None:
+        self.inner.log(line)
+
+    def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None:
+        self.inner.progress(step, total, loss, lr)
+        text = f"{self.title}: {self.current} {step}/{total}"
+        if loss is not None:
+            text += f", loss {loss:.4f}"
+        self._mirror(step, total, text)
+
+    def samples(self, paths: list[Path]) -> None:
+        self.inner.samples(paths)
+        if paths:
+            try:
+                from PIL import Image
+
+                with Image.open(paths[-1]) as image:
+                    self.host.show_webui_preview(image.copy())
+            except Exception:  # a preview is a nicety; never fail the run for it
+                pass
+
+    def should_stop(self) -> bool:
+        return self.inner.should_stop()
+
+    def _mirror(self, step: int, total: int, text: str) -> None:
+        try:
+            self.host.set_webui_progress(self.title, step, total, text)
+        except Exception:
+            pass
+
+
+def _hosted(host: Host, work: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """``work`` wrapped the WebUI way: generation held, the WebUI's model off the GPU, progress
+    mirrored. Both host calls decide from the WebUI settings whether to do anything."""
+
+    def run(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter, **kwargs) -> TrainResult:
+        def waiting() -> None:
+            reporter.log("waiting for the WebUI's running generation to finish before training")
+
+        with host.hold_generation(on_wait=waiting) as held:
+            if held:
+                reporter.log("txt2img/img2img wait until this job ends (setting 'Hold generation "
+                             "while training')")
+            if host.free_gpu_for_training():
+                reporter.log("moved the WebUI's model off the GPU; it reloads at the next "
+                             "generation")
+            return work(config, paths, reporter=MirrorReporter(reporter, host), **kwargs)
+
+    return run
+
+
+def start_training(config: TrainingConfig, host: Host, runner: JobRunner | None = None, *,
+                   resume: bool = False, **train_kwargs: Any) -> int:
+    """Check, then start training in the background; returns the job id.
+
+    Raises ConfigError (every field at fault) or JobBusy (a job already runs). ``train_kwargs``
+    go to :func:`dreambooth.trainer.train` (tests pass ``components``)."""
+    runner = runner or default_runner()
+    resolved, paths = prepare(config, host)
+
+    def refresh(result: TrainResult) -> None:
+        host.refresh_checkpoints()
+
+    return runner.start(resolved, paths, on_success=refresh, work=_hosted(host, train),
+                        resume=resume, **train_kwargs)
+
+
+def make_class_pictures(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
+                        **_: Any) -> TrainResult:
+    """A job that only makes the missing class pictures (the tab's "Generate class pictures")."""
+    import torch
+
+    from . import checkpoint, prior
+
+    started = time.time()
+    reporter.phase("loading")
+    components, _kind = checkpoint.load_components(Path(config.base_model),
+                                                   use_ema=config.base_use_ema,
+                                                   vae_path=config.vae_path or None)
+    device = _device()
+    dtype = torch.float16 if device.type == "cuda" and config.mixed_precision != "no" else torch.float32
+    for model in (components.unet, components.vae, components.text_encoder):
+        model.to(device, dtype)
+    pipe = components.pipeline()
+    reporter.phase("class_images")
+    needed = sum(missing for _, missing in prior.class_pictures_needed(config))
+    done = [0]
+
+    def progress(count: int, total: int) -> None:
+        done[0] = count
+        reporter.progress(count, total, None, None)
+
+    try:
+        counts = prior.generate_class_pictures(config, pipe, progress=progress,
+                                               should_stop=reporter.should_stop, log=reporter.log)
+    finally:
+        for model in (components.unet, components.vae, components.text_encoder):
+            model.to("cpu")
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for index, count in counts.items():
+        reporter.log(f"concept {index}: {count} class pictures made")
+    return TrainResult(None, done[0], needed, time.time() - started,
+                       cancelled=reporter.should_stop())
+
+
+def start_class_pictures(config: TrainingConfig, host: Host, runner: JobRunner | None = None) -> int:
+    """Make the missing class pictures in the background, in the same one-job slot as training
+    (both need the GPU); cancellable like training, and what was made stays."""
+    runner = runner or default_runner()
+    checked = replace(config, with_prior_preservation=True)
+    resolved, errors = preflight(checked, host, check_output=False)
+    if errors:
+        raise ConfigError(errors)
+    paths = RunPaths(work_dir=host.work_dir(resolved.model_name), checkpoints_dir=host.output_dir())
+    return runner.start(resolved, paths, work=_hosted(host, make_class_pictures))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunInfo:
+    """A previous run in the work folder."""
+
+    name: str
+    work_dir: Path
+    resume_points: list[Path]
+    has_config: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "work_dir": str(self.work_dir), "has_config": self.has_config,
+                "resume_steps": [int(p.name.split("-")[1]) for p in self.resume_points]}
+
+
+def list_runs(host: Host) -> list[RunInfo]:
+    """Work folders that hold a config (and so can be reloaded or resumed), newest first."""
+    root = host.work_root()
+    if not root.is_dir():
+        return []
+    runs = []
+    for folder in root.iterdir():
+        if folder.is_dir() and (folder / "config.json").is_file():
+            runs.append(RunInfo(folder.name, folder, list_resume_points(folder / "checkpoints"), True))
+    return sorted(runs, key=lambda r: (r.work_dir / "config.json").stat().st_mtime, reverse=True)
+
+
+def resumable_runs(host: Host) -> list[RunInfo]:
+    return [r for r in list_runs(host) if r.resume_points]
+
+
+def run_config(host: Host, name: str) -> TrainingConfig:
+    """The config a previous run saved (its work folder's config.json)."""
+    return TrainingConfig.load(host.work_dir(name) / "config.json")
+
+
+def checkpoint_for_file(host: Host, path: str | os.PathLike) -> CheckpointEntry | None:
+    """The host's entry for a written checkpoint (rescanning once when it is not listed yet)."""
+    if not path:
+        return None
+    target = Path(path).resolve()
+
+    def find() -> CheckpointEntry | None:
+        for entry in host.list_checkpoints():
+            if Path(entry.filename).resolve() == target:
+                return entry
+        return None
+
+    found = find()
+    if found is None:
+        host.refresh_checkpoints()
+        found = find()
+    return found
+
+
+def load_in_txt2img(host: Host, output_path: str, wait_s: float = 3.0) -> tuple[str | None, str]:
+    """Make the trained checkpoint the WebUI's active one: (its title, a message for the user).
+
+    The switch runs in its own thread (webui.WebUIHost.load_checkpoint): when a generation or a
+    training job holds the WebUI's lock, this returns after ``wait_s`` and the switch completes
+    by itself when the lock is free — never a deadlock, never a frozen tab."""
+    entry = checkpoint_for_file(host, output_path)
+    if entry is None:
+        return None, f"{output_path or 'no output yet'}: not in the checkpoint list"
+    if not host.is_webui:
+        return entry.title, (f"{entry.title} is ready; load it in the WebUI's txt2img "
+                             "(this standalone app has no txt2img)")
+    try:
+        done = host.load_checkpoint(entry.title, wait_s=wait_s)
+    except Exception as exc:  # shown in the tab, never a traceback
+        return entry.title, f"switching to {entry.title} failed: {exc}"
+    if done:
+        return entry.title, f"{entry.title} is now the active checkpoint"
+    return entry.title, (f"{entry.title} will become the active checkpoint as soon as the "
+                         "WebUI's running job ends")
+
+
+def open_folder(path: str | os.PathLike) -> str:
+    """Opens a folder in the file manager of the machine running the server (as the WebUI's own
+    📂 buttons do); returns what happened."""
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} does not exist yet"
+    try:
+        if sys.platform == "win32":
+            os.startfile(str(folder))  # type: ignore[attr-defined]
+        elif sys.platform == "darwin":
+            subprocess.Popen(["open", str(folder)])
+        elif shutil.which("xdg-open"):
+            subprocess.Popen(["xdg-open", str(folder)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        else:
+            return f"no file manager here; the folder is {folder}"
+    except OSError as exc:
+        return f"cannot open {folder}: {exc}"
+    return f"opened {folder}"
+
+
+_TOKENIZER_LOCK = threading.Lock()
+_TOKENIZER: list = []  # the tokenizer once built (a failed build is retried at the next call)
+
+
+def tokenizer() -> Any | None:
+    """The real CLIP tokenizer, built offline once (None when it cannot be built here); callers
+    arriving while it is being built wait for that build instead of starting another."""
+    with _TOKENIZER_LOCK:
+        if not _TOKENIZER:
+            try:
+                from .tokenizer import load_clip_tokenizer
+
+                _TOKENIZER.append(load_clip_tokenizer())
+            except Exception as exc:  # the identifier check is advice: say why it is missing
+                print(f"DreamBooth: the CLIP tokenizer cannot be built here ({exc}); "
+                      "the identifier check is off", file=sys.stderr)
+                return None
+        return _TOKENIZER[0]
+
+
+def identifier_check(instance_prompt: str, class_prompt: str) -> dict | None:
+    """The identifier guessed from the prompts, as the tokenizer sees it (None: nothing to say)."""
+    from .data import guess_identifier, identifier_report
+
+    if not (instance_prompt or "").strip():
+        return None
+    identifier = guess_identifier(instance_prompt, class_prompt or "")
+    tok = tokenizer()
+    if not identifier or tok is None:
+        return None
+    return identifier_report(identifier, tok)
+
+
+def describe_model(host: Host, base: str) -> str:
+    """One line about the chosen base model: kind, prediction type, EMA, VAE."""
+    path = resolve_base_model(base, host)
+    if path is None:
+        return "" if not (base or "").strip() else f"{base}: not found"
+    try:
+        from .checkpoint import detect_kind
+
+        kind = detect_kind(path)
+    except Exception as exc:  # CheckpointError and unreadable files: say why, do not raise
+        return f"{path.name}: cannot be trained ({exc})"
+    parts = [{"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (768, v)", "sdxl": "SDXL"}.get(
+        kind.kind, kind.kind), f"{kind.prediction_type} prediction"]
+    if kind.inpainting:
+        parts.append("inpainting")
+    if kind.has_ema:
+        parts.append("has EMA weights")
+    if not kind.has_vae:
+        parts.append("no VAE inside: choose one")
+    return f"{path.name}: " + ", ".join(parts)
+
+
+def count_pictures(config: TrainingConfig) -> int:
+    from .data import list_pictures
+
+    total = 0
+    for concept in config.concepts:
+        folder = Path(concept.instance_data_dir.strip() or "\0").expanduser()
+        if concept.instance_data_dir.strip() and folder.is_dir():
+            total += len(list_pictures(folder, recursive=config.recursive))
+    return total
+
+
+def step_estimate(config: TrainingConfig) -> str:
+    """Steps the run will take (the seed's pictures x 100 rule when max_train_steps is 0), epochs,
+    and where a GPU is present a rough memory estimate."""
+    pictures = count_pictures(config)
+    steps = config.total_steps(pictures)
+    rule = "" if config.max_train_steps else f" ({pictures} pictures × 100, the rule of thumb)"
+    per_step = config.train_batch_size * config.gradient_accumulation_steps
+    epochs = (steps * per_step / pictures) if pictures else 0
+    text = f"{steps} steps{rule}; {pictures} instance pictures, ≈{epochs:.1f} epochs"
+    memory = memory_estimate(config)
+    if memory:
+        text += f"; {memory}"
+    return text
+
+
+def memory_estimate(config: TrainingConfig) -> str | None:
+    """A rough GPU memory figure for SD1.x (None without a GPU). From the seed: 512 px, fp16,
+    8-bit Adam and gradient checkpointing peak near 12 GB with the text encoder trained."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    except Exception:
+        return None
+    gb = 7.5
+    gb += 0 if config.optimizer.endswith("8bit") else 2.5
+    gb += 1.5 if config.train_text_encoder else 0
+    gb += 0 if config.gradient_checkpointing else 4.0
+    gb += 0 if config.mixed_precision != "no" else 3.0
+    gb *= max(config.resolution / 512, 0.5) ** 2 * (1 + 0.35 * (config.train_batch_size - 1))
+    return f"≈{gb:.0f} GB of the GPU's {gpu_gb:.0f} GB (rough, SD 1.x)"
+
+
+def status() -> dict[str, Any]:
+    """The runner's snapshot as JSON-ready data (what GET /dreambooth/v1/status returns)."""
+    data = default_runner().snapshot().to_dict()
+    data["loss_history"] = [list(p) for p in data["loss_history"]]
+    data["lr_history"] = [list(p) for p in data["lr_history"]]
+    return data
+
+
+def concepts_from_rows(rows: list[dict[str, Any]]) -> list[Concept]:
+    """Concepts from the tab's rows; a row with neither folder nor prompt is unused."""
+    concepts = []
+    for row in rows:
+        if not str(row.get("instance_data_dir") or "").strip() and not str(
+                row.get("instance_prompt") or "").strip():
+            continue
+        number = row.get("num_class_images")
+        concepts.append(Concept(
+            instance_data_dir=str(row.get("instance_data_dir") or "").strip(),
+            instance_prompt=str(row.get("instance_prompt") or "").strip(),
+            class_data_dir=str(row.get("class_data_dir") or "").strip(),
+            class_prompt=str(row.get("class_prompt") or "").strip(),
+            class_negative_prompt=str(row.get("class_negative_prompt") or "").strip(),
+            num_class_images=int(number) if number not in (None, "", 0) else None,
+            sample_prompt=str(row.get("sample_prompt") or "").strip()))
+    return concepts

@@ -1,0 +1,128 @@
+"""The HTTP routes with FastAPI's test client: start, status, cancel, refusals, validation, auth."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from dreambooth import api
+from dreambooth.job import runner
+from dreambooth.webui import StandaloneHost
+
+from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
+
+P = api.PREFIX
+
+
+@pytest.fixture
+def host(tmp_path):
+    host = StandaloneHost(tmp_path / "models")
+    put_base_checkpoint(host.checkpoints_dir())
+    return host
+
+
+@pytest.fixture
+def client(host):
+    app = FastAPI()
+    api.mount(app, host=host, credentials={})
+    yield TestClient(app)
+    runner().cancel()
+    runner().wait(120)
+
+
+def body(tmp_path, **overrides) -> dict:
+    config = quick_config(tmp_path, base=BASE_NAME, **overrides).to_dict()
+    config.pop("models_dir")
+    return config
+
+
+def wait_for(client, phases, timeout=120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get(f"{P}/status").json()
+        if status["phase"] in phases:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"phase never reached {phases}: {status['phase']} {status['log'][-5:]}")
+
+
+def test_start_status_second_start_refused_cancel(client, tmp_path):
+    started = client.post(f"{P}/train", json=body(tmp_path, name="api-run", steps=2000))
+    assert started.status_code == 200, started.text
+    job_id = started.json()["job_id"]
+    status = wait_for(client, ("training",))
+    assert status["job_id"] == job_id and status["running"] and status["total"] == 2000
+
+    again = client.post(f"{P}/train", json=body(tmp_path, name="other"))
+    assert again.status_code == 409 and "already running" in again.json()["detail"]
+
+    cancelled = client.post(f"{P}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["cancelled"] is True
+    final = wait_for(client, ("cancelled",))
+    assert not final["running"] and final["step"] < 2000
+    assert client.post(f"{P}/cancel").json()["cancelled"] is False
+
+
+def test_a_finished_run_is_listed_by_models(client, tmp_path):
+    assert client.post(f"{P}/train", json=body(tmp_path, name="listed", steps=2)).status_code == 200
+    status = wait_for(client, ("done", "failed"))
+    assert status["phase"] == "done", status["log"][-10:]
+    models = client.get(f"{P}/models").json()
+    titles = [c["title"] for c in models["checkpoints"]]
+    assert titles == ["listed.safetensors", BASE_NAME]
+    assert [r["name"] for r in models["runs"]] == ["listed"]
+
+
+def test_bad_config_is_rejected_with_field_errors(client, tmp_path):
+    bad = body(tmp_path, learning_rate=-1.0, resolution=65)
+    bad["optimiser"] = "adamw"  # misspelt
+    response = client.post(f"{P}/train", json=bad)
+    assert response.status_code == 422
+    fields = {e["field"]: e["message"] for e in response.json()["errors"]}
+    assert "optimiser" in fields and "unknown option" in fields["optimiser"]
+    bad.pop("optimiser")
+    fields = {e["field"] for e in client.post(f"{P}/train", json=bad).json()["errors"]}
+    assert fields == {"learning_rate", "resolution"}
+    wrong_type = client.post(f"{P}/train", json={**body(tmp_path), "max_train_steps": "many"})
+    assert wrong_type.status_code == 422
+    assert client.post(f"{P}/train", content=b"not json").status_code == 422
+    assert runner().snapshot().phase in ("idle", "done", "cancelled", "failed")
+
+
+@pytest.mark.parametrize("name", ["../../escape", "..", "a/b", "..\\up", "  "])
+def test_traversal_in_the_model_name_is_rejected(client, tmp_path, host, name):
+    response = client.post(f"{P}/train", json=body(tmp_path, name=name))
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json()["errors"]] == ["model_name"]
+    assert not runner().running
+
+
+def test_outputs_cannot_be_sent_outside_the_models_folder(client, tmp_path):
+    response = client.post(f"{P}/train", json={**body(tmp_path), "models_dir": "/tmp/elsewhere"})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "models_dir"
+
+
+def test_the_webuis_api_auth_is_enforced(make_fake_webui):
+    make_fake_webui(args="--api --api-auth alice:s3cret,bob:hunter2")
+    app = FastAPI()
+    api.on_app_started(None, app)  # --nowebui passes no demo
+    client = TestClient(app)
+    for method, route in (("get", "status"), ("post", "cancel"), ("get", "models"),
+                          ("post", "train")):
+        response = getattr(client, method)(f"{P}/{route}")
+        assert response.status_code == 401, route
+        assert response.headers["www-authenticate"] == "Basic"
+    assert client.get(f"{P}/status", auth=("alice", "wrong")).status_code == 401
+    assert client.get(f"{P}/status", auth=("bob", "hunter2")).status_code == 200
+    assert client.get(f"{P}/status", auth=("alice", "s3cret")).json()["phase"]
+
+
+def test_no_auth_without_api_auth(fake_webui):
+    app = FastAPI()
+    api.on_app_started(None, app)
+    api.on_app_started(None, app)  # a second call (Reload UI) adds nothing
+    assert [r.path for r in app.routes].count(f"{P}/status") == 1
+    assert TestClient(app).get(f"{P}/status").status_code == 200

@@ -1,0 +1,48 @@
+"""Helpers for the tab, API and browser tests: a models folder with the tiny base checkpoint."""
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+from dreambooth.config import Concept, TrainingConfig
+from dreambooth.demo import draw_pictures
+
+BASE_NAME = "tiny-base.safetensors"
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_checkpoint() -> Path:
+    """The tiny model written once per test session (building it takes seconds)."""
+    from dreambooth import tiny
+
+    folder = Path(tempfile.mkdtemp(prefix="dreambooth-tiny-"))
+    return tiny.save_checkpoint(folder / BASE_NAME, size="tiny", seed=0)
+
+
+def put_base_checkpoint(checkpoints_dir: Path, name: str = BASE_NAME) -> Path:
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    target = checkpoints_dir / name
+    shutil.copyfile(_tiny_checkpoint(), target)
+    return target
+
+
+def pictures(folder: Path, count: int = 3) -> Path:
+    if not folder.exists():
+        draw_pictures(folder, count=count, size=64, seed=1)
+    return folder
+
+
+def quick_config(root: Path, base: str, name: str = "my-toy", steps: int = 4, **overrides
+                 ) -> TrainingConfig:
+    """A run of a few steps at 64 px without class pictures: fast on two CPU cores."""
+    values = dict(
+        base_model=base, model_name=name,
+        concepts=[Concept(instance_data_dir=str(pictures(root / "pics")),
+                          instance_prompt="photo of ohwx toy", sample_prompt="ohwx toy")],
+        with_prior_preservation=False, resolution=64, max_train_steps=steps, learning_rate=1e-4,
+        optimizer="adamw", mixed_precision="no", gradient_checkpointing=False,
+        checkpoint_every_n_steps=0, sample_every_n_steps=0, sample_steps=2, seed=3)
+    values.update(overrides)
+    return TrainingConfig(**values)
