@@ -67,11 +67,14 @@ class _JobReporter(Reporter):
         self.runner, self.job_id = runner, job_id
         self._last: tuple[float, int] | None = None
         self._rate: float | None = None
+        self.current = "loading"
 
     def phase(self, name: str) -> None:
-        self.runner._update(phase=name)
+        self.runner._update(phase=name, it_per_s=None, eta_seconds=None)
         self.log(f"phase: {name}")
+        self.current = name
         self._last = None
+        self._rate = None
 
     def log(self, line: str) -> None:
         self.runner._log(line)
@@ -79,7 +82,8 @@ class _JobReporter(Reporter):
     def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None:
         now = time.time()
         changes: dict[str, Any] = {"step": step, "total": total}
-        if self._last is not None and step > self._last[1]:
+        # Speed and ETA only for training steps (caching reports pictures, not steps).
+        if self.current == "training" and self._last is not None and step > self._last[1]:
             rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
             # Smoothed, so the ETA does not jump with every slow step (samples, saves).
             self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
