@@ -130,3 +130,31 @@ def test_job_context_wraps_the_run_and_success_hook_runs(tmp_path):
 
 def test_process_runner_is_shared():
     assert job_module.runner() is job_module.runner()
+
+
+def test_a_finished_job_leaves_no_model_tensors_behind(tmp_path):
+    """The job loads the model itself (as in the WebUI) and must let go of all of it: on a GPU
+    that is the memory the WebUI needs back. Counted here as live tensors after the run."""
+    import gc
+
+    import torch
+
+    from dreambooth import tiny
+
+    def live_tensor_bytes() -> int:
+        gc.collect()
+        return sum(o.numel() * o.element_size() for o in gc.get_objects()
+                   if isinstance(o, torch.Tensor))
+
+    base = tmp_path / "base.safetensors"
+    tiny.save_checkpoint(base, size="tiny", seed=0)
+    runner = JobRunner()
+    before = live_tensor_bytes()
+    config = base_config(tmp_path, base_model=str(base), max_train_steps=2)
+    runner.start(config, run_paths(tmp_path))
+    snap = runner.wait(180)
+    assert snap.phase == "done", snap.log
+    runner.result = None  # the result holds only paths and numbers; drop it all the same
+    leaked = live_tensor_bytes() - before
+    model_bytes = base.stat().st_size
+    assert leaked < model_bytes * 0.05, f"{leaked} bytes of tensors still alive after the job"
