@@ -269,7 +269,6 @@ class Timeline:
 
     phases: list[tuple[str, float]] = field(default_factory=list)
     steps: list[float] = field(default_factory=list)  # after each optimizer step
-    train_start: float | None = None  # the step-0 progress call, just before the first step
     losses: list[float] = field(default_factory=list)
     samples_at: list[float] = field(default_factory=list)
     saved_at: float | None = None
@@ -317,11 +316,9 @@ def _trainer_reporter(timeline: Timeline, cuda: bool, quiet: bool):
         def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None:
             if self.current != "training":
                 return
-            now = self._now()
-            if loss is None:
-                timeline.train_start = now
+            if loss is None:  # the step count announced before the first step
                 return
-            timeline.steps.append(now)
+            timeline.steps.append(self._now())
             timeline.losses.append(loss)
             if not quiet:
                 print(f"  step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
@@ -568,7 +565,7 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
     phases["class_pictures"] = span("class_images")
     phases["caching"] = span("caching")
     steps = timeline.steps
-    start = timeline.train_start if timeline.train_start is not None else marks.get("training")
+    start = marks.get("training")  # the training phase opens just before the first step
     durations = [b - a for a, b in zip([start] + steps[:-1], steps)]
     phases["first_step"] = _r(durations[0]) if durations else None
     phases["training"] = _r(steps[-1] - start) if steps else None

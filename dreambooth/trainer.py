@@ -599,13 +599,14 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
 
+    # The step count first, then the phase: whoever sees "training" sees the right step.
+    reporter.progress(step, total_steps, None, lr_scheduler.get_last_lr()[0])
     reporter.phase("training")
     alphas_cumprod = noise_scheduler.alphas_cumprod
     accum = config.gradient_accumulation_steps
     losses: list[float] = []
     output_path = None
     step_started = time.time()
-    reporter.progress(step, total_steps, None, lr_scheduler.get_last_lr()[0])
     try:
         batches = micro_batches(instances, config, step * accum, accelerator.process_index,
                                 accelerator.num_processes)

@@ -199,9 +199,10 @@ def test_resume_continues_a_cancelled_run_from_its_resume_point(tmp_path, idle_r
 
     assert "Resuming long" in ui.resume_run("long", host)
     deadline = time.time() + 120
-    while not any("resumed from" in line for line in idle_runner.snapshot().log) \
-            and time.time() < deadline:
+    while time.time() < deadline:  # "resumed from" is logged just before training reports
+        snap = idle_runner.snapshot()
+        if snap.phase in ("training", "saving", "done", "failed", "cancelled"):
+            break
         time.sleep(0.1)
-    snap = idle_runner.snapshot()
     assert any(f"(step {stopped.step})" in line for line in snap.log), snap.log
-    assert snap.step >= stopped.step
+    assert snap.phase == "training" and snap.step >= stopped.step
