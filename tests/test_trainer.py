@@ -451,3 +451,58 @@ def test_text_embedding_cache_encodes_each_prompt_once(tmp_path, monkeypatch):
             assert next(components.text_encoder.parameters()).device.type == "cpu"
     assert counts[True] == [["photo of zwx toy", "photo of a toy"]]  # once, before training
     assert len(counts[False]) == 4  # every step
+
+
+def test_save_every_n_steps_and_save_on_cancel_export_models(tmp_path):
+    from dreambooth import tiny
+
+    base = tmp_path / "base.safetensors"
+    tiny.save_checkpoint(base, size="tiny", seed=0)
+    paths = run_paths(tmp_path)
+    config = base_config(tmp_path, base_model=str(base), max_train_steps=4, save_every_n_steps=2)
+    train(config, paths, reporter=RecordingReporter(), components=tiny_components())
+    assert sorted(p.name for p in paths.checkpoints_dir.iterdir()) == [
+        "test-model.safetensors", "test-model_2.safetensors"]
+
+    for save_on_cancel, expected in ((True, ["other_2.safetensors"]), (False, [])):
+        out = tmp_path / f"cancel-{save_on_cancel}"
+        reporter = RecordingReporter()
+        reporter.should_stop = lambda: len(reporter.steps) >= 2
+        config = base_config(tmp_path, base_model=str(base), model_name="other",
+                             max_train_steps=50, save_on_cancel=save_on_cancel)
+        result = train(config, run_paths(out), reporter=reporter, components=tiny_components())
+        assert result.cancelled and result.steps == 2
+        found = sorted(p.name for p in run_paths(out).checkpoints_dir.glob("*.safetensors")) \
+            if run_paths(out).checkpoints_dir.exists() else []
+        assert found == expected
+        assert [p.name for p in trainer.list_resume_points(run_paths(out).resume_dir)] == [
+            "step-000002"]  # a cancelled run can always be resumed
+
+
+@pytest.mark.parametrize("option, value", [("sample_negative_prompt", "blurry"),
+                                           ("sample_guidance_scale", 2.0),
+                                           ("sample_seed", 7),
+                                           ("sample_steps", 3)])
+def test_sample_options_change_the_sample(tmp_path, option, value):
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth.sampling import generate_samples
+
+    components = tiny_components()
+    base = base_config(tmp_path, sample_steps=2, sample_prompts=["photo of zwx toy"])
+    first = generate_samples(components, base, tmp_path / "a", 1, torch.device("cpu"))[0]
+    changed = base_config(tmp_path, **{"sample_steps": 2, "sample_prompts": ["photo of zwx toy"],
+                                       option: value})
+    second = generate_samples(components, changed, tmp_path / "b", 1, torch.device("cpu"))[0]
+    assert not np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+
+
+def test_sample_size_sets_the_picture_size(tmp_path):
+    from PIL import Image
+
+    from dreambooth.sampling import generate_samples
+
+    config = base_config(tmp_path, sample_steps=1, sample_size=48, sample_prompts=["zwx"])
+    path = generate_samples(tiny_components(), config, tmp_path, 1, torch.device("cpu"))[0]
+    assert Image.open(path).size == (48, 48)
