@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import os
 import random
 import shutil
@@ -592,7 +591,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             reporter.log("no resume checkpoint found: starting from step 0")
     train_te = config.train_text_encoder and step < te_stop
     if config.train_text_encoder and not train_te:
-        freeze_text_encoder(text_encoder, optimizer, device, weight_dtype)
+        freeze_text_encoder(text_encoder, optimizer)
     if state is not None:  # after the freeze, so the parameter groups match the saved ones
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -658,7 +657,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                 ema.step(accelerator.unwrap_model(unet).parameters())
             if train_te and step >= te_stop:
                 train_te = False
-                freeze_text_encoder(text_encoder, optimizer, device, weight_dtype)
+                freeze_text_encoder(text_encoder, optimizer)
                 reporter.log(f"text encoder frozen after step {step}")
             # The only host-device sync of the step: the loss for the progress display.
             loss_value = float(pending)
@@ -709,7 +708,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     return TrainResult(output_path, step, total_steps, seconds, cancelled, losses, ema)
 
 
-def freeze_text_encoder(text_encoder, optimizer, device, dtype) -> None:
+def freeze_text_encoder(text_encoder, optimizer) -> None:
     """Stop training the text encoder and free its optimizer state."""
     te_params = set(text_encoder.parameters())
     for group in optimizer.param_groups:
