@@ -9,12 +9,25 @@ pydantic 1 (A1111) and fastapi 0.104 / pydantic 2 (Forge), and validation errors
 ``TrainingConfig`` itself, so the API names fields exactly as the config file and the tab do:
 
     422 {"detail": "invalid training config", "errors": [{"field": "learning_rate", "message": ...}]}
+
+The API is the user's alone (:class:`RequestPolicy`): a web page on another site must not start or
+cancel a job in the user's browser. So every route refuses a request whose ``Origin`` is another
+site's (403) — same semantics as the WebUI's ``--cors-allow-origins`` / ``--cors-allow-origins-regex``,
+which extend the list — and a ``Host`` that is not this machine's (403: DNS rebinding); POST bodies
+must be ``application/json`` (415: a "simple" cross-site form or text/plain post is never read)
+and at most 1 MiB (413).
 """
 # No "from __future__ import annotations" here: FastAPI reads the handlers' annotations at
 # runtime and must see real classes (Request, HTTPBasicCredentials), not strings.
+import ipaddress
+import json
+import os
+import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -23,9 +36,118 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from . import service
 from .config import ConfigError, FieldError, TrainingConfig
 from .job import JobBusy, runner
-from .webui import Host, api_auth_setting, get_host
+from .webui import Host, api_auth_setting, get_host, request_policy_settings
 
 PREFIX = "/dreambooth/v1"
+MAX_BODY_BYTES = 1 << 20  # a training config is a few KB
+ALLOWED_HOSTS_ENV = "DREAMBOOTH_ALLOWED_HOSTS"  # extra host names (a reverse proxy's), comma-separated
+
+
+def _split_host(value: str) -> Tuple[str, str]:
+    """("host", "port") of a Host header or an origin's netloc; IPv6 brackets removed."""
+    value = value.strip().lower()
+    match = re.fullmatch(r"\[([0-9a-f:.]+)\](?::(\d+))?|([^:]*)(?::(\d+))?", value)
+    if not match:
+        return value, ""
+    return (match.group(1) or match.group(3) or ""), (match.group(2) or match.group(4) or "")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """Which pages (``Origin``) and host names (``Host``) may use the routes.
+
+    Allowed origins: the app's own (the Origin's host and port equal the Host header), the
+    listed ``origins`` and those matching ``origin_regex`` (the WebUI's --cors-allow-origins and
+    --cors-allow-origins-regex). Requests without an Origin (curl, scripts, same-origin GETs)
+    pass. Allowed hosts: IP addresses (DNS rebinding needs a name), localhost, ``hosts`` (the
+    WebUI's --server-name, $DREAMBOOTH_ALLOWED_HOSTS), the hosts of the allowed origins, and
+    ``*.gradio.live`` with --share."""
+
+    origins: Tuple[str, ...] = ()
+    origin_regex: Optional[str] = None
+    hosts: Tuple[str, ...] = ()
+    share: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> "RequestPolicy":
+        extra = [h.strip() for h in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if h.strip()]
+        return cls(origins=tuple(o.strip().rstrip("/").lower() for o in settings.get("origins", ())),
+                   origin_regex=settings.get("origin_regex") or None,
+                   hosts=tuple(h.lower() for h in [*settings.get("hosts", ()), *extra]),
+                   share=bool(settings.get("share")))
+
+    def host_allowed(self, host_header: Optional[str]) -> bool:
+        name, _ = _split_host(host_header or "")
+        if not name:
+            return False
+        if _is_ip(name) or name == "localhost" or name.endswith(".localhost"):
+            return True
+        if name in self.hosts or name in {_split_host(urlsplit(o).netloc)[0] for o in self.origins}:
+            return True
+        return self.share and name.endswith(".gradio.live")
+
+    def origin_allowed(self, origin: str, host_header: Optional[str]) -> bool:
+        origin = origin.strip().rstrip("/").lower()
+        if not origin or origin == "null":  # sandboxed frames and file:// pages send "null"
+            return False
+        if origin in self.origins:
+            return True
+        if self.origin_regex and re.fullmatch(self.origin_regex, origin, flags=re.IGNORECASE):
+            return True
+        parts = urlsplit(origin)
+        default = {"http": "80", "https": "443"}.get(parts.scheme, "")
+        own_name, own_port = _split_host(host_header or "")
+        name, port = _split_host(parts.netloc)
+        return bool(name) and name == own_name and (port or default) == (own_port or default)
+
+
+def _refuse(status: int, detail: str) -> None:
+    raise HTTPException(status_code=status, detail=detail)
+
+
+def _make_guard(policy: Callable[[], RequestPolicy]) -> Callable[..., Any]:
+    def guard(request: Request) -> None:
+        rules = policy()
+        host = request.headers.get("host")
+        if not rules.host_allowed(host):
+            _refuse(403, f"host {host!r} is not this app's; add it to --server-name or "
+                         f"${ALLOWED_HOSTS_ENV} to reach the app by that name")
+        origin = request.headers.get("origin")
+        if origin is not None and not rules.origin_allowed(origin, host):
+            _refuse(403, f"requests from other web pages ({origin}) are refused; allow a page with "
+                         "the WebUI's --cors-allow-origins")
+        if request.method == "POST":
+            content_type = request.headers.get("content-type")
+            if content_type and content_type.split(";")[0].strip().lower() != "application/json":
+                _refuse(415, "the body must be JSON (Content-Type: application/json)")
+
+    return guard
+
+
+async def _json_body(request: Request) -> Any:
+    """The request's JSON body: application/json, at most MAX_BODY_BYTES (checked while it is
+    read, whatever Content-Length says)."""
+    content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        _refuse(415, "the body must be JSON (Content-Type: application/json)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        _refuse(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            _refuse(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return json.loads(b"".join(chunks).decode("utf-8"))
 
 
 def parse_credentials(value: str | None) -> dict[str, str]:
@@ -67,8 +189,10 @@ def make_routes(host_factory: Callable[[], Host]) -> dict[str, Callable[..., Any
 
     async def train(request: Request, resume: bool = False):
         try:
-            body = await request.json()
-        except Exception:
+            body = await _json_body(request)
+        except HTTPException:
+            raise
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
             return _errors_response([FieldError("config", "the body must be a JSON object")])
         host = host_factory()
         if isinstance(body, dict) and str(body.get("models_dir") or "").strip():
@@ -102,20 +226,35 @@ def make_routes(host_factory: Callable[[], Host]) -> dict[str, Callable[..., Any
     return {"status": status, "train": train, "cancel": cancel, "models": models}
 
 
-def mount(app: Any, host: Host | None = None, credentials: dict[str, str] | None = None) -> None:
+def mount(app: Any, host: Host | None = None, credentials: dict[str, str] | None = None,
+          policy: RequestPolicy | None = None) -> None:
     """Adds the routes to a FastAPI app (the WebUI's in ``on_app_started``, or the standalone
-    one). ``credentials`` default to the WebUI's --api-auth; a second call adds nothing."""
-    from fastapi import Depends
-
+    one). ``credentials`` default to the WebUI's --api-auth, ``policy`` to the WebUI's CORS and
+    server-name options; a second call adds nothing."""
     if any(getattr(r, "path", "") == f"{PREFIX}/status" for r in getattr(app, "routes", [])):
         return
     if credentials is None:
         credentials = parse_credentials(api_auth_setting())
     routes = make_routes((lambda: host) if host is not None else get_host)
-    deps = [Depends(_make_auth(credentials))] if credentials else None
+    rules = (lambda: policy) if policy is not None else (
+        lambda: RequestPolicy.from_settings(request_policy_settings()))
+    deps = [Depends(_make_auth(credentials))] if credentials else []
+    deps.append(Depends(_make_guard(rules)))
     methods = {"status": "GET", "train": "POST", "cancel": "POST", "models": "GET"}
     for name, handler in routes.items():
         app.add_api_route(f"{PREFIX}/{name}", handler, methods=[methods[name]], dependencies=deps)
+
+
+def drop_wildcard_cors(app: Any) -> bool:
+    """Remove gradio 3's ``Access-Control-Allow-Origin: *`` middleware from a standalone app (the
+    WebUI does the same to its own app): the page is served from the same origin and needs none.
+    True when one was removed."""
+    kept = [m for m in app.user_middleware if getattr(m.cls, "__name__", "") != "CORSMiddleware"]
+    if len(kept) == len(app.user_middleware):
+        return False
+    app.user_middleware = kept
+    app.middleware_stack = None  # rebuilt at the next request
+    return True
 
 
 def on_app_started(demo: Any, app: Any) -> None:

@@ -667,15 +667,13 @@ def summary_lines(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def write_json(path: str | Path, runs: list[dict[str, Any]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .files import write_text
+
     body = {"schema": SCHEMA, "runs": [
         {"name": r["name"], "options": r["options"], "figures": r["figures"],
          "environment": r["environment"], "command": r.get("command")} for r in runs]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(Path(path), json.dumps(body, indent=2, sort_keys=True) + "\n",
+                      overwrite=True)
 
 
 def command_for(options: dict[str, Any], name: str) -> str:

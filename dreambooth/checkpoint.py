@@ -145,10 +145,12 @@ def _torch_load(path: Path) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refuses anything that runs code
+        # torch's own message advises loading with weights_only=False: never repeat that advice.
+        found = re.search(r"GLOBAL ([\w.]+\.[\w]+)", str(exc))
+        what = f" (it asks for {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path} is a pickle that needs to run code to load, which is refused for safety "
-            f"({str(exc).splitlines()[0]}). Use a .safetensors version of the model, or convert "
-            "it with a tool you trust.") from exc
+            f"{path} is a pickle that would run code when loaded{what}; it is refused for "
+            "safety. Use a .safetensors version of the model.") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise _damaged(path, exc) from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -198,6 +200,32 @@ def read_shapes(path: str | os.PathLike, fmt: str | None = None) -> dict[str, tu
     if size < 8 + header_len + end:
         raise _damaged(path, EOFError(f"{size} bytes, header says {8 + header_len + end}"))
     return shapes
+
+
+def export_size_estimate(base: str | os.PathLike, dtype: str) -> int | None:
+    """About how many bytes the trained model written in ``dtype`` takes: from a .safetensors
+    header (weights at the export dtype, other tensors as they are), else from the file or
+    folder size. None when the base cannot be read."""
+    base = Path(base)
+    try:
+        if base.is_dir():
+            return sum(f.stat().st_size for f in base.rglob("*.safetensors")) or None
+        if base.suffix.lower() != ".safetensors":
+            return base.stat().st_size
+        with open(base, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    except (OSError, ValueError):
+        return None
+    size = DTYPES[dtype].itemsize if dtype in DTYPES else 2
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__" or not isinstance(entry, dict):
+            continue
+        numel = math.prod(entry.get("shape") or [1])
+        floating = str(entry.get("dtype", "")).startswith(("F", "BF"))
+        stored = entry["data_offsets"][1] - entry["data_offsets"][0]
+        total += numel * size if key.startswith(WEIGHT_PREFIXES) and floating else stored
+    return total
 
 
 def read_subset(path: str | os.PathLike, prefixes: tuple[str, ...], fmt: str | None = None
@@ -823,19 +851,6 @@ def _check_output(out: Path, base: Path | None, overwrite: bool) -> str:
     return fmt
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a folder
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save(state: dict[str, torch.Tensor], tmp: Path, fmt: str, metadata: dict[str, str]) -> None:
     if fmt == ".safetensors":
         from safetensors.torch import save_file
@@ -843,34 +858,29 @@ def _save(state: dict[str, torch.Tensor], tmp: Path, fmt: str, metadata: dict[st
         save_file(state, str(tmp), metadata=metadata)
     else:
         torch.save({"state_dict": state, "dreambooth_metadata": metadata}, str(tmp))
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
 
 
 def _atomic_write(state: dict[str, torch.Tensor], out: Path, fmt: str, metadata: dict[str, str],
-                  check: Callable[[Path, str], None]) -> Path:
-    """Write to a hidden temporary name in the same folder, check it, then rename into place.
+                  check: Callable[[Path, str], None], overwrite: bool) -> Path:
+    """Write through the atomic-write helper (a hidden temporary beside ``out``), check the
+    written file, then rename it into place; a failure removes the temporary (WriteError for a
+    full disk or an unwritable folder).
 
     `state` is emptied once written, so that its memory is free for the check."""
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    try:
+    from .files import atomic_path
+
+    needed = sum(t.numel() * t.element_size() for t in state.values()) + (1 << 20)
+    with atomic_path(out, overwrite=overwrite, needed_bytes=needed) as tmp:
         _save(state, tmp, fmt, metadata)
         state.clear()
         check(tmp, fmt)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write {out}: {exc}") from exc
-        raise
-    _fsync_dir(out.parent)
     return out
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .files import write_text
+
+    write_text(path, text, overwrite=True)
 
 
 def _companion_yaml(base: Path | None, kind: ModelKind, out: Path) -> None:
@@ -1014,7 +1024,7 @@ def export_checkpoint(base_path: str | os.PathLike, components: Components,
     meta = build_metadata(found, out, base=base, dtype=dtype, trained=names, extra=metadata,
                           base_hash=base_hash)
     check = lambda tmp, f: _self_check(tmp, f, base_shapes, found, components, names, torch_dtype)
-    _atomic_write(state, out, fmt, meta, check)
+    _atomic_write(state, out, fmt, meta, check, overwrite)
     _companion_yaml(base, found, out)
     return out
 
@@ -1178,10 +1188,34 @@ def components_to_ldm(components: Components, kind: ModelKind,
                 ).contiguous() for k, v in state.items()}
 
 
+def schedule_buffers(noise_scheduler) -> dict[str, torch.Tensor]:
+    """The DDPM schedule buffers an SD1.x/SD2.x single file carries (LDM's register_schedule,
+    computed in float64 and stored as float32 as LDM does)."""
+    betas = noise_scheduler.betas.to(torch.float64)
+    alphas = 1.0 - betas
+    cumprod = torch.cumprod(alphas, dim=0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
+    posterior_variance = betas * (1.0 - prev) / (1.0 - cumprod)
+    buffers = {
+        "betas": betas, "alphas_cumprod": cumprod, "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - cumprod).log(),
+        "sqrt_recip_alphas_cumprod": (1 / cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / cumprod - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * prev.sqrt() / (1.0 - cumprod),
+        "posterior_mean_coef2": (1.0 - prev) * alphas.sqrt() / (1.0 - cumprod),
+    }
+    return {k: v.to(torch.float32).contiguous() for k, v in buffers.items()}
+
+
 def save_single_file(components: Components, path: str | os.PathLike, *, kind: str = "sd1",
                      dtype: str = "fp32", metadata: Mapping | None = None,
-                     overwrite: bool = False) -> Path:
-    """Write components as a NEW single-file checkpoint in the original (LDM) layout."""
+                     overwrite: bool = False, base_name: str | None = None) -> Path:
+    """Write components as a NEW single-file checkpoint in the original (LDM) layout, with the
+    DDPM schedule buffers for SD1.x/SD2.x (``base_name``: the diffusers folder it came from, for
+    the metadata)."""
     out = Path(path)
     if kind not in KINDS:
         raise CheckpointError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -1193,10 +1227,14 @@ def save_single_file(components: Components, path: str | os.PathLike, *, kind: s
     found = ModelKind(kind=kind, prediction_type="v_prediction" if kind == "sd2-v" else
                       getattr(components.noise_scheduler.config, "prediction_type", "epsilon"))
     state = components_to_ldm(components, found, DTYPES[dtype])
+    if found.family != "sdxl":
+        state.update(schedule_buffers(components.noise_scheduler))
     meta = build_metadata(found, out, dtype=dtype, trained=found.components, extra=metadata)
+    if base_name:
+        meta["dreambooth.base_model"] = base_name
     check = lambda tmp, f: _self_check(tmp, f, None, found, components, found.components,
                                        DTYPES[dtype])
-    _atomic_write(state, out, fmt, meta, check)
+    _atomic_write(state, out, fmt, meta, check, overwrite)
     _companion_yaml(None, found, out)
     return out
 
@@ -1204,23 +1242,18 @@ def save_single_file(components: Components, path: str | os.PathLike, *, kind: s
 def save_diffusers(components: Components, folder: str | os.PathLike, *, half: bool = False,
                    overwrite: bool = False) -> Path:
     """Save as a diffusers folder, written beside the target and renamed when complete."""
+    from .files import atomic_path
+
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise CheckpointError(f"{folder} already exists; choose another name or allow overwriting")
     if not folder.parent.is_dir():
         raise CheckpointError(f"cannot write {folder.name}: the folder {folder.parent} does not exist")
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(folder, overwrite=overwrite) as tmp:
         pipe = components.pipeline()
         if half:
             pipe.to(torch.float16)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -1242,6 +1275,8 @@ def convert_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", help="a separate VAE file to use instead of the built-in one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
+    from .files import EXIT_BAD_INPUT, EXIT_WRITE_FAILED, OutputExistsError, WriteError
+
     source, target = Path(args.input), Path(args.output)
     try:
         components, found = load_components(source, use_ema=args.ema, kind=args.kind,
@@ -1257,8 +1292,11 @@ def convert_main(argv: list[str] | None = None) -> int:
                                  overwrite=args.overwrite)
         else:
             save_diffusers(components, target, half=args.half, overwrite=args.overwrite)
-    except CheckpointError as exc:
+    except (CheckpointError, OutputExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     print(f"wrote {target} ({found.kind}, {found.prediction_type})")
     return 0

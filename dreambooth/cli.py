@@ -1,12 +1,17 @@
 """Headless commands: ``train CONFIG.json`` and ``demo``.
 
 Both run the same engine as the tab. ``train`` also runs under ``accelerate launch`` or
-``torchrun`` on several processes; only rank 0 writes files.
+``torchrun`` on several processes; only rank 0 writes files. ``train`` checks its config exactly
+as the tab and the API do (``service.prepare``: base model, name, outputs in the way) before any
+work, and ends with an exit code that means one thing (``dreambooth.files.EXIT_*``):
+0 done, 1 unexpected error, 2 bad input (nothing written), 3 a file could not be written
+(the trained weights kept as a resume point), 4 cancelled (resume point written), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 import signal
 import sys
 import time
@@ -95,29 +100,33 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     main = is_main_process()
+    from . import files, service
+    from .webui import StandaloneHost
+
     try:
         config = TrainingConfig.load(args.config)
         if not config.model_name:
-            config.model_name = Path(args.config).stem
-        paths = run_paths(config, args.models_dir)
-        if main:
-            paths.work_dir.mkdir(parents=True, exist_ok=True)
-            config.save(paths.work_dir / "config.json")
+            config = replace(config, model_name=Path(args.config).stem)
+        host = StandaloneHost(Path(args.models_dir or config.models_dir or "models"))
+        config, paths = service.prepare(config, host, resume=args.resume)
         reporter = ConsoleReporter(quiet=args.quiet, enabled=main)
         reporter.stop_on_ctrl_c()
         result = train(config, paths, reporter=reporter, resume=args.resume)
         reporter.phase("done" if not result.cancelled else "cancelled")
+    except files.WriteError as exc:  # before ValueError: the run can be resumed
+        print(f"error: {exc}", file=sys.stderr)
+        return files.EXIT_WRITE_FAILED
     except ValueError as exc:  # ConfigError, DatasetError, CheckpointError: a message for people
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return files.EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: run again with --resume to continue from the last resume point",
               file=sys.stderr)
-        return 130
+        return files.EXIT_INTERRUPTED
     if main:
         print(f"trained {result.steps}/{result.total_steps} steps in {result.seconds:.1f} s -> "
               f"{result.output_path}")
-    return 0 if not result.cancelled else 1
+    return files.EXIT_CANCELLED if result.cancelled else files.EXIT_OK
 
 
 def demo_main(argv: list[str]) -> int:

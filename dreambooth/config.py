@@ -24,6 +24,8 @@ EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 EXPORT_FORMATS = ("safetensors", "ckpt")
 PREDICTION_TYPES = ("", "epsilon", "v_prediction")
 STEPS_PER_PICTURE = 100  # the seed's rule of thumb: steps = pictures x 100
+MAX_STEPS = 10_000_000
+MAX_SEED = 2 ** 32 - 1  # the WebUI's seed range
 
 
 @dataclass
@@ -41,6 +43,36 @@ class ConfigError(ValueError):
     def __init__(self, errors: list[FieldError]):
         self.errors = list(errors)
         super().__init__("invalid training config:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number option may take: ``low``..``high``, either end open or closed."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    hint: str = ""
+
+    def problem(self, value: float) -> str | None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return "must be a number"
+        too_low = value <= self.low if self.low_open else value < self.low
+        too_high = value >= self.high if self.high_open else value > self.high
+        if not (too_low or too_high):
+            return None
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        text = f"must be in {left}{_num(self.low)}, {_num(self.high)}{right}, not {_num(value)}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+def _num(value: float) -> str:
+    if isinstance(value, int):
+        text = str(value)
+        return text if len(text) <= 20 else f"a {len(text)}-digit number"
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 @dataclass
@@ -145,17 +177,34 @@ class TrainingConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_json() + "\n", encoding="utf-8")
-        return path
+        from .files import write_text
+
+        return write_text(Path(path), self.to_json() + "\n", overwrite=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
-        """Build from a dict (our names or the seed's); unknown or mistyped fields are errors."""
+    def from_dict(cls, data: dict[str, Any] | list, base_dir: str | Path | None = None
+                  ) -> "TrainingConfig":
+        """Build from a dict (our names or the seed's); unknown or mistyped fields are errors.
+
+        A bare list is the seed's concepts_list (every other option at its default); a
+        ``concepts_list`` that is a string names such a file (relative to ``base_dir``, the
+        config file's folder, else the working folder)."""
+        if isinstance(data, list):
+            data = {"concepts": data}
         if not isinstance(data, dict):
-            raise ConfigError([FieldError("config", "must be a JSON object")])
-        data = _translate_seed_names(dict(data))
+            raise ConfigError([FieldError(
+                "config", "must be a JSON object of options, or a list of concepts "
+                          "(the seed's concepts_list)")])
         errors: list[FieldError] = []
+        data = dict(data)
+        for key in ("concepts_list", "concepts"):
+            if isinstance(data.get(key), str):
+                try:
+                    data[key] = read_concepts_list(_relative_to(data[key], base_dir), key)
+                except ConfigError as exc:
+                    errors += exc.errors
+                    data.pop(key)
+        data = _translate_seed_names(data)
         known = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, value in data.items():
@@ -178,17 +227,10 @@ class TrainingConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainingConfig":
+        """A config file: a JSON object of options, or the seed's concepts_list file (a JSON list,
+        or its Python-literal form with ``#`` comments)."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError([FieldError("config", f"cannot read {path}: {exc.strerror}")]) from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError([FieldError(
-                "config", f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})")]) from exc
-        return cls.from_dict(data)
+        return cls.from_dict(_read_json_or_literal(path, "config"), base_dir=path.parent)
 
     # ----------------------------------------------------------------------------------------
     def class_images_for(self, concept: Concept) -> int:
@@ -230,47 +272,34 @@ class TrainingConfig:
                      "prior preservation is on: give a folder for the generated class pictures")
                 need(self.class_images_for(concept) > 0, f"{where}.num_class_images",
                      "must be at least 1 with prior preservation on")
-        need(self.max_train_steps >= 0, "max_train_steps", "must be 0 (automatic) or more")
-        need(self.train_batch_size >= 1, "train_batch_size", "must be at least 1")
-        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
-             "must be at least 1")
-        need(self.learning_rate > 0, "learning_rate", "must be greater than 0")
-        need(self.text_encoder_lr >= 0, "text_encoder_lr", "must be 0 (same as UNet) or more")
-        need(self.resolution >= 64 and self.resolution % 8 == 0, "resolution",
-             "must be a multiple of 8, at least 64 (e.g. 512)")
-        need(self.prior_loss_weight >= 0, "prior_loss_weight", "must be 0 or more")
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
-        need(self.lr_scheduler in SCHEDULERS, "lr_scheduler",
-             f"choose one of {', '.join(SCHEDULERS)}")
-        need(self.mixed_precision in PRECISIONS, "mixed_precision",
-             f"choose one of {', '.join(PRECISIONS)}")
-        need(self.attention in ATTENTION, "attention", f"choose one of {', '.join(ATTENTION)}")
-        need(self.export_dtype in EXPORT_DTYPES, "export_dtype",
-             f"choose one of {', '.join(EXPORT_DTYPES)}")
-        need(self.export_format in EXPORT_FORMATS, "export_format",
-             f"choose one of {', '.join(EXPORT_FORMATS)}")
+        for name, rule in RANGES.items():
+            problem = rule.problem(getattr(self, name))
+            if problem:
+                errors.append(FieldError(name, problem))
+        for i, concept in enumerate(self.concepts):
+            if concept.num_class_images is not None:
+                problem = RANGES["num_class_images"].problem(concept.num_class_images)
+                need(not problem, f"concepts[{i}].num_class_images", problem or "")
+        need(self.resolution % 8 == 0, "resolution", "must be a multiple of 8 (e.g. 512)")
+        need(self.sample_size % 8 == 0, "sample_size",
+             "must be 0 (training resolution) or a multiple of 8")
+        need(self.text_encoder_stop <= 1 or float(self.text_encoder_stop).is_integer(),
+             "text_encoder_stop", "a fraction in (0, 1] or a whole step number")
+        choices = {"optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS,
+                   "mixed_precision": PRECISIONS, "attention": ATTENTION,
+                   "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS}
+        for name, allowed in choices.items():
+            need(getattr(self, name) in allowed, name, f"choose one of {', '.join(allowed)}")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
              "leave empty (from the checkpoint) or choose epsilon / v_prediction")
-        need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be 0 or more")
-        need(self.lr_num_cycles >= 1, "lr_num_cycles", "must be at least 1")
-        need(0 < self.text_encoder_stop and (self.text_encoder_stop <= 1
-                                             or float(self.text_encoder_stop).is_integer()),
-             "text_encoder_stop", "a fraction in (0, 1] or a whole step number")
-        need(1 <= self.clip_skip <= 12, "clip_skip", "must be between 1 and 12")
-        need(1 <= self.class_clip_skip <= 12, "class_clip_skip", "must be between 1 and 12")
-        need(0 <= self.tag_dropout < 1, "tag_dropout", "must be in [0, 1)")
-        need(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
-        need(self.min_snr_gamma >= 0, "min_snr_gamma", "must be 0 (off) or more")
-        need(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 (no clipping) or more")
-        need(0 <= self.rotation_degrees <= 45, "rotation_degrees", "must be between 0 and 45")
-        need(0 <= self.brightness_jitter < 1, "brightness_jitter", "must be in [0, 1)")
-        need(0 <= self.contrast_jitter < 1, "contrast_jitter", "must be in [0, 1)")
-        need(self.sample_size == 0 or self.sample_size % 8 == 0, "sample_size",
-             "must be 0 (training resolution) or a multiple of 8")
-        for name in ("save_every_n_steps", "checkpoint_every_n_steps", "sample_every_n_steps",
-                     "checkpoints_total_limit", "keep_tokens", "class_batch_size",
-                     "class_sample_steps", "sample_steps"):
-            need(getattr(self, name) >= 0, name, "must be 0 or more")
+        if self.model_name:
+            from .names import sanitize_model_name
+
+            try:
+                sanitize_model_name(self.model_name)
+            except ValueError as exc:
+                errors.append(FieldError("model_name", str(exc)))
+        errors += _control_character_errors(self)
         return errors
 
     def check(self) -> "TrainingConfig":
@@ -296,6 +325,79 @@ class TrainingConfig:
         return notes
 
 
+# Every number option and the values it may take (checked before any work starts).
+RANGES: dict[str, Range] = {
+    "prior_loss_weight": Range(0, 100),
+    "num_class_images": Range(0, 100_000),
+    "class_batch_size": Range(1, 256),
+    "class_sample_steps": Range(1, 1000),
+    "class_guidance_scale": Range(0, 50),
+    "class_clip_skip": Range(1, 12),
+    "resolution": Range(64, 4096, hint="a multiple of 8, e.g. 512 for SD 1.x"),
+    "rotation_degrees": Range(0, 45),
+    "brightness_jitter": Range(0, 1, high_open=True),
+    "contrast_jitter": Range(0, 1, high_open=True),
+    "keep_tokens": Range(0, 75),
+    "tag_dropout": Range(0, 1, high_open=True),
+    "max_train_steps": Range(0, MAX_STEPS, hint="0: pictures x 100"),
+    "train_batch_size": Range(1, 256),
+    "gradient_accumulation_steps": Range(1, 1024),
+    "learning_rate": Range(0, 10, low_open=True, hint="DreamBooth uses about 1e-6"),
+    "lr_warmup_steps": Range(0, MAX_STEPS),
+    "lr_num_cycles": Range(1, 10_000),
+    "lr_power": Range(0, 100, low_open=True),
+    "adam_beta1": Range(0, 1, high_open=True),
+    "adam_beta2": Range(0, 1, high_open=True),
+    "adam_epsilon": Range(0, 1, low_open=True),
+    "weight_decay": Range(0, 10),
+    "max_grad_norm": Range(0, 1e6, hint="0: no clipping"),
+    "text_encoder_lr": Range(0, 10, hint="0: the UNet's learning rate"),
+    "text_encoder_stop": Range(0, MAX_STEPS, low_open=True,
+                               hint="a fraction in (0, 1] or a whole step number"),
+    "clip_skip": Range(1, 12),
+    "offset_noise": Range(0, 1),
+    "min_snr_gamma": Range(0, 1000, hint="0: off, 5 is the paper's value"),
+    "ema_decay": Range(0, 1, high_open=True),
+    "seed": Range(0, MAX_SEED),
+    "save_every_n_steps": Range(0, MAX_STEPS),
+    "checkpoint_every_n_steps": Range(0, MAX_STEPS),
+    "checkpoints_total_limit": Range(0, 1000),
+    "sample_every_n_steps": Range(0, MAX_STEPS),
+    "sample_steps": Range(1, 1000),
+    "sample_guidance_scale": Range(0, 50),
+    "sample_seed": Range(0, MAX_SEED),
+    "sample_size": Range(0, 4096, hint="0: the training resolution"),
+}
+# Text options that name files or folders: no control character at all.
+PATH_FIELDS = ("base_model", "vae_path", "models_dir", "caption_extension")
+CONCEPT_PATH_FIELDS = ("instance_data_dir", "class_data_dir")
+
+
+def _control_character_errors(config: "TrainingConfig") -> list[FieldError]:
+    """NUL and other control characters: refused in paths; in prompts only NUL and the
+    invisible ones (tabs and line breaks in a prompt are just spaces)."""
+    from .names import control_characters
+
+    def bad(text: str, path: bool) -> list[str]:
+        found = control_characters(text)
+        return found if path else [c for c in found if c not in ("\\x09", "\\x0a", "\\x0d")]
+
+    errors = []
+    checks: list[tuple[str, str, bool]] = [(name, getattr(config, name), True) for name in PATH_FIELDS]
+    checks += [(name, getattr(config, name), False) for name in ("sample_negative_prompt",)]
+    checks += [(f"sample_prompts[{i}]", p, False) for i, p in enumerate(config.sample_prompts)]
+    for i, concept in enumerate(config.concepts):
+        for f in dataclasses.fields(Concept):
+            value = getattr(concept, f.name)
+            if isinstance(value, str):
+                checks.append((f"concepts[{i}].{f.name}", value, f.name in CONCEPT_PATH_FIELDS))
+    for name, value, path in checks:
+        found = bad(value, path)
+        if found:
+            errors.append(FieldError(name, f"contains control characters ({', '.join(found)})"))
+    return errors
+
+
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -315,11 +417,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 return value.lower() in ("true", "1")
             raise TypeError
         if isinstance(default, int):
-            if isinstance(value, bool) or not float(value).is_integer():
-                raise TypeError
-            return int(float(value))
+            return _whole_number(value)
         if isinstance(default, float):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise TypeError
             number = float(value)
             if not math.isfinite(number):
@@ -335,9 +435,32 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return list(value)
-    except (TypeError, ValueError):
-        return FieldError(name, f"expected {expected.__name__}, got {value!r}")
+    except (TypeError, ValueError, OverflowError):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        what = {"int": "a whole number", "float": "a number", "bool": "true or false",
+                "str": "text", "list": "a list of text"}.get(expected.__name__, expected.__name__)
+        return FieldError(name, f"expected {what}, got {shown}")
     return value
+
+
+def _whole_number(value: Any) -> int:
+    """An int from an int, a whole float or a numeral string; TypeError otherwise (an int too
+    large for a float is fine here: the range check names it)."""
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise TypeError
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            return _whole_number(float(text))
+    raise TypeError
 
 
 def _concepts_from(value: Any) -> tuple[list[Concept], list[FieldError]]:
@@ -359,10 +482,9 @@ def _concepts_from(value: Any) -> tuple[list[Concept], list[FieldError]]:
         for key in known & item.keys():
             if key == "num_class_images":
                 number = item[key]
-                if number is None or (isinstance(number, (int, float)) and not isinstance(number, bool)
-                                      and float(number).is_integer()):
-                    values[key] = None if number is None else int(number)
-                else:
+                try:
+                    values[key] = None if number is None else _whole_number(number)
+                except (TypeError, ValueError, OverflowError):
                     errors.append(FieldError(f"concepts[{i}].{key}", "expected a whole number"))
             elif isinstance(item[key], str):
                 values[key] = item[key]
@@ -393,43 +515,77 @@ def _translate_seed_names(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def read_concepts_list(path: str | Path) -> list[Concept]:
+def _relative_to(path: str, base_dir: str | Path | None) -> Path:
+    """``path`` as given when absolute or when it exists; else relative to ``base_dir``."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or base_dir is None or given.exists():
+        return given
+    return Path(base_dir) / given
+
+
+def _read_json_or_literal(path: Path, field_name: str) -> Any:
+    """A file's JSON, or the seed's Python-literal form (``concepts_list = [...]`` with ``#``
+    comments); read with ast.literal_eval, which runs no code."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([FieldError(field_name, f"cannot read {path}: "
+                                                  f"{exc.strerror or exc}")]) from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([FieldError(field_name, f"{path} is not UTF-8 text")]) from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as json_error:
+        try:
+            return _python_literal(text, path, field_name)
+        except ConfigError:
+            if text.lstrip().startswith(("{", "[")):
+                raise ConfigError([FieldError(field_name, f"{path} is not valid JSON (line "
+                                              f"{json_error.lineno}: {json_error.msg})")]) from None
+            raise
+
+
+def read_concepts_list(path: str | Path, field_name: str = "concepts_list") -> list[Concept]:
     """Read a concepts_list file: JSON, or the seed's Python-literal form with ``#`` comments
     (optionally ``concepts_list = [...]``)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = _python_literal(text, path)
+    data = _read_json_or_literal(path, field_name)
     if isinstance(data, dict) and "concepts_list" in data:
         data = data["concepts_list"]
     concepts, errors = _concepts_from(data)
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError([FieldError(f"{field_name} ({path.name}): {e.field}", e.message)
+                           for e in errors])
     return concepts
 
 
-def _python_literal(text: str, path: Path) -> Any:
+def _python_literal(text: str, path: Path, field_name: str = "concepts_list") -> Any:
     try:
         module = ast.parse(text)
-    except SyntaxError as exc:
+    except (SyntaxError, ValueError) as exc:
         raise ConfigError([FieldError(
-            "concepts_list", f"{path} is neither JSON nor a Python list (line {exc.lineno})")]) from exc
-    for node in module.body:
-        if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == "concepts_list" for t in node.targets):
-            return ast.literal_eval(node.value)
-        if isinstance(node, ast.Expr):
-            return ast.literal_eval(node.value)
-    raise ConfigError([FieldError("concepts_list", f"{path} holds no list of concepts")])
+            field_name, f"{path} is neither JSON nor a Python list "
+                        f"(line {getattr(exc, 'lineno', '?')})")]) from exc
+    try:
+        for node in module.body:
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "concepts_list" for t in node.targets):
+                return ast.literal_eval(node.value)
+            if isinstance(node, ast.Expr):
+                return ast.literal_eval(node.value)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as exc:
+        raise ConfigError([FieldError(field_name, f"{path}: only plain values (lists, dicts, "
+                                                  f"text, numbers) can be read ({exc})")]) from exc
+    raise ConfigError([FieldError(field_name, f"{path} holds no list of concepts")])
 
 
 def write_concepts_list(concepts: list[Concept], path: str | Path) -> Path:
-    path = Path(path)
+    from .files import write_json
+
     data = [{k: v for k, v in dataclasses.asdict(c).items() if v not in ("", None)} for c in concepts]
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_json(Path(path), data, overwrite=True)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import random
 import re
 from collections import defaultdict
@@ -62,6 +61,10 @@ SUGGESTED_IDENTIFIERS = ("ohwx", "wawx", "sleg", "phol", "nyrd", "ront")
 EXIF_ORIENTATION = 0x0112
 # Formats Pillow names but cannot decode without extra software (stubs, Ghostscript, video).
 UNDECODABLE_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS", "FITS"})
+# JPEG decodes at 1/2, 1/4 or 1/8 size (draft mode); every other format is decoded whole, so its
+# pixel count is capped: 40 MP is 160 MB as RGBA, a 108 MP PNG would take about 1 GB.
+DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+MAX_FULL_DECODE_PIXELS = 40_000_000
 
 
 class DatasetError(ValueError):
@@ -183,6 +186,7 @@ def _decode(path: Path, background: tuple[int, int, int], scale: float) -> Image
     """Decode as RGB, letting JPEG skip detail below ``scale`` x the full size (never smaller:
     draft keeps the decoded size >= the request, so the caller's resize only shrinks)."""
     with Image.open(path) as image:
+        check_decode_size(image)
         if scale < 1.0:
             image.draft(image.mode, (max(1, math.ceil(image.width * scale)),
                                      max(1, math.ceil(image.height * scale))))
@@ -195,11 +199,22 @@ def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
+def check_decode_size(image: Image.Image) -> None:
+    """Refuse (ValueError) a picture whose whole decode would take too much memory."""
+    width, height = image.size
+    if image.format not in DRAFT_FORMATS and width * height > MAX_FULL_DECODE_PIXELS:
+        raise ValueError(
+            f"{width}x{height} ({width * height / 1e6:.0f} MP) is too large to decode as "
+            f"{image.format or 'this format'} (the limit is {MAX_FULL_DECODE_PIXELS // 1_000_000} MP;"
+            " JPEGs of any size are fine); save it smaller")
+
+
 def probe_picture(path: Path) -> tuple[int, int]:
     """Open and decode ``path`` to prove it is readable; returns its oriented (width, height).
     Raises OSError/ValueError (and friends) when it is not. JPEGs are decoded at 1/8 scale: the
     whole stream is still read, so truncation shows, at a fraction of the cost."""
     with Image.open(path) as image:
+        check_decode_size(image)
         size = oriented_size(image)
         image.draft(image.mode, (1, 1))
         image.load()  # truncated or corrupt data only shows when the pixels are decoded
@@ -650,13 +665,3 @@ def _crop_origin(size: tuple[int, int], box: tuple[int, int],
         return spare_w // 2, spare_h // 2
     return rng.randint(0, spare_w), rng.randint(0, spare_h)
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary name and rename: nobody ever sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

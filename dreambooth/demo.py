@@ -68,6 +68,4 @@ def run(models_dir: Path, steps: int = 60, reporter: Reporter | None = None
     draw_pictures(pictures_dir(models_dir))
     config = demo_config(models_dir, steps)
     paths = run_paths(config)
-    paths.work_dir.mkdir(parents=True, exist_ok=True)
-    config.save(paths.work_dir / "config.json")
     return train(config, paths, reporter=reporter), paths

@@ -185,8 +185,6 @@ class JobRunner:
              work: Callable[..., TrainResult], train_kwargs: dict) -> None:
         reporter = _JobReporter(self, job_id)
         try:
-            paths.work_dir.mkdir(parents=True, exist_ok=True)
-            config.save(paths.work_dir / "config.json")
             with (context() if context else contextlib.nullcontext()):
                 result = work(config, paths, reporter=reporter, **train_kwargs)
             self.result = result
@@ -201,8 +199,12 @@ class JobRunner:
             self._fail(f"{type(exc).__name__}: {exc}")
         finally:
             self._update(finished_at=time.time())
-            with contextlib.suppress(Exception):
-                _write_log(paths.work_dir / "train.log", self.snapshot().log)
+            # The log belongs to the work folder only when this job got past its checks (the
+            # trainer then wrote config.json): a refused config never touches an earlier run.
+            config_file = paths.work_dir / "config.json"
+            if config_file.is_file() and config_file.stat().st_mtime >= self._progress.started_at - 1:
+                with contextlib.suppress(Exception):
+                    _write_log(paths.work_dir / "train.log", self.snapshot().log)
 
     def _fail(self, message: str) -> None:
         self._log(f"failed: {message}")
@@ -237,7 +239,9 @@ def _append_capped(history: list, item: tuple) -> None:
 
 
 def _write_log(path: Path, lines: list[str]) -> None:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from .files import write_text
+
+    write_text(path, "\n".join(lines) + "\n", overwrite=True)
 
 
 _RUNNER: JobRunner | None = None

@@ -25,8 +25,8 @@ from typing import Callable
 from PIL.PngImagePlugin import PngInfo
 
 from .config import TrainingConfig
-from .data import (FILEWORDS, atomic_write_bytes, caption_path, collect_pictures, fill_template,
-                   list_pictures)
+from .data import FILEWORDS, caption_path, collect_pictures, fill_template, list_pictures
+from .files import write_bytes
 
 NAME_PREFIX = "class"
 
@@ -115,12 +115,13 @@ def _write_picture(image, folder: Path, number: int, prompt: str, parameters: st
                    caption_extension: str) -> Path:
     path = _free_name(folder, number, caption_extension)
     # Caption first: a picture never exists without its prompt.
-    atomic_write_bytes(caption_path(path, caption_extension), (prompt + "\n").encode("utf-8"))
+    write_bytes(caption_path(path, caption_extension), (prompt + "\n").encode("utf-8"),
+                overwrite=False)
     info = PngInfo()
     info.add_text("parameters", parameters)
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG", pnginfo=info)
-    atomic_write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue(), overwrite=False)
     return path
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import io
 from pathlib import Path
 
 import torch
 
 from .config import TrainingConfig
+from .files import write_bytes
 from .tiny import Components
 
 
@@ -64,10 +65,9 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
                          generator=generator,
                          clip_skip=config.clip_skip - 1 if config.clip_skip > 1 else None).images[0]
             path = out_dir / f"step-{step:06d}-{index}.png"
-            tmp = path.with_name(path.name + ".tmp")
-            image.save(tmp, format="PNG", pnginfo=None)
-            os.replace(tmp, path)
-            paths.append(path)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            paths.append(write_bytes(path, buffer.getvalue(), overwrite=True))
     for model, training in zip(models, was_training):
         model.train(training)
     return paths

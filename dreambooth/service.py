@@ -31,8 +31,10 @@ from typing import Any, Callable
 
 from .config import Concept, ConfigError, FieldError, TrainingConfig
 from .job import JobRunner, runner as default_runner
-from .trainer import Reporter, RunPaths, TrainResult, list_resume_points, train
-from .webui import CheckpointEntry, Host, sanitize_model_name
+from .names import output_file_name, sanitize_model_name
+from .resume import list_resume_points, point_step, read_state
+from .trainer import Reporter, RunPaths, TrainResult, planned_outputs, run_id_of, train
+from .webui import CheckpointEntry, Host
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +74,7 @@ def resolve_vae(vae: str, host: Host) -> Path | None:
 
 def output_file(config: TrainingConfig, host: Host) -> Path:
     """Where the trained checkpoint will be written (the trainer's naming)."""
-    return host.output_dir() / f"{sanitize_model_name(config.model_name)}.{config.export_format}"
+    return host.output_dir() / output_file_name(config.model_name, "", config.export_format)
 
 
 def _device():
@@ -81,8 +83,44 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True
-              ) -> tuple[TrainingConfig, list[FieldError]]:
+def _output_errors(config: TrainingConfig, host: Host, resume: bool) -> list[FieldError]:
+    """What would stop the run at its end or at an intermediate save, found before it starts:
+    a file in the way (not this run's own), resume points of an earlier run under the same
+    name, too little disk for the export."""
+    from .checkpoint import export_size_estimate
+    from .files import free_bytes, human_bytes
+
+    errors = []
+    work = host.work_dir(config.model_name)
+    points = list_resume_points(work / "checkpoints")
+    own_run = str(read_state(points[-1]).get("run_id") or "") if points and resume else None
+    if points and not resume and not config.overwrite:
+        errors.append(FieldError("model_name", f"{work} holds resume points of an earlier run "
+                                 f"(step {point_step(points[-1])}): resume it, choose another "
+                                 "name, or turn on overwrite to discard them"))
+    if not config.overwrite:
+        total = config.total_steps(count_pictures(config))
+        taken = [name for name in planned_outputs(config, total)
+                 if (host.output_dir() / name).exists()
+                 and not (own_run and run_id_of(host.output_dir() / name) == own_run)]
+        if taken:
+            errors.append(FieldError("model_name", f"{', '.join(taken[:3])} already "
+                                     f"exist{'s' if len(taken) == 1 else ''} in "
+                                     f"{host.output_dir()}; choose another name or turn on "
+                                     "'overwrite'"))
+    base = Path(config.base_model)
+    if base.exists():
+        needed = export_size_estimate(base, config.export_dtype)
+        free = free_bytes(host.output_dir())
+        if needed and free is not None and free < needed:
+            errors.append(FieldError("model_name", f"{host.output_dir()} has {human_bytes(free)} "
+                                     f"free; the trained model needs about {human_bytes(needed)}. "
+                                     "Free some space or choose another output folder"))
+    return errors
+
+
+def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
+              resume: bool = False) -> tuple[TrainingConfig, list[FieldError]]:
     """The config with the base model, VAE and name resolved, and every error found on the way.
 
     Cheap: reads folder listings and file headers, never pictures' pixels or model weights."""
@@ -105,9 +143,8 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True
         name = sanitize_model_name(config.model_name)
         host.work_dir(name)  # raises for a name that would leave the work folder
         resolved = replace(resolved, model_name=name)
-        if check_output and not config.overwrite and output_file(resolved, host).exists():
-            errors.append(FieldError("model_name", f"{output_file(resolved, host).name} already "
-                                     "exists; choose another name or turn on 'overwrite'"))
+        if check_output:
+            errors += _output_errors(resolved, host, resume)
     except ValueError as exc:
         errors.append(FieldError("model_name", str(exc)))
     for index, concept in enumerate(config.concepts):
@@ -132,9 +169,10 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True
     return resolved, list(unique.values())
 
 
-def prepare(config: TrainingConfig, host: Host) -> tuple[TrainingConfig, RunPaths]:
+def prepare(config: TrainingConfig, host: Host, *, resume: bool = False
+            ) -> tuple[TrainingConfig, RunPaths]:
     """The resolved config and its paths; ConfigError naming every field at fault."""
-    resolved, errors = preflight(config, host)
+    resolved, errors = preflight(config, host, resume=resume)
     if errors:
         raise ConfigError(errors)
     return resolved, RunPaths(work_dir=host.work_dir(resolved.model_name),
@@ -217,7 +255,7 @@ def start_training(config: TrainingConfig, host: Host, runner: JobRunner | None 
     Raises ConfigError (every field at fault) or JobBusy (a job already runs). ``train_kwargs``
     go to :func:`dreambooth.trainer.train` (tests pass ``components``)."""
     runner = runner or default_runner()
-    resolved, paths = prepare(config, host)
+    resolved, paths = prepare(config, host, resume=resume)
 
     def refresh(result: TrainResult) -> None:
         host.refresh_checkpoints()
@@ -305,6 +343,39 @@ def list_runs(host: Host) -> list[RunInfo]:
         if folder.is_dir() and (folder / "config.json").is_file():
             runs.append(RunInfo(folder.name, folder, list_resume_points(folder / "checkpoints"), True))
     return sorted(runs, key=lambda r: (r.work_dir / "config.json").stat().st_mtime, reverse=True)
+
+
+def sweep_leftovers(host: Host) -> list[Path]:
+    """What killed processes left behind (hidden temporaries of half-written checkpoints, resume
+    points cut short) in the checkpoints folder and the work folders; run when the extension
+    loads. Never touches anything a running process is writing, nor any file not of ours."""
+    from .files import sweep
+    from .resume import sweep_resume_dir
+
+    removed = sweep(host.output_dir())
+    if host.checkpoints_dir() != host.output_dir():
+        removed += sweep(host.checkpoints_dir())
+    root = host.work_root()
+    removed += sweep(root, recursive=True)
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.is_dir():
+                removed += sweep_resume_dir(folder / "checkpoints")
+    return removed
+
+
+def on_app_started(demo: Any, app: Any) -> None:
+    """``on_app_started`` callback: the start-up sweep (a failure here must not stop the WebUI)."""
+    from .webui import get_host
+
+    try:
+        removed = sweep_leftovers(get_host())
+    except Exception as exc:
+        print(f"DreamBooth: could not clean up leftovers of interrupted runs ({exc})")
+        return
+    if removed:
+        print(f"DreamBooth: removed {len(removed)} leftovers of interrupted runs: "
+              + ", ".join(p.name for p in removed[:5]))
 
 
 def resumable_runs(host: Host) -> list[RunInfo]:

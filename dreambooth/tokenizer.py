@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from .files import write_text
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MERGE_COUNT = 49152 - 256 - 2  # the merges CLIP actually uses
 SD1_PAD = "<|endoftext|>"  # openai/clip-vit-large-patch14 pads with the end token
@@ -64,19 +66,18 @@ def write_tokenizer_files(folder: Path, pad_token: str = SD1_PAD) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     merges = read_merges(open_clip_bpe_path())
     vocab = build_vocab(merges)
-    tmp = folder / ".vocab.json.tmp"
-    tmp.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, folder / "vocab.json")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    # merges.txt before vocab.json: a folder with vocab.json is complete (offline_tokenizer_dir)
+    write_text(folder / "merges.txt",
+               "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", overwrite=True)
     config = {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>", "pad_token": pad_token, "errors": "replace",
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2), overwrite=True)
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2), overwrite=True)
+    write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False), overwrite=True)
     return folder
 
 

@@ -324,50 +324,110 @@ def class_partner(classes: list[data.Picture], concept_index: int, micro: int,
 
 
 # --------------------------------------------------------------------------------------------
-# Resume checkpoints
+# What a run writes: resume points and models
 # --------------------------------------------------------------------------------------------
 
-def list_resume_points(resume_dir: Path) -> list[Path]:
-    if not resume_dir.is_dir():
-        return []
-    points = [p for p in resume_dir.iterdir() if p.is_dir() and p.name.startswith("step-")
-              and (p / "state.json").is_file()]
-    return sorted(points, key=lambda p: int(p.name.split("-")[1]))
+def run_id_of(path: Path) -> str | None:
+    """The run id a model file of ours carries in its metadata (None: not ours, or unreadable)."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("dreambooth.run_id")
+    except Exception:  # a damaged or foreign file is simply not ours
+        return None
 
 
-def save_resume_point(paths: RunPaths, step: int, unet, text_encoder, optimizer, lr_scheduler,
-                      ema, train_text_encoder: bool, limit: int) -> Path:
-    """Model, optimizer, scheduler, EMA and step, written to a temporary folder then renamed."""
-    from safetensors.torch import save_file
+def planned_outputs(config: TrainingConfig, total_steps: int) -> list[str]:
+    """The file names a run will write into the checkpoints folder: its intermediate saves
+    (``<name>_<step>``) and the final model."""
+    from .names import output_file_name
 
-    final = paths.resume_dir / f"step-{step:06d}"
-    tmp = paths.resume_dir / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp / "unet.safetensors"))
-    if train_text_encoder:
-        save_file({k: v.contiguous() for k, v in text_encoder.state_dict().items()},
-                  str(tmp / "text_encoder.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None}, tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if limit > 0:
-        for old in list_resume_points(paths.resume_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    names = []
+    if config.save_every_n_steps:
+        names += [output_file_name(config.model_name, f"_{step}", config.export_format)
+                  for step in range(config.save_every_n_steps, total_steps,
+                                    config.save_every_n_steps)]
+    return names + [output_file_name(config.model_name, "", config.export_format)]
 
 
-def load_resume_point(point: Path, unet, text_encoder, train_text_encoder: bool) -> tuple[int, dict]:
-    from safetensors.torch import load_file
+class RunWriter:
+    """Writes what a run keeps — resume points and models — and knows which files are its own.
 
-    unet.load_state_dict(load_file(str(point / "unet.safetensors")))
-    te_file = point / "text_encoder.safetensors"
-    if train_text_encoder and te_file.is_file():
-        text_encoder.load_state_dict(load_file(str(te_file)))
-    state = torch.load(point / "training_state.pt", map_location="cpu", weights_only=False)
-    return json.loads((point / "state.json").read_text())["step"], state
+    A model file of this run (its metadata carries the run id, e.g. an intermediate save written
+    before a crash) may be replaced; any other existing file only with ``overwrite``."""
+
+    def __init__(self, config: TrainingConfig, paths: RunPaths, components: Components,
+                 accelerator, unet, text_encoder, ema, optimizer, lr_scheduler,
+                 reporter: Reporter, run_id: str):
+        self.config, self.paths, self.components = config, paths, components
+        self.accelerator, self.unet, self.text_encoder, self.ema = accelerator, unet, text_encoder, ema
+        self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
+        self.run_id = run_id
+
+    def trained_models(self) -> dict[str, torch.nn.Module]:
+        models = {"unet": self.accelerator.unwrap_model(self.unet)}
+        if self.config.train_text_encoder:
+            models["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
+        return models
+
+    def resume_point(self, step: int) -> Path:
+        from . import resume
+
+        models = self.trained_models()
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema is not None else None}
+        point = resume.save_resume_point(
+            self.paths.resume_dir, step, models, state, run_id=self.run_id,
+            limit=self.config.checkpoints_total_limit,
+            needed_bytes=resume.estimate_bytes(models, self.optimizer))
+        self.reporter.log(f"saved resume point at step {step}")
+        return point
+
+    def model(self, step: int, suffix: str = "") -> Path | None:
+        """Export the model; an intermediate save (``suffix``) whose name is taken by a file that
+        is not this run's is skipped with a warning (the final one raises OutputExistsError)."""
+        from .files import OutputExistsError
+        from .names import output_file_name
+
+        out = self.paths.checkpoints_dir / output_file_name(self.config.model_name, suffix,
+                                                            self.config.export_format)
+        replace = self.config.overwrite or run_id_of(out) == self.run_id
+        if out.exists() and not replace:
+            if not suffix:
+                raise OutputExistsError(out)
+            self.reporter.log(f"warning: {out.name} already exists and is not from this run; "
+                              "this intermediate save is skipped (turn on overwrite to replace it)")
+            return None
+        return export(self.config, self.paths, self.components, self.accelerator, self.unet,
+                      self.text_encoder, self.ema, step, self.reporter, suffix=suffix,
+                      overwrite=replace, run_id=self.run_id)
+
+    def rescue(self, step: int, failure: Exception, saved_step: int | None) -> Exception:
+        """After a failed write: keep the trained weights as a resume point (unless that was the
+        write that failed, or the newest point already holds this step) and say so in the error."""
+        from . import resume
+        from .files import WriteError, with_note
+
+        if step <= 0:
+            return failure
+        newest = resume.list_resume_points(self.paths.resume_dir)
+        if isinstance(failure, WriteError) and self.paths.resume_dir in failure.target.parents:
+            kept = (f"the newest complete resume point is {newest[-1].name}" if newest
+                    else "no resume point could be kept")
+            return with_note(failure, kept)
+        if saved_step == step and newest:
+            note = f"the trained weights of step {step} are kept in the resume point {newest[-1]}"
+        else:
+            try:
+                note = f"the trained weights are kept as the resume point {self.resume_point(step)}"
+            except (WriteError, OSError) as second:
+                return with_note(failure, f"the resume point could not be written either ({second})")
+        return with_note(failure, f"{note}; fix that, then resume the run (Resume in the tab, "
+                                  "--resume on the command line) to finish without training again")
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,10 +490,21 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     for note in config.warnings():
         reporter.log(f"warning: {note}")
     instances = data.collect_pictures(config, include_class=False)  # bad input fails here, early
-    final_output = paths.checkpoints_dir / f"{config.model_name}.{config.export_format}"
+    from . import resume as resume_points
+    from .files import OutputExistsError, WriteError, sweep
+    from .names import output_file_name
+
+    final_output = paths.checkpoints_dir / output_file_name(config.model_name, "",
+                                                            config.export_format)
     if export_model and final_output.exists() and not config.overwrite:
         raise ConfigError([FieldError("model_name", f"{final_output} already exists; choose another "
                                       "name or turn on overwrite")])
+    points = resume_points.list_resume_points(paths.resume_dir)
+    if points and not resume and not config.overwrite:
+        raise ConfigError([FieldError("model_name", f"{paths.work_dir} holds resume points of an "
+                                      f"earlier run (step {resume_points.point_step(points[-1])}): "
+                                      "resume it, choose another name, or turn on overwrite to "
+                                      "discard them")])
 
     precision = config.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
@@ -449,6 +520,19 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         if problem:
             raise ConfigError([FieldError("optimizer", problem)])
     main = accelerator.is_main_process
+    if main:  # leftovers of killed runs, then the config of this one (all checks passed)
+        folders = [(paths.checkpoints_dir, False), (paths.work_dir, True)]
+        folders += [(Path(c.class_data_dir).expanduser(), False) for c in config.concepts
+                    if c.class_data_dir.strip()]
+        for folder, deep in folders:
+            for stale in sweep(folder, recursive=deep):
+                reporter.log(f"removed {stale.name}, left by an interrupted run")
+        for stale in resume_points.sweep_resume_dir(paths.resume_dir):
+            reporter.log(f"removed the incomplete resume point {stale.name}")
+        if points and not resume:
+            resume_points.remove_all(paths.resume_dir)
+            reporter.log(f"overwrite: discarded the resume points of the earlier run in {paths.work_dir}")
+        config.save(paths.work_dir / "config.json")
     reporter.log(f"training on {device.type}" + (f" with {accelerator.num_processes} processes"
                                                  if accelerator.num_processes > 1 else "")
                  + f", precision {precision}")
@@ -579,13 +663,15 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         unet, optimizer = accelerator.prepare(unet, optimizer)
     ema = EMA(accelerator.unwrap_model(unet).parameters(), config.ema_decay) if config.use_ema else None
 
-    step, state = 0, None
+    step, state, run_id = 0, None, resume_points.new_run_id()
     if resume:
-        points = list_resume_points(paths.resume_dir)
+        points = resume_points.list_resume_points(paths.resume_dir)
         if points:
-            step, state = load_resume_point(points[-1], accelerator.unwrap_model(unet),
-                                            accelerator.unwrap_model(text_encoder),
-                                            config.train_text_encoder)
+            models = {"unet": accelerator.unwrap_model(unet)}
+            if config.train_text_encoder:
+                models["text_encoder"] = accelerator.unwrap_model(text_encoder)
+            saved, state = resume_points.load_resume_point(points[-1], models)
+            step, run_id = int(saved["step"]), str(saved.get("run_id") or run_id)
             reporter.log(f"resumed from {points[-1].name} (step {step})")
         else:
             reporter.log("no resume checkpoint found: starting from step 0")
@@ -606,11 +692,16 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     losses: list[float] = []
     output_path = None
     step_started = time.time()
+    writer = RunWriter(config, paths, components, accelerator, unet, text_encoder, ema, optimizer,
+                       lr_scheduler, reporter, run_id)
+    saved_step = step if state is not None else None  # the newest resume point's step
     try:
         batches = micro_batches(instances, config, step * accum, accelerator.process_index,
                                 accelerator.num_processes)
         pending = torch.zeros((), device=device)
         for micro, batch in batches:
+            if step >= total_steps:  # resumed from the last step: only the export is left
+                break
             if reporter.should_stop():
                 raise Cancelled
             rng = random.Random(f"{config.seed}-micro-{micro}")
@@ -665,20 +756,19 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             losses.append(loss_value)
             reporter.progress(step, total_steps, loss_value, lr_scheduler.get_last_lr()[0])
 
-            if main and config.checkpoint_every_n_steps and step % config.checkpoint_every_n_steps == 0 \
+            # Models and samples first, the resume point last: a run resumed from this step has
+            # everything before it done (a crash in between redoes this step's saves).
+            if main and config.save_every_n_steps and step % config.save_every_n_steps == 0 \
                     and step < total_steps:
-                save_resume_point(paths, step, accelerator.unwrap_model(unet),
-                                  accelerator.unwrap_model(text_encoder), optimizer, lr_scheduler,
-                                  ema, config.train_text_encoder, config.checkpoints_total_limit)
-                reporter.log(f"saved resume point at step {step}")
+                writer.model(step, suffix=f"_{step}")
             if main and config.sample_every_n_steps and step % config.sample_every_n_steps == 0 \
                     and step < total_steps:
                 reporter.samples(make_samples(components, config, paths, step, device,
                                               accelerator, unet, ema))
-            if main and config.save_every_n_steps and step % config.save_every_n_steps == 0 \
+            if main and config.checkpoint_every_n_steps and step % config.checkpoint_every_n_steps == 0 \
                     and step < total_steps:
-                export(config, paths, components, accelerator, unet, text_encoder, ema, step,
-                       reporter, suffix=f"_{step}")
+                writer.resume_point(step)
+                saved_step = step
             if step >= total_steps:
                 break
         accelerator.wait_for_everyone()
@@ -687,19 +777,23 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                 reporter.samples(make_samples(components, config, paths, step, device,
                                               accelerator, unet, ema))
             if export_model:
-                output_path = export(config, paths, components, accelerator, unet, text_encoder,
-                                     ema, step, reporter)
+                output_path = writer.model(step)
         cancelled = False
     except Cancelled:
         cancelled = True
         reporter.log(f"cancelled at step {step}")
-        if main and step > 0:  # a cancelled run can always be resumed
-            save_resume_point(paths, step, accelerator.unwrap_model(unet),
-                              accelerator.unwrap_model(text_encoder), optimizer, lr_scheduler, ema,
-                              config.train_text_encoder, config.checkpoints_total_limit)
-        if main and step > 0 and config.save_on_cancel and export_model:
-            output_path = export(config, paths, components, accelerator, unet, text_encoder, ema,
-                                 step, reporter, suffix=f"_{step}")
+        try:
+            if main and step > 0 and saved_step != step:  # a cancelled run can always be resumed
+                writer.resume_point(step)
+                saved_step = step
+            if main and step > 0 and config.save_on_cancel and export_model:
+                output_path = writer.model(step, suffix=f"_{step}")
+        except (WriteError, OutputExistsError) as failure:
+            raise writer.rescue(step, failure, saved_step) from failure
+    except (WriteError, OutputExistsError) as failure:
+        if not main:
+            raise
+        raise writer.rescue(step, failure, saved_step) from failure
     finally:
         release(accelerator, components)
     seconds = time.time() - started
@@ -744,20 +838,33 @@ def ema_weights(unet, ema):
 
 
 def export(config: TrainingConfig, paths: RunPaths, components: Components, accelerator, unet,
-           text_encoder, ema, step: int, reporter: Reporter, suffix: str = "") -> Path:
+           text_encoder, ema, step: int, reporter: Reporter, suffix: str = "", *,
+           overwrite: bool = False, run_id: str = "") -> Path:
+    """Write the model into the checkpoints folder: into the base file's own layout, or (a
+    diffusers folder as the base) as a new single file in the standard layout."""
     from . import checkpoint
+    from .names import output_file_name
+
+    from .files import ensure_folder
 
     reporter.phase("saving")
-    name = f"{config.model_name}{suffix}.{config.export_format}"
-    paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    out = paths.checkpoints_dir / name
+    ensure_folder(paths.checkpoints_dir)
+    out = paths.checkpoints_dir / output_file_name(config.model_name, suffix, config.export_format)
     trained = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
     metadata = export_metadata(config, step)
+    if run_id:
+        metadata["dreambooth.run_id"] = run_id
     live = accelerator.unwrap_model(unet)
+    base = resolve_base_model(config)
     with ema_weights(live, ema):
-        result = checkpoint.export_checkpoint(
-            resolve_base_model(config), components, out, trained=trained,
-            dtype=config.export_dtype, metadata=metadata, overwrite=config.overwrite or bool(suffix))
+        if base.is_dir():
+            result = checkpoint.save_single_file(
+                components, out, kind=checkpoint.detect_kind(base).kind, dtype=config.export_dtype,
+                metadata=metadata, overwrite=overwrite, base_name=base.name)
+        else:
+            result = checkpoint.export_checkpoint(
+                base, components, out, trained=trained, dtype=config.export_dtype,
+                metadata=metadata, overwrite=overwrite)
     reporter.log(f"saved {result}")
     if suffix:  # an intermediate save: training goes on
         reporter.phase("training")

@@ -1055,12 +1055,18 @@ def standalone_main(argv: list[str]) -> int:
                              "default ./models")
     parser.add_argument("--port", type=int, default=7861, help="port on 127.0.0.1 (default 7861)")
     parser.add_argument("--config", help="a TrainingConfig JSON to fill the form with")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="another web page allowed to use the API, e.g. "
+                             "http://127.0.0.1:3000 (repeatable; default: none but this app)")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     models = Path(args.models_dir).expanduser().resolve()
     (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
     host = StandaloneHost(models)
+    from .service import sweep_leftovers
+
+    sweep_leftovers(host)
     initial = None
     if args.config:
         try:
@@ -1075,7 +1081,9 @@ def standalone_main(argv: list[str]) -> int:
 
     app, url, _ = demo.launch(server_name="127.0.0.1", server_port=args.port, prevent_thread_lock=True,
                               allowed_paths=[str(models)], quiet=True, show_api=False)
-    api.mount(app, host=host, credentials={})
+    api.drop_wildcard_cors(app)
+    api.mount(app, host=host, credentials={},
+              policy=api.RequestPolicy.from_settings({"origins": args.allow_origin}))
     print(f"DreamBooth: serving {url} (models: {models}); Ctrl+C stops", flush=True)
 
     stop = threading.Event()

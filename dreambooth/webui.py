@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
+from .names import sanitize_model_name, sanitize_subfolder
+
 SETTINGS_SECTION = ("dreambooth", "DreamBooth")
 SETTINGS_CATEGORY = "training"  # the WebUI's "Training" category in the settings page
 
@@ -65,40 +67,6 @@ VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 # and taking it twice on one thread hangs forever; this per-thread mark (not shared data) is how
 # free_gpu_for_training() knows not to take it again, whichever host object it is called on.
 _holding = threading.local()
-
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-
-
-def sanitize_model_name(name: str) -> str:
-    """A model name made safe as one folder / file name; raises ValueError when it cannot be.
-
-    Refused (the user must change it): empty names, names made only of dots, and anything with a
-    path separator (nothing may escape the models folder). Characters Windows forbids become
-    ``_``; surrounding spaces and trailing dots go.
-    """
-    if not isinstance(name, str):
-        raise ValueError("model name must be text")
-    cleaned = name.strip()
-    if not cleaned:
-        raise ValueError("model name is empty")
-    # Without separators, ".." can only escape as the whole name, which the dot check below refuses.
-    if "/" in cleaned or "\\" in cleaned:
-        raise ValueError(f"model name {name!r} must not contain '/' or '\\'")
-    cleaned = re.sub(r'[<>:"|?*\x00-\x1f]', "_", cleaned).rstrip(". ")
-    if not cleaned or set(cleaned) <= {".", "_"}:
-        raise ValueError(f"model name {name!r} has no usable characters")
-    if cleaned.split(".")[0].lower() in _WINDOWS_RESERVED:
-        cleaned = "_" + cleaned
-    if len(cleaned) > 120:
-        raise ValueError(f"model name is longer than 120 characters ({len(cleaned)})")
-    return cleaned
-
-
-def sanitize_subfolder(path: str) -> str:
-    """A relative subfolder such as ``dreambooth/people``: each part sanitised; ``""`` stays ``""``."""
-    parts = [p for p in re.split(r"[\\/]+", (path or "").strip()) if p not in ("", ".")]
-    return "/".join(sanitize_model_name(p) for p in parts)
-
 
 def _inside(root: Path, child: Path) -> Path:
     """``child`` resolved, after checking that it lies under ``root`` (symlinks included)."""
@@ -489,3 +457,17 @@ def api_auth_setting() -> str | None:
     if not webui_available():
         return None
     return getattr(_m("shared").cmd_opts, "api_auth", None) or None
+
+
+def request_policy_settings() -> dict[str, Any]:
+    """What decides which web pages and host names may use our routes, from the WebUI's own
+    options: ``--cors-allow-origins`` (comma-separated), ``--cors-allow-origins-regex``,
+    ``--server-name`` and ``--share``. Empty outside the WebUI."""
+    if not webui_available():
+        return {}
+    opts = _m("shared").cmd_opts
+    origins = [o.strip() for o in str(getattr(opts, "cors_allow_origins", None) or "").split(",")]
+    return {"origins": [o for o in origins if o],
+            "origin_regex": getattr(opts, "cors_allow_origins_regex", None) or None,
+            "hosts": [h for h in [getattr(opts, "server_name", None)] if h],
+            "share": bool(getattr(opts, "share", False))}

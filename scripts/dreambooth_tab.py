@@ -16,6 +16,7 @@ if os.path.normcase(_here) != os.path.normcase(_theirs):
                       f"not from this extension ({_here}); disable the other extension.")
 
 import dreambooth.api  # noqa: E402
+import dreambooth.service  # noqa: E402
 import dreambooth.ui  # noqa: E402
 import dreambooth.webui  # noqa: E402
 from modules import script_callbacks  # noqa: E402
@@ -23,4 +24,5 @@ from modules import script_callbacks  # noqa: E402
 script_callbacks.on_ui_tabs(dreambooth.ui.create_tab)
 script_callbacks.on_ui_settings(dreambooth.webui.register_settings)
 script_callbacks.on_app_started(dreambooth.api.on_app_started)
+script_callbacks.on_app_started(dreambooth.service.on_app_started)
 script_callbacks.on_script_unloaded(dreambooth.ui.stop_timers)

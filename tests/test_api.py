@@ -14,6 +14,7 @@ from dreambooth.webui import StandaloneHost
 from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
 
 P = api.PREFIX
+LOCAL = "http://127.0.0.1:7860"
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def host(tmp_path):
 def client(host):
     app = FastAPI()
     api.mount(app, host=host, credentials={})
-    yield TestClient(app)
+    yield TestClient(app, base_url=LOCAL)
     runner().cancel()
     runner().wait(120)
 
@@ -87,7 +88,8 @@ def test_bad_config_is_rejected_with_field_errors(client, tmp_path):
     assert fields == {"learning_rate", "resolution"}
     wrong_type = client.post(f"{P}/train", json={**body(tmp_path), "max_train_steps": "many"})
     assert wrong_type.status_code == 422
-    assert client.post(f"{P}/train", content=b"not json").status_code == 422
+    json_type = {"content-type": "application/json"}
+    assert client.post(f"{P}/train", content=b"not json", headers=json_type).status_code == 422
     assert runner().snapshot().phase in ("idle", "done", "cancelled", "failed")
 
 
@@ -109,7 +111,7 @@ def test_the_webuis_api_auth_is_enforced(make_fake_webui):
     make_fake_webui(args="--api --api-auth alice:s3cret,bob:hunter2")
     app = FastAPI()
     api.on_app_started(None, app)  # --nowebui passes no demo
-    client = TestClient(app)
+    client = TestClient(app, base_url=LOCAL)
     for method, route in (("get", "status"), ("post", "cancel"), ("get", "models"),
                           ("post", "train")):
         response = getattr(client, method)(f"{P}/{route}")
@@ -125,4 +127,4 @@ def test_no_auth_without_api_auth(fake_webui):
     api.on_app_started(None, app)
     api.on_app_started(None, app)  # a second call (Reload UI) adds nothing
     assert [r.path for r in app.routes].count(f"{P}/status") == 1
-    assert TestClient(app).get(f"{P}/status").status_code == 200
+    assert TestClient(app, base_url=LOCAL).get(f"{P}/status").status_code == 200

@@ -59,7 +59,7 @@ def test_bad_config_exits_non_zero_with_the_field(tmp_path, capsys):
     config = write_config(tmp_path, learning_rate=0, resolution=100)
     assert cli_main(["train", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "learning_rate: must be greater than 0" in err and "resolution" in err
+    assert "learning_rate: must be in (0, 10], not 0" in err and "resolution" in err
 
 
 def test_unknown_command_is_refused(capsys):

@@ -9,7 +9,7 @@ import pytest
 from dreambooth import job as job_module
 from dreambooth.config import ConfigError
 from dreambooth.job import JobBusy, JobRunner
-from dreambooth.trainer import list_resume_points
+from dreambooth.resume import list_resume_points
 
 from trainer_fixtures import base_config, run_paths, tiny_components
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dreambooth import trainer
+from dreambooth import resume, trainer
 from dreambooth.config import ConfigError, TrainingConfig
 from dreambooth.trainer import (build_optimizer, dreambooth_loss, min_snr_weights, offset_noise,
                                 snr, train)
@@ -342,7 +342,7 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
 
 def test_resume_points_keep_the_retention_limit(tmp_path):
     run(tmp_path, max_train_steps=9, checkpoint_every_n_steps=2, checkpoints_total_limit=2)
-    points = trainer.list_resume_points(run_paths(tmp_path).resume_dir)
+    points = resume.list_resume_points(run_paths(tmp_path).resume_dir)
     assert [p.name for p in points] == ["step-000006", "step-000008"]
 
 
@@ -475,7 +475,7 @@ def test_save_every_n_steps_and_save_on_cancel_export_models(tmp_path):
         found = sorted(p.name for p in run_paths(out).checkpoints_dir.glob("*.safetensors")) \
             if run_paths(out).checkpoints_dir.exists() else []
         assert found == expected
-        assert [p.name for p in trainer.list_resume_points(run_paths(out).resume_dir)] == [
+        assert [p.name for p in resume.list_resume_points(run_paths(out).resume_dir)] == [
             "step-000002"]  # a cancelled run can always be resumed
 
 

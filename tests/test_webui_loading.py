@@ -95,7 +95,7 @@ def asgi_get(app, path: str) -> tuple[int, object]:
     sent: list = []
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"testserver")], "client": ("testclient", 50000), "server": ("testserver", 80)}
+             "headers": [(b"host", b"127.0.0.1:7860")], "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 7860)}
 
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}

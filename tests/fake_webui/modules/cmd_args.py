@@ -22,6 +22,11 @@ parser.add_argument("--skip-install", action="store_true")
 parser.add_argument("--skip-prepare-environment", action="store_true")
 parser.add_argument("--freeze-settings", action="store_true")
 parser.add_argument("--ckpt", type=str, default=None)
+parser.add_argument("--listen", action="store_true")
+parser.add_argument("--share", action="store_true")
+parser.add_argument("--server-name", type=str, default=None)
+parser.add_argument("--cors-allow-origins", type=str, default=None)
+parser.add_argument("--cors-allow-origins-regex", type=str, default=None)
 
 
 def parse() -> argparse.Namespace:

@@ -1,0 +1,204 @@
+"""Resume points: everything a run needs to continue exactly where it stopped, as safetensors and
+JSON only — no pickle, so a planted or downloaded run folder can never run code on ``--resume``.
+
+A resume point is a folder ``<work>/checkpoints/step-NNNNNN/``:
+
+- ``<component>.safetensors`` for each trained model (``unet``, ``text_encoder``...);
+- ``training_state.safetensors`` + ``training_state.json``: the optimizer, the learning-rate
+  schedule and the EMA, their nested structure in JSON with every tensor replaced by a reference
+  into the safetensors file (tuples, integer keys and non-finite floats are tagged so that the
+  round trip is exact);
+- ``state.json``: the step and the run's id, written last.
+
+The folder is written through :func:`dreambooth.files.atomic_path`: it appears complete or not at
+all; a failed write removes its temporary folder and raises WriteError.
+"""
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from . import files
+
+FORMAT = 2
+STATE_FILE = "state.json"
+TENSORS_FILE = "training_state.safetensors"
+STRUCTURE_FILE = "training_state.json"
+
+
+class ResumeError(ValueError):
+    """A resume point cannot be used; the message names it and what to do."""
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested state <-> JSON + tensors
+# ---------------------------------------------------------------------------------------------
+def flatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-ready copy of ``value``; its tensors are moved into ``tensors`` by reference."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        return {"$tensor": key}
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, tuple):
+        return {"$tuple": [flatten(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [flatten(v, tensors) for v in value]
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: flatten(v, tensors) for k, v in value.items()}
+        return {"$items": [[flatten(k, tensors), flatten(v, tensors)] for k, v in value.items()]}
+    raise TypeError(f"cannot store a {type(value).__name__} in a resume point")
+
+
+def unflatten(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [unflatten(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"$tensor"}:
+        return tensors[value["$tensor"]]
+    if set(value) == {"$float"}:
+        return float(value["$float"])
+    if set(value) == {"$tuple"}:
+        return tuple(unflatten(v, tensors) for v in value["$tuple"])
+    if set(value) == {"$items"}:
+        return {unflatten(k, tensors): unflatten(v, tensors) for k, v in value["$items"]}
+    return {k: unflatten(v, tensors) for k, v in value.items()}
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def estimate_bytes(models: Mapping[str, torch.nn.Module], optimizer) -> int:
+    """About what a resume point takes on disk: the trained weights and the optimizer state."""
+    total = sum(t.numel() * t.element_size() for m in models.values() for t in m.state_dict().values())
+    for state in optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing, writing, reading
+# ---------------------------------------------------------------------------------------------
+def point_step(point: Path) -> int:
+    return int(point.name.split("-")[1])
+
+
+def is_complete(point: Path) -> bool:
+    """A resume point is usable when its state.json (written last) says so."""
+    try:
+        state = json.loads((point / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("step"), int)
+
+
+def list_resume_points(resume_dir: Path) -> list[Path]:
+    """The complete resume points, oldest first."""
+    resume_dir = Path(resume_dir)
+    if not resume_dir.is_dir():
+        return []
+    points = [p for p in resume_dir.iterdir() if p.is_dir() and p.name.startswith("step-")
+              and p.name.split("-")[1].isdigit() and is_complete(p)]
+    return sorted(points, key=point_step)
+
+
+def sweep_resume_dir(resume_dir: Path) -> list[Path]:
+    """Leftovers of interrupted writes: temporaries of dead processes and step folders without
+    their state.json (a deletion cut short)."""
+    resume_dir = Path(resume_dir)
+    removed = files.sweep(resume_dir)
+    if resume_dir.is_dir():
+        for point in resume_dir.iterdir():
+            if point.is_dir() and point.name.startswith("step-") and not is_complete(point):
+                files.remove_tree(point)
+                removed.append(point)
+    return removed
+
+
+def save_resume_point(resume_dir: Path, step: int, models: Mapping[str, torch.nn.Module],
+                      training_state: Mapping[str, Any], *, run_id: str, limit: int,
+                      needed_bytes: int | None = None) -> Path:
+    """Write ``step-NNNNNN`` (models, optimizer/scheduler/EMA state, step) and keep the newest
+    ``limit`` points (0: all). The older points are removed only once the new one is complete."""
+    from safetensors.torch import save_file
+
+    final = Path(resume_dir) / f"step-{step:06d}"
+    tensors: dict[str, torch.Tensor] = {}
+    structure = flatten(dict(training_state), tensors)
+    with files.atomic_path(final, overwrite=True, needed_bytes=needed_bytes) as tmp:
+        tmp.mkdir()
+        for name, model in models.items():
+            save_file(_model_tensors(model), str(tmp / f"{name}.safetensors"))
+        save_file(tensors, str(tmp / TENSORS_FILE))
+        (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, allow_nan=False), encoding="utf-8")
+        (tmp / STATE_FILE).write_text(json.dumps({
+            "format": FORMAT, "step": step, "run_id": run_id,
+            "models": sorted(models)}), encoding="utf-8")
+    if limit > 0:
+        for old in list_resume_points(resume_dir)[:-limit]:
+            files.remove_tree(old)
+    return final
+
+
+def read_state(point: Path) -> dict[str, Any]:
+    """The point's state.json: step, run id, the models it holds."""
+    try:
+        return json.loads((Path(point) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"{point} is not a complete resume point ({exc})") from exc
+
+
+def load_resume_point(point: Path, models: Mapping[str, torch.nn.Module]
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the saved weights into ``models`` (those the point holds) and return
+    (state.json, training state with tensors). Refuses points of the old pickle format."""
+    from safetensors.torch import load_file
+
+    point = Path(point)
+    state = read_state(point)
+    if state.get("format") != FORMAT or not (point / STRUCTURE_FILE).is_file():
+        raise ResumeError(
+            f"{point} was written by an earlier version of this extension in a format that is no "
+            "longer read (it held a pickle, which could run code). Start the run again, or "
+            "delete that folder to resume from an older point.")
+    try:
+        for name, model in models.items():
+            file = point / f"{name}.safetensors"
+            if file.is_file():
+                model.load_state_dict(load_file(str(file)))
+        tensors = load_file(str(point / TENSORS_FILE))
+        structure = json.loads((point / STRUCTURE_FILE).read_text(encoding="utf-8"))
+    except ResumeError:
+        raise
+    except Exception as exc:  # safetensors, json and load_state_dict errors: one clear message
+        raise ResumeError(f"{point} is damaged and cannot be resumed from "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          "delete that folder to resume from an older point") from exc
+    return state, unflatten(structure, tensors)
+
+
+def remove_all(resume_dir: Path) -> int:
+    """Remove every resume point (a new run under the same name, with overwrite on)."""
+    points = [p for p in Path(resume_dir).iterdir() if p.is_dir()] if Path(resume_dir).is_dir() else []
+    for point in points:
+        files.remove_tree(point)
+    return len(points)
+
+
+__all__ = ["list_resume_points", "save_resume_point", "load_resume_point", "sweep_resume_dir",
+           "ResumeError", "new_run_id", "remove_all", "read_state", "estimate_bytes"]
