@@ -248,9 +248,13 @@ def decode_caption(raw: bytes) -> tuple[str, str]:
         return raw.decode("cp1252", errors="replace"), "cp1252"
 
 
+_INVISIBLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
 def clean_caption(text: str) -> str:
-    """One line: lines joined with ", " (taggers write one tag per line), spaces collapsed."""
-    lines = [" ".join(line.split()) for line in text.splitlines()]
+    """One line: lines joined with ", " (taggers write one tag per line), spaces collapsed, and
+    invisible control characters (NUL, escape...) dropped."""
+    lines = [" ".join(line.split()) for line in _INVISIBLE.sub(" ", text).splitlines()]
     return ", ".join(line for line in lines if line)
 
 

@@ -372,19 +372,22 @@ def _identifier_findings(report: DatasetReport, item: ConceptReport, config: Tra
 
 
 def check_main(argv: list[str]) -> int:
-    """``python -m dreambooth check CONFIG.json [--json] [--no-tokenizer]``."""
+    """``python -m dreambooth check CONFIG.json [--json] [--no-tokenizer]``: exit 0 when the
+    pictures are ready, 2 when the config cannot be read or the report lists problems."""
     parser = argparse.ArgumentParser(prog="python -m dreambooth check",
                                      description="Report on the pictures of a training config.")
-    parser.add_argument("config", help="training config JSON")
+    parser.add_argument("config", help="training config JSON, or the seed's concepts_list file")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="skip prompt-length and identifier checks (no CLIP vocabulary)")
     args = parser.parse_args(argv)
+    from .files import EXIT_BAD_INPUT, EXIT_OK
+
     try:
         config = TrainingConfig.load(args.config)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     tokenizer = None
     if not args.no_tokenizer:
         try:
@@ -395,4 +398,4 @@ def check_main(argv: list[str]) -> int:
             print(f"(prompt lengths and identifiers not checked: {exc})", file=sys.stderr)
     report = check_dataset(config, tokenizer)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_BAD_INPUT

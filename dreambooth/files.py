@@ -110,7 +110,9 @@ def _is_write_failure(exc: BaseException) -> bool:
     text = str(exc).lower()
     if type(exc).__name__ == "SafetensorError":
         return True
-    return isinstance(exc, RuntimeError) and ("write" in text or "os error" in text)
+    # torch.save on a full disk: "[enforce fail at inline_container.cc] unexpected pos ..."
+    return isinstance(exc, RuntimeError) and any(
+        t in text for t in ("write", "os error", "inline_container", "pytorchstreamwriter"))
 
 
 def _reason(exc: BaseException, folder: Path, needed: int | None) -> tuple[str, bool]:
@@ -118,8 +120,9 @@ def _reason(exc: BaseException, folder: Path, needed: int | None) -> tuple[str, 
     code = getattr(exc, "errno", None)
     text = str(exc).lower()
     free = free_bytes(folder)
-    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or any(t in text for t in _DISK_FULL_TEXT) \
-            or (needed is not None and free is not None and free < needed):
+    nearly_full = free is not None and (free < (needed or 0) or free < (1 << 20))
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or nearly_full \
+            or any(t in text for t in _DISK_FULL_TEXT):
         return "the disk is full", True
     if code in (errno.EACCES, errno.EPERM) or "permission denied" in text:
         return "permission denied (the folder is not writable for this user)", False
@@ -208,10 +211,15 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool, needed_bytes: int
         os.replace(tmp, target)
         _fsync(folder)
     except BaseException as exc:
+        # Why it failed is judged before the temporary goes (a full disk frees up after it).
+        reason = (_reason(exc, folder, needed_bytes)
+                  if _is_write_failure(exc) and not isinstance(exc, WriteError) else None)
         _remove(tmp)
-        if _is_write_failure(exc) and not isinstance(exc, WriteError):
-            raise write_error(target, exc, needed_bytes) from exc
-        raise
+        if reason is None:
+            raise
+        text, full = reason
+        raise WriteError(target, text, needed=needed_bytes if full else None,
+                         free=free_bytes(folder) if full else None) from exc
 
 
 def write_bytes(target: str | os.PathLike, data: bytes, *, overwrite: bool) -> Path:

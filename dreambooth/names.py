@@ -9,14 +9,18 @@ import re
 import unicodedata
 
 MAX_NAME_LENGTH = 120
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes; room is left for "_<step>.safetensors"
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                      *(f"lpt{i}" for i in range(1, 10))}
 _WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*]')
 
 
 def control_characters(text: str) -> list[str]:
-    """The control characters in ``text`` (NUL, escape, newlines...), as ``\\xNN`` for messages."""
-    return sorted({f"\\x{ord(c):02x}" for c in text if unicodedata.category(c) == "Cc"})
+    """The control characters in ``text`` (NUL, escape, newlines...), as ``\\xNN`` for messages,
+    and lone surrogates (not text at all: no file system can store them) as ``\\udNNN``."""
+    found = {f"\\x{ord(c):02x}" for c in text if unicodedata.category(c) == "Cc"}
+    found |= {f"\\u{ord(c):04x}" for c in text if unicodedata.category(c) == "Cs"}
+    return sorted(found)
 
 
 def sanitize_model_name(name: str) -> str:
@@ -43,8 +47,9 @@ def sanitize_model_name(name: str) -> str:
         raise ValueError(f"model name {name!r} has no usable characters")
     if cleaned.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
         cleaned = "_" + cleaned
-    if len(cleaned) > MAX_NAME_LENGTH:
-        raise ValueError(f"model name is longer than {MAX_NAME_LENGTH} characters ({len(cleaned)})")
+    if len(cleaned) > MAX_NAME_LENGTH or len(cleaned.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(f"model name is longer than {MAX_NAME_LENGTH} characters "
+                         f"({MAX_NAME_BYTES} bytes in UTF-8)")
     return cleaned
 
 

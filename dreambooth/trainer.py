@@ -758,8 +758,8 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
 
             # Models and samples first, the resume point last: a run resumed from this step has
             # everything before it done (a crash in between redoes this step's saves).
-            if main and config.save_every_n_steps and step % config.save_every_n_steps == 0 \
-                    and step < total_steps:
+            if main and export_model and config.save_every_n_steps \
+                    and step % config.save_every_n_steps == 0 and step < total_steps:
                 writer.model(step, suffix=f"_{step}")
             if main and config.sample_every_n_steps and step % config.sample_every_n_steps == 0 \
                     and step < total_steps:

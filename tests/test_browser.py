@@ -175,3 +175,53 @@ def test_train_progress_samples_and_cancel_in_a_real_browser(server):
             page.screenshot(path=str(SHOTS / "04-cancelled.png"))
         finally:
             browser.close()
+
+
+def test_a_hostile_web_page_cannot_drive_the_api(server):
+    """A page on another site, open in the same browser, posts a training job and a cancel the
+    way a "simple" cross-site request can (text/plain, no preflight): nothing starts."""
+    url, root = server
+    evil = "http://evil.example/"
+    body = json.dumps({"base_model": BASE_NAME, "model_name": "evil", "resolution": 64,
+                       "with_prior_preservation": False, "max_train_steps": 5,
+                       "concepts": [{"instance_data_dir": str(root / "pics"),
+                                     "instance_prompt": "photo of ohwx toy"}]})
+    script = f"""async () => {{
+        const results = [];
+        for (const [path, type] of [["train", "text/plain"], ["train", "application/json"],
+                                    ["cancel", "text/plain"]]) {{
+            try {{
+                const r = await fetch({json.dumps(url)} + "dreambooth/v1/" + path,
+                                      {{method: "POST", mode: "no-cors", body: {json.dumps(body)},
+                                        headers: {{"Content-Type": type}}}});
+                results.push(path + " " + r.type);
+            }} catch (e) {{ results.push(path + " blocked " + e); }}
+        }}
+        try {{
+            const r = await fetch({json.dumps(url)} + "dreambooth/v1/status");
+            results.push("read " + (await r.text()).slice(0, 40));
+        }} catch (e) {{ results.push("read blocked"); }}
+        return results;
+    }}"""
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.route(evil, lambda route: route.fulfill(
+                status=200, content_type="text/html", body="<html><body>cute cats</body></html>"))
+            page.goto(evil)
+            results = page.evaluate(script)
+        finally:
+            browser.close()
+    assert "read blocked" in results, results  # the page cannot read the status either
+    status = json.loads(urllib.request.urlopen(url + "dreambooth/v1/status", timeout=5).read())
+    assert status["phase"] == "idle" and status["job_id"] == 0, (results, status)
+    assert not (root / "models" / "dreambooth" / "evil").exists()
+    request = urllib.request.Request(url + "dreambooth/v1/status",
+                                     headers={"Origin": "https://evil.example"})
+    try:
+        urllib.request.urlopen(request, timeout=5)
+        raise AssertionError("a foreign Origin was answered")
+    except urllib.error.HTTPError as refused:
+        assert refused.code == 403 and "access-control-allow-origin" not in {
+            k.lower() for k in refused.headers}

@@ -123,7 +123,7 @@ def test_missing_folder_and_native_training_advice(tmp_path):
 def test_check_command(tmp_path, capsys):
     config = messy_set(tmp_path)
     path = config.save(tmp_path / "config.json")
-    assert check_main([str(path), "--no-tokenizer"]) == 1
+    assert check_main([str(path), "--no-tokenizer"]) == 2
     out = capsys.readouterr().out
     assert "broken.jpg" in out and "error" in out
     (tmp_path / "pictures" / "broken.jpg").unlink()
@@ -131,5 +131,5 @@ def test_check_command(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True and data["concepts"][0]["instance"]["pictures"] == 8
     (tmp_path / "bad.json").write_text('{"resolution": "big"}')
-    assert check_main([str(tmp_path / "bad.json")]) == 1
+    assert check_main([str(tmp_path / "bad.json")]) == 2
     assert "resolution" in capsys.readouterr().err
