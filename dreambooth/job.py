@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from .config import ConfigError, TrainingConfig
+from .config import TrainingConfig
+from .files import WriteError
 from .trainer import Reporter, RunPaths, TrainResult, train
 
 PHASES = ("idle", "loading", "class_images", "caching", "training", "saving", "done", "cancelled",
@@ -192,7 +193,9 @@ class JobRunner:
             self._update(phase=phase, output_path=str(result.output_path) if result.output_path else None)
             if result.output_path and on_success is not None:
                 on_success(result)
-        except ConfigError as exc:
+        except (ValueError, WriteError) as exc:
+            # Bad input (config, pictures, checkpoint, resume point) and failed writes carry a
+            # message for people: shown as it is, without a traceback.
             self._fail(str(exc))
         except Exception as exc:  # the job must end as "failed", never kill the WebUI
             self._log(traceback.format_exc())

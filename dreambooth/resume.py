@@ -124,7 +124,8 @@ def sweep_resume_dir(resume_dir: Path) -> list[Path]:
     removed = files.sweep(resume_dir)
     if resume_dir.is_dir():
         for point in resume_dir.iterdir():
-            if point.is_dir() and point.name.startswith("step-") and not is_complete(point):
+            legacy = point.name.startswith(".tmp-step-")  # the first version's temporaries
+            if point.is_dir() and (legacy or point.name.startswith("step-") and not is_complete(point)):
                 files.remove_tree(point)
                 removed.append(point)
     return removed

@@ -273,6 +273,10 @@ def test_the_seeds_concepts_list_is_read_in_every_form(tmp_path):
     assert TrainingConfig.load(tmp_path / "run.json").concepts == expected  # relative to the config
     with_path = TrainingConfig.from_dict({"concepts_list": str(tmp_path / "concepts_list.json")})
     assert with_path.concepts == expected
+    from dreambooth.dataset_check import check_main
+
+    # `check` reads the seed's file too: it reports the missing folders, not the file's form
+    assert check_main([str(tmp_path / "seed.txt"), "--no-tokenizer"]) == 2
 
 
 def test_a_concepts_list_that_runs_code_or_is_missing_is_refused(tmp_path):

@@ -245,6 +245,7 @@ def test_a_refused_job_in_the_tab_writes_nothing(tmp_path):
     runner.start(TrainingConfig.from_dict(config), paths)
     snap = runner.wait(120)
     assert snap.phase == "failed" and "holds no pictures" in snap.error
+    assert not any("Traceback" in line for line in snap.log)  # one clear message, no traceback
     assert not paths.work_dir.exists() and not paths.checkpoints_dir.exists()
 
 

@@ -93,6 +93,7 @@ def test_leftovers_of_interrupted_resume_points_are_swept(tmp_path):
     (resume_dir / f".step-000004.{dead}.tmp").mkdir()
     (resume_dir / f".step-000004.{dead}.tmp" / "unet.safetensors").write_bytes(b"half")
     (resume_dir / "step-000006").mkdir()  # a deletion cut short: no state.json
+    (resume_dir / ".tmp-step-000008").mkdir()  # the first version's temporary name
     reporter = RecordingReporter()
     run(tmp_path, reporter=reporter, max_train_steps=5, checkpoint_every_n_steps=2,
         resume_run=True)
