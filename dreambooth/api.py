@@ -10,6 +10,10 @@ pydantic 1 (A1111) and fastapi 0.104 / pydantic 2 (Forge), and validation errors
 
     422 {"detail": "invalid training config", "errors": [{"field": "learning_rate", "message": ...}]}
 
+One response names every wrong field: when some fields do not parse (an unknown key, a value of
+the wrong type) the rest of the body is still checked like a real start (ranges, base model,
+folders) and both lists are returned together.
+
 The API is the user's alone (:class:`RequestPolicy`): a web page on another site must not start or
 cancel a job in the user's browser. So every route refuses a request whose ``Origin`` is another
 site's (403) — same semantics as the WebUI's ``--cors-allow-origins`` / ``--cors-allow-origins-regex``,
@@ -24,7 +28,7 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
@@ -34,7 +38,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from . import service
-from .config import ConfigError, FieldError, TrainingConfig
+from .config import ConfigError, FieldError, TrainingConfig, merge_errors
 from .job import JobBusy, runner
 from .webui import Host, api_auth_setting, get_host, request_policy_settings
 
@@ -166,6 +170,35 @@ def _errors_response(errors: List[FieldError], status: int = 422) -> JSONRespons
         "errors": [{"field": e.field, "message": e.message} for e in errors]})
 
 
+def _models_dir_errors(body: Any, host: Host) -> List[FieldError]:
+    """Outputs always go to the host's folders; a client may not point them elsewhere."""
+    if not (isinstance(body, dict) and str(body.get("models_dir") or "").strip()):
+        return []
+    try:
+        given = Path(str(body["models_dir"])).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError):  # NUL, unknown ~user, a loop of links
+        given = None
+    if given == host.models_dir().resolve():
+        return []
+    return [FieldError("models_dir", "outputs go to the WebUI's models folder; leave it empty")]
+
+
+def _all_errors(partial: TrainingConfig, errors: List[FieldError], host: Host,
+                resume: bool) -> List[FieldError]:
+    """``errors`` (the body's: fields that do not parse, a foreign models_dir) and everything
+    the preflight finds in the rest of the body (ranges, base model, folders ...), so that one
+    response names every wrong field. Checks only: nothing is started or written. A body that is
+    not a JSON object at all gets just that error."""
+    if any(e.field == "config" for e in errors):
+        return errors
+    partial = replace(partial, models_dir="")  # the host's folders, as for a real start
+    try:
+        _, later = service.preflight(partial, host, resume=resume)
+    except (OSError, ValueError):  # the body's own errors are still worth showing
+        later = []
+    return merge_errors(errors, later)
+
+
 def _make_auth(credentials: dict[str, str]) -> Callable[..., Any]:
     basic = HTTPBasic(auto_error=False)
 
@@ -195,14 +228,12 @@ def make_routes(host_factory: Callable[[], Host]) -> dict[str, Callable[..., Any
         except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting
             return _errors_response([FieldError("config", "the body must be a JSON object")])
         host = host_factory()
-        if isinstance(body, dict) and str(body.get("models_dir") or "").strip():
-            # Outputs always go to the host's folders; a client may not point them elsewhere.
-            given = Path(str(body["models_dir"])).expanduser().resolve()
-            if given != host.models_dir().resolve():
-                return _errors_response([FieldError(
-                    "models_dir", "outputs go to the WebUI's models folder; leave it empty")])
+        errors = _models_dir_errors(body, host)
+        config, parse_errors = TrainingConfig.parse(body)
+        errors += parse_errors
+        if errors:
+            return _errors_response(_all_errors(config, errors, host, resume))
         try:
-            config = TrainingConfig.from_dict(body)
             job_id = service.start_training(config, host, resume=resume)
         except ConfigError as exc:
             return _errors_response(exc.errors)

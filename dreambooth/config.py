@@ -45,6 +45,34 @@ class ConfigError(ValueError):
         super().__init__("invalid training config:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
+def _error_root(name: str) -> str:
+    """The option a field error is about, as the config names it: an error inside a
+    concepts_list file ("concepts_list (x.json): concepts[0].instance_prompt") is about
+    ``concepts``; any other error about its own field."""
+    for key in ("concepts_list", "concepts"):
+        if name == key or name.startswith(key + " ("):
+            return "concepts"
+    return name
+
+
+def merge_errors(first: list[FieldError], later: list[FieldError]) -> list[FieldError]:
+    """``first`` (e.g. parse errors) then the ``later`` errors (e.g. a preflight of the partial
+    config) that are not about a field already in ``first``, each (field, message) once.
+
+    A later error is dropped when its field is one of ``first``'s or lies inside one
+    (``concepts[0].class_prompt`` inside ``concepts[0]`` or ``concepts``): the partial config
+    held a default there, and an error about that default would only mislead."""
+    failed = {_error_root(e.field) for e in first} | {e.field for e in first}
+
+    def inside(name: str) -> bool:
+        return any(name == f or name.startswith((f + ".", f + "[")) for f in failed)
+
+    merged: dict[tuple[str, str], FieldError] = {}
+    for error in list(first) + [e for e in later if not inside(e.field)]:
+        merged.setdefault((error.field, error.message), error)
+    return list(merged.values())
+
+
 @dataclass(frozen=True)
 class Range:
     """The values a number option may take: ``low``..``high``, either end open or closed."""
@@ -188,13 +216,30 @@ class TrainingConfig:
 
         A bare list is the seed's concepts_list (every other option at its default); a
         ``concepts_list`` that is a string names such a file (relative to ``base_dir``, the
-        config file's folder, else the working folder)."""
+        config file's folder, else the working folder). Raises ConfigError naming every field
+        that does not parse (see :meth:`parse` for the config without raising)."""
+        config, errors = cls.parse(data, base_dir)
+        if errors:
+            raise ConfigError(errors)
+        return config
+
+    @classmethod
+    def parse(cls, data: Any, base_dir: str | Path | None = None
+              ) -> tuple["TrainingConfig", list[FieldError]]:
+        """Like :meth:`from_dict` but never raises: the config built from every field that
+        parsed (the others at their defaults) and the list of parse errors (unknown options,
+        mistyped values, unreadable concepts_list files), in the order ``from_dict`` reports them.
+
+        With errors the config is a *partial* one, meant only for finding the other problems
+        at once (``validate()``, the service's preflight): a concept that is not an object is
+        kept as an empty ``Concept()`` so that ``concepts[i]`` still names the same concept;
+        :func:`merge_errors` drops the later errors of fields that failed here."""
         if isinstance(data, list):
             data = {"concepts": data}
         if not isinstance(data, dict):
-            raise ConfigError([FieldError(
+            return cls(), [FieldError(
                 "config", "must be a JSON object of options, or a list of concepts "
-                          "(the seed's concepts_list)")])
+                          "(the seed's concepts_list)")]
         errors: list[FieldError] = []
         data = dict(data)
         for key in ("concepts_list", "concepts"):
@@ -221,9 +266,7 @@ class TrainingConfig:
                 errors.append(coerced)
             else:
                 values[key] = coerced
-        if errors:
-            raise ConfigError(errors)
-        return cls(**values)
+        return cls(**values), errors
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainingConfig":
@@ -474,6 +517,7 @@ def _concepts_from(value: Any) -> tuple[list[Concept], list[FieldError]]:
             continue
         if not isinstance(item, dict):
             errors.append(FieldError(f"concepts[{i}]", "must be an object"))
+            concepts.append(Concept())  # a placeholder: concepts[i+1] keeps its index
             continue
         for key in item:
             if key not in known:

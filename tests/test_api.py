@@ -93,6 +93,60 @@ def test_bad_config_is_rejected_with_field_errors(client, tmp_path):
     assert runner().snapshot().phase in ("idle", "done", "cancelled", "failed")
 
 
+def tree(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_one_response_names_every_wrong_field(client, host, tmp_path):
+    """An unknown key and a mistyped value no longer hide the range and folder checks."""
+    bad = body(tmp_path, resolution=100_000)  # out of range
+    bad["optimiser"] = "adamw"  # unknown (misspelt)
+    bad["max_train_steps"] = "many"  # mistyped
+    bad["concepts"][0]["instance_data_dir"] = str(tmp_path / "no-such-folder")
+    before = tree(tmp_path)
+    job_before = runner().snapshot().job_id
+    response = client.post(f"{P}/train", json=bad)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == "invalid training config"
+    errors = response.json()["errors"]
+    fields = {e["field"]: e["message"] for e in errors}
+    assert set(fields) == {"optimiser", "max_train_steps", "resolution",
+                           "concepts[0].instance_data_dir"}, errors
+    assert "unknown option" in fields["optimiser"]
+    assert "expected a whole number" in fields["max_train_steps"]
+    assert "must be in [64, 4096]" in fields["resolution"]
+    assert "no-such-folder is not a folder" in fields["concepts[0].instance_data_dir"]
+    assert len(errors) == len({(e["field"], e["message"]) for e in errors})  # each once
+    assert not runner().running and runner().snapshot().job_id == job_before  # nothing started
+    assert tree(tmp_path) == before  # nothing written (work folder, outputs, class pictures)
+
+
+def test_a_field_that_fails_to_parse_is_not_reported_again_by_the_checks(client, tmp_path):
+    bad = body(tmp_path)
+    bad["base_model"] = 5  # parsed: no; the partial config's empty base_model is not news
+    bad["concepts"].append("not an object")  # concepts[1]; concepts[0] keeps its index
+    bad["concepts"].append({"instance_data_dir": str(tmp_path / "gone"), "instance_prompt": 3})
+    bad["learning_rate"] = 0  # parsed, out of range: still reported
+    errors = client.post(f"{P}/train", json=bad).json()["errors"]
+    fields = [e["field"] for e in errors]
+    assert sorted(fields) == sorted(["base_model", "concepts[1]", "concepts[2].instance_prompt",
+                                     "concepts[2].instance_data_dir", "learning_rate"]), errors
+    assert "expected text" in errors[fields.index("base_model")]["message"]
+    assert "is not a folder" in errors[fields.index("concepts[2].instance_data_dir")]["message"]
+    assert not runner().running
+
+
+def test_a_foreign_models_dir_is_listed_with_the_other_errors(client, tmp_path):
+    bad = {**body(tmp_path, learning_rate=-1.0), "models_dir": "/tmp/elsewhere", "typo": 1}
+    errors = client.post(f"{P}/train", json=bad).json()["errors"]
+    assert [e["field"] for e in errors] == ["models_dir", "typo", "learning_rate"], errors
+    for not_an_object in (b"3", b'"text"', b"null"):  # just that: no checks of a default config
+        response = client.post(f"{P}/train", content=not_an_object,
+                               headers={"content-type": "application/json"})
+        assert response.status_code == 422
+        assert [e["field"] for e in response.json()["errors"]] == ["config"]
+
+
 @pytest.mark.parametrize("name", ["../../escape", "..", "a/b", "..\\up", "  "])
 def test_traversal_in_the_model_name_is_rejected(client, tmp_path, host, name):
     response = client.post(f"{P}/train", json=body(tmp_path, name=name))

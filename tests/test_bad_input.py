@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dreambooth import data
-from dreambooth.config import Concept, ConfigError, TrainingConfig
+from dreambooth.config import Concept, ConfigError, TrainingConfig, merge_errors
 from dreambooth.names import MAX_NAME_BYTES, sanitize_model_name
 
 CASES: dict[str, str] = {}  # picture case -> expected outcome ("accepted" or words of the error)
@@ -216,6 +216,46 @@ def test_any_json_config_is_accepted_or_refused_field_by_field(config):
     errors = built.validate()  # never raises: every problem is a FieldError
     assert all(e.field and e.message for e in errors)
     json.dumps(built.to_dict(), allow_nan=False)  # an accepted config round-trips as JSON
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS + ["concepts_list", "use_8bit_adam", "typo"]),
+                       json_values, max_size=6) | json_values)
+def test_parse_keeps_what_parsed_and_lists_the_rest(config):
+    """parse never raises; its errors are from_dict's; its partial config can still be checked."""
+    partial, errors = TrainingConfig.parse(config)
+    try:
+        built = TrainingConfig.from_dict(config)
+    except ConfigError as exc:
+        assert [str(e) for e in exc.errors] == [str(e) for e in errors]
+    else:
+        assert not errors and built == partial
+    assert all(e.field and e.message for e in partial.validate())  # never raises
+    json.dumps(partial.to_dict(), allow_nan=False)
+
+
+def test_a_partial_config_keeps_every_field_that_parsed():
+    partial, errors = TrainingConfig.parse({
+        "resolution": 100000, "learning_rate": "fast", "typo": 1, "seed": "12",
+        "concepts": [{"instance_prompt": "photo of ohwx dog", "instance_data_dir": 7}, 3,
+                     {"instance_prompt": "photo of zwx cat"}]})
+    assert [e.field for e in errors] == ["learning_rate", "typo", "concepts[0].instance_data_dir",
+                                         "concepts[1]"]
+    assert partial.resolution == 100000 and partial.seed == 12
+    assert partial.learning_rate == TrainingConfig().learning_rate  # the default
+    assert [c.instance_prompt for c in partial.concepts] == ["photo of ohwx dog", "",
+                                                             "photo of zwx cat"]  # indices kept
+    later = partial.validate()
+    merged = merge_errors(errors, later + [errors[0]])
+    fields = [e.field for e in merged]
+    assert fields[:4] == [e.field for e in errors] and "resolution" in fields
+    assert "concepts[0].instance_data_dir" not in fields[4:]  # failed to parse: not again
+    assert not any(f.startswith("concepts[1]") for f in fields[4:])
+    assert "concepts[2].instance_data_dir" in fields[4:]  # parsed, still empty: reported
+    assert len(merged) == len({(e.field, e.message) for e in merged})
+    _, file_errors = TrainingConfig.parse({"concepts_list": "/no/such/list.json"})
+    assert [e.field for e in merge_errors(file_errors, TrainingConfig().validate())] == [
+        "concepts_list", "base_model"]  # not "concepts: add at least one concept" as well
 
 
 @pytest.mark.parametrize("field, value, words", [

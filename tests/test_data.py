@@ -19,9 +19,11 @@ from PIL import Image
 from dreambooth.config import Concept, TrainingConfig
 from dreambooth.data import (SEED_BUCKETS_512, DatasetError, Picture, assign_bucket,
                              bucket_batches, bucket_list, cache_flips, caption_for,
-                             collect_pictures, epoch_flips, has_random_augmentation,
-                             identifier_report, list_pictures, open_picture, picture_tensor,
-                             prompt_variant, prompt_warnings, token_length)
+                             collect_pictures, epoch_flips, guess_identifier,
+                             has_random_augmentation, identifier_hint, identifier_report,
+                             list_pictures, open_picture, picture_tensor,
+                             prompt_variant, prompt_warnings, suggest_identifiers,
+                             token_length)
 
 torch.set_num_threads(2)
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
@@ -395,6 +397,69 @@ def test_identifier_report(tokenizer):
     for suggestion in sks["suggestions"]:
         assert identifier_report(suggestion, tokenizer)["verdict"] == "good"
     json.dumps(sks)
+
+
+def old_hint(instance_prompt: str, class_prompt: str, tokenizer) -> dict:
+    """What the tab showed before identifier_hint: service.identifier_check's two calls, and the
+    suggestions as identifier_report made them then (the fixed list, nothing left out)."""
+    report = identifier_report(guess_identifier(instance_prompt, class_prompt), tokenizer)
+    report["suggestions"] = suggest_identifiers(tokenizer) if report["verdict"] != "good" else []
+    return report
+
+
+@pytest.mark.parametrize("prompt, identifier, verdict, tokens", [
+    ("photo of zwx dog", "zwx", "ok", 2),  # the seed's example: z + wx
+    ("photo of ohwx dog", "ohwx", "good", 1),
+    ("a photo of sks dog", "sks", "poor", 1),  # the rifle, not "sks dog"
+    ("photo of zwx corgi", "zwx", "ok", 2),  # corgi is one known token: not the identifier
+    ("photo of ohwx chihuahua, [filewords]", "ohwx", "good", 1),  # chihuahua: a known token
+])
+def test_without_a_class_prompt_the_class_noun_is_not_counted_in(tokenizer, prompt, identifier,
+                                                                 verdict, tokens):
+    hint = identifier_hint(prompt, "", tokenizer)
+    assert (hint["identifier"], hint["verdict"], hint["tokens"]) == (identifier, verdict, tokens)
+    old = old_hint(prompt, "", tokenizer)
+    assert old["identifier"] != identifier and old["tokens"] > tokens  # e.g. "zwx dog"
+
+
+def test_the_identifier_hint_agrees_where_the_old_guess_was_right(tokenizer):
+    for prompt, class_prompt in (("photo of zwx dog", "photo of a dog"),
+                                 ("photo of sks ohwx dog", "photo of a dog"),
+                                 ("[filewords], by ohwx", ""), ("by ohwx", "")):
+        hint = identifier_hint(prompt, class_prompt, tokenizer)
+        old = old_hint(prompt, class_prompt, tokenizer)
+        assert {k: v for k, v in hint.items() if k != "suggestions"} == {
+            k: v for k, v in old.items() if k != "suggestions"}, prompt
+
+
+def test_without_a_class_prompt_or_a_rare_word_the_hint_says_so(tokenizer):
+    hint = identifier_hint("photo of a dog", "", tokenizer)
+    assert hint["verdict"] == "poor" and "no rare word" in hint["message"]
+    assert hint["suggestions"] and "dog" not in hint["suggestions"]
+    assert identifier_hint("photo of [V] dog", "", tokenizer)["verdict"] == "poor"
+    for nothing in (("", ""), ("   ", "photo of a dog"), ("[filewords]", ""),
+                    ("photo of a dog", "photo of a dog")):
+        assert identifier_hint(*nothing, tokenizer) is None, nothing
+    assert identifier_hint("photo of zwx dog", "", None) is None  # no tokenizer: nothing to say
+    json.dumps(identifier_hint("photo of zwx dog", "", tokenizer))
+
+
+@pytest.mark.parametrize("instance_prompt, class_prompt, in_use", [
+    ("photo of ohwx dog", "", "ohwx"),  # the identifier itself (as "ohwx dog" before)
+    ("photo of sks ohwx dog", "photo of a dog", "ohwx"),  # a word of the identifier
+    ("photo of zwx dog on a nyrd rug", "photo of a dog", "nyrd"),  # a word of the prompt
+    ("photo of zwx dog", "photo of a dog, wawx", "wawx"),  # a word of the class prompt
+])
+def test_suggestions_never_repeat_a_word_of_the_prompts(tokenizer, instance_prompt, class_prompt,
+                                                        in_use):
+    assert in_use in old_hint(instance_prompt, class_prompt, tokenizer)["suggestions"]
+    hint = identifier_hint(instance_prompt, class_prompt, tokenizer)
+    words = set((instance_prompt + " " + class_prompt).replace(",", " ").lower().split())
+    assert not words & set(hint["suggestions"]), hint
+    if hint["verdict"] != "good":
+        assert len(hint["suggestions"]) == 5  # as many as before: others take their place
+        for suggestion in hint["suggestions"]:
+            assert identifier_report(suggestion, tokenizer)["verdict"] == "good"
 
 
 # ------------------------------------------------------------------------------------------------
