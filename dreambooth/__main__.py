@@ -9,7 +9,7 @@ COMMANDS = {
     "train": ("dreambooth.cli", "train_main", "train a model from a config JSON"),
     "demo": ("dreambooth.cli", "demo_main", "train the built-in tiny model on generated pictures"),
     "check": ("dreambooth.dataset_check", "check_main", "report on the pictures of a config"),
-    "convert": ("dreambooth.checkpoint", "convert_main", "single file <-> diffusers folder"),
+    "convert": ("dreambooth.export", "convert_main", "single file <-> diffusers folder"),
     "ui": ("dreambooth.ui", "standalone_main", "serve the tab without the WebUI"),
     "bench": ("dreambooth.bench", "bench_main", "measure speed and memory"),
 }

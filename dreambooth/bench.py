@@ -528,7 +528,7 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
     if options["export"]:
         # The export starts from the base file, as in the product; loading the model back from it
         # is the real load/convert path, so that is what is trained.
-        from .checkpoint import save_single_file
+        from .export import save_single_file
 
         t = time.perf_counter()
         save_single_file(components, Path(config.base_model), dtype="fp16", overwrite=True)

@@ -11,12 +11,13 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from .config import TrainingConfig
 from .files import WriteError
+from .memory import give_memory_back
 from .trainer import Reporter, RunPaths, TrainResult, train
 
 PHASES = ("idle", "loading", "class_images", "caching", "training", "saving", "done", "cancelled",
@@ -46,6 +47,7 @@ class Progress:
     it_per_s: float | None = None
     eta_seconds: float | None = None
     peak_gpu_mb: float | None = None
+    holds_generation: bool = False  # txt2img/img2img wait for this job (the WebUI's lock)
     samples: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     output_path: str | None = None
@@ -101,6 +103,9 @@ class _JobReporter(Reporter):
     def samples(self, paths: list[Path]) -> None:
         self.runner._add_samples([str(p) for p in paths])
 
+    def holding(self, held: bool) -> None:
+        self.runner._update(holds_generation=bool(held))
+
     def should_stop(self) -> bool:
         return self.runner._cancel.is_set()
 
@@ -139,14 +144,11 @@ class JobRunner:
     # -- control ---------------------------------------------------------------------------------
     def start(self, config: TrainingConfig, paths: RunPaths, *,
               context: Callable[[], ContextManager] | None = None,
-              on_success: Callable[[TrainResult], None] | None = None,
               work: Callable[..., TrainResult] | None = None,
               **train_kwargs) -> int:
         """Start ``train(config, paths, **train_kwargs)`` in a thread; returns the job id.
 
-        ``context`` wraps the whole run (the WebUI adapter frees the GPU and holds generation
-        there); ``on_success`` runs after a finished export (refresh the checkpoint list);
-        ``work`` replaces ``train`` with the same signature (the tab's "Generate class pictures"
+        ``context`` wraps the whole run; ``work`` replaces ``train`` with the same signature (the tab's "Generate class pictures"
         and a reporter that mirrors progress into the WebUI run through the same one-job slot)."""
         config.check()  # field errors reach the caller before a thread exists
         with self._lock:
@@ -160,7 +162,7 @@ class JobRunner:
                                       phase="loading", started_at=time.time())
             self.result = None
             thread = threading.Thread(target=self._run, name=f"dreambooth-job-{job_id}",
-                                      args=(job_id, config, paths, context, on_success, work or train,
+                                      args=(job_id, config, paths, context, work or train,
                                             train_kwargs),
                                       daemon=True)
             self._thread = thread
@@ -182,17 +184,18 @@ class JobRunner:
         return self.snapshot()
 
     # -- the thread --------------------------------------------------------------------------------
-    def _run(self, job_id: int, config: TrainingConfig, paths: RunPaths, context, on_success,
+    def _run(self, job_id: int, config: TrainingConfig, paths: RunPaths, context,
              work: Callable[..., TrainResult], train_kwargs: dict) -> None:
         reporter = _JobReporter(self, job_id)
         try:
             with (context() if context else contextlib.nullcontext()):
                 result = work(config, paths, reporter=reporter, **train_kwargs)
-            self.result = result
-            phase = "cancelled" if result.cancelled else "done"
-            self._update(phase=phase, output_path=str(result.output_path) if result.output_path else None)
-            if result.output_path and on_success is not None:
-                on_success(result)
+            # Only paths and numbers are kept: the EMA copy of the UNet goes with the job.
+            self.result = replace(result, ema=None)
+            del result
+            phase = "cancelled" if self.result.cancelled else "done"
+            output = self.result.output_path
+            self._update(phase=phase, output_path=str(output) if output else None)
         except (ValueError, WriteError) as exc:
             # Bad input (config, pictures, checkpoint, resume point) and failed writes carry a
             # message for people: shown as it is, without a traceback.
@@ -201,6 +204,7 @@ class JobRunner:
             self._log(traceback.format_exc())
             self._fail(f"{type(exc).__name__}: {exc}")
         finally:
+            give_memory_back()
             self._update(finished_at=time.time())
             # The log belongs to the work folder only when this job got past its checks (the
             # trainer then wrote config.json): a refused config never touches an earlier run.

@@ -13,9 +13,10 @@ What a start does (``start_training``):
    machine cannot run — and raises one ``ConfigError`` naming every field at fault;
 2. starts the job in the process's runner with ``RunPaths(host.work_dir(name), host.output_dir())``;
 3. inside the job thread: ``host.hold_generation()`` (txt2img waits, as with the WebUI's own
-   Train tab, when the setting says so), ``host.free_gpu_for_training()`` (when the setting says
-   so), progress mirrored into the WebUI's own progress bar, and ``host.refresh_checkpoints()``
-   after a successful export so the new model is in the WebUI's list at once.
+   Train tab, when the setting says so), ``host.unload_webui_model()`` (when the setting says
+   so), progress mirrored into the WebUI's own progress bar; at the end, still holding the lock,
+   the written checkpoints are added to the WebUI's list and its model is loaded again, so a
+   generation that waited finds both; then the process gives its freed memory back.
 """
 from __future__ import annotations
 
@@ -221,6 +222,9 @@ class MirrorReporter(Reporter):
     def should_stop(self) -> bool:
         return self.inner.should_stop()
 
+    def holding(self, held: bool) -> None:
+        self.inner.holding(held)
+
     def _mirror(self, step: int, total: int, text: str) -> None:
         try:
             self.host.set_webui_progress(self.title, step, total, text)
@@ -228,22 +232,45 @@ class MirrorReporter(Reporter):
             pass
 
 
+def _written_checkpoints(config: TrainingConfig, paths: RunPaths, result: TrainResult) -> list[Path]:
+    """The model files this run left in the checkpoints folder (intermediate saves included)."""
+    found = [paths.checkpoints_dir / name for name in planned_outputs(config, result.total_steps)]
+    if result.output_path:
+        found.append(Path(result.output_path))
+    return [p for p in dict.fromkeys(found) if p.is_file()]
+
+
 def _hosted(host: Host, work: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
-    """``work`` wrapped the WebUI way: generation held, the WebUI's model off the GPU, progress
-    mirrored. Both host calls decide from the WebUI settings whether to do anything."""
+    """``work`` wrapped the WebUI way: generation held, the WebUI's model unloaded, progress
+    mirrored; and before the lock is handed back, whatever touches the WebUI's model lists: the
+    new checkpoints registered, its model loaded again. Both host calls decide from the WebUI
+    settings whether to do anything."""
 
     def run(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter, **kwargs) -> TrainResult:
         def waiting() -> None:
             reporter.log("waiting for the WebUI's running generation to finish before training")
 
-        with host.hold_generation(on_wait=waiting) as held:
-            if held:
-                reporter.log("txt2img/img2img wait until this job ends (setting 'Hold generation "
-                             "while training')")
-            if host.free_gpu_for_training():
-                reporter.log("moved the WebUI's model off the GPU; it reloads at the next "
-                             "generation")
-            return work(config, paths, reporter=MirrorReporter(reporter, host), **kwargs)
+        result = None
+        try:
+            with host.hold_generation(on_wait=waiting) as held:
+                reporter.holding(held)
+                if held:
+                    reporter.log("txt2img/img2img wait until this job ends (setting 'Hold "
+                                 "generation while training')")
+                unloaded = host.unload_webui_model()
+                if unloaded is not None:
+                    reporter.log(f"unloaded the WebUI's model ({unloaded.title}) to free memory "
+                                 "for training; it comes back when training ends")
+                try:
+                    result = work(config, paths, reporter=MirrorReporter(reporter, host), **kwargs)
+                    host.add_checkpoints(_written_checkpoints(config, paths, result))
+                finally:
+                    message = host.restore_webui_model(unloaded)
+                    if message:
+                        reporter.log(message)
+        finally:
+            reporter.holding(False)
+        return result
 
     return run
 
@@ -256,12 +283,7 @@ def start_training(config: TrainingConfig, host: Host, runner: JobRunner | None 
     go to :func:`dreambooth.trainer.train` (tests pass ``components``)."""
     runner = runner or default_runner()
     resolved, paths = prepare(config, host, resume=resume)
-
-    def refresh(result: TrainResult) -> None:
-        host.refresh_checkpoints()
-
-    return runner.start(resolved, paths, on_success=refresh, work=_hosted(host, train),
-                        resume=resume, **train_kwargs)
+    return runner.start(resolved, paths, work=_hosted(host, train), resume=resume, **train_kwargs)
 
 
 def make_class_pictures(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
@@ -472,16 +494,12 @@ def tokenizer() -> Any | None:
 
 
 def identifier_check(instance_prompt: str, class_prompt: str) -> dict | None:
-    """The identifier guessed from the prompts, as the tokenizer sees it (None: nothing to say)."""
-    from .data import guess_identifier, identifier_report
+    """The identifier found in the prompts, as the tokenizer sees it (None: nothing to say)."""
+    from .data import identifier_hint
 
     if not (instance_prompt or "").strip():
         return None
-    identifier = guess_identifier(instance_prompt, class_prompt or "")
-    tok = tokenizer()
-    if not identifier or tok is None:
-        return None
-    return identifier_report(identifier, tok)
+    return identifier_hint(instance_prompt, class_prompt or "", tokenizer())
 
 
 def describe_model(host: Host, base: str) -> str:

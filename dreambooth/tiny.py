@@ -1,6 +1,8 @@
 """A Stable-Diffusion-shaped model built in code, for tests, the demo and the benchmarks.
 
-``size="tiny"`` trains a step in a fraction of a second on the CPU; ``size="sd15"`` has SD1.5's
+``size="tiny"`` trains a step in a fraction of a second on the CPU; ``size="small"`` is the tiny
+model with a wider text encoder (about 80 MB of fp32 weights: big enough that a leaked copy shows
+in the process's memory, still quick); ``size="sd15"`` has SD1.5's
 real architecture (random weights: the same FLOPs and memory as the real model). Both use the real
 CLIP tokenizer rebuilt offline, and SD's own noise schedule. Nothing is downloaded.
 """
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-SIZES = ("tiny", "sd15")
+SIZES = ("tiny", "small", "sd15")
 
 # SD1.x's noise schedule (v1-inference.yaml): scaled-linear betas 0.00085 -> 0.012 over 1000 steps.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -51,6 +53,8 @@ class Components:
 
 
 def unet_config(size: str = "tiny") -> dict:
+    if size == "small":
+        return dict(unet_config("tiny"), cross_attention_dim=256)
     if size == "tiny":
         return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                     block_out_channels=(32, 64),
@@ -68,7 +72,7 @@ def unet_config(size: str = "tiny") -> dict:
 
 def vae_config(size: str = "tiny") -> dict:
     blocks = 4  # always 4 levels: latents are 1/8 of the picture, as in SD
-    if size == "tiny":
+    if size in ("tiny", "small"):
         return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
                     block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64,
                     down_block_types=("DownEncoderBlock2D",) * blocks,
@@ -84,6 +88,9 @@ def vae_config(size: str = "tiny") -> dict:
 def text_config(size: str = "tiny") -> dict:
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
                   eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu")
+    if size == "small":
+        return dict(common, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                    num_hidden_layers=4, projection_dim=256)
     if size == "tiny":
         return dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                     num_hidden_layers=2, projection_dim=32)
@@ -185,7 +192,7 @@ def build_variant(kind: str = "sd2", seed: int = 0, cache_dir: Path | None = Non
 def save_checkpoint(path: Path, size: str = "tiny", seed: int = 0, kind: str = "sd1",
                     dtype: str = "fp32") -> Path:
     """Build a model and write it as a WebUI single-file checkpoint (the "user's base model")."""
-    from .checkpoint import save_single_file  # lazy: checkpoint imports this module
+    from .export import save_single_file  # lazy: export imports this module
 
     components = build_components(size, seed) if kind == "sd1" else build_variant(kind, seed)
     return save_single_file(components, Path(path), kind=kind, dtype=dtype)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +38,9 @@ class Reporter:
     def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None: ...
 
     def samples(self, paths: list[Path]) -> None: ...
+
+    def holding(self, held: bool) -> None:
+        """Whether the job holds the WebUI's generation lock (txt2img waits for it)."""
 
     def should_stop(self) -> bool:
         return False
@@ -361,8 +361,9 @@ class RunWriter:
 
     def __init__(self, config: TrainingConfig, paths: RunPaths, components: Components,
                  accelerator, unet, text_encoder, ema, optimizer, lr_scheduler,
-                 reporter: Reporter, run_id: str):
+                 reporter: Reporter, run_id: str, pictures: tuple[int, int] = (0, 0)):
         self.config, self.paths, self.components = config, paths, components
+        self.pictures = pictures  # instance and class pictures, for the file's metadata
         self.accelerator, self.unet, self.text_encoder, self.ema = accelerator, unet, text_encoder, ema
         self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
         self.run_id = run_id
@@ -404,7 +405,7 @@ class RunWriter:
             return None
         return export(self.config, self.paths, self.components, self.accelerator, self.unet,
                       self.text_encoder, self.ema, step, self.reporter, suffix=suffix,
-                      overwrite=replace, run_id=self.run_id)
+                      overwrite=replace, run_id=self.run_id, pictures=self.pictures)
 
     def rescue(self, step: int, failure: Exception, saved_step: int | None) -> Exception:
         """After a failed write: keep the trained weights as a resume point (unless that was the
@@ -693,7 +694,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     output_path = None
     step_started = time.time()
     writer = RunWriter(config, paths, components, accelerator, unet, text_encoder, ema, optimizer,
-                       lr_scheduler, reporter, run_id)
+                       lr_scheduler, reporter, run_id, pictures=(len(instances), len(classes)))
     saved_step = step if state is not None else None  # the newest resume point's step
     try:
         batches = micro_batches(instances, config, step * accum, accelerator.process_index,
@@ -839,30 +840,30 @@ def ema_weights(unet, ema):
 
 def export(config: TrainingConfig, paths: RunPaths, components: Components, accelerator, unet,
            text_encoder, ema, step: int, reporter: Reporter, suffix: str = "", *,
-           overwrite: bool = False, run_id: str = "") -> Path:
+           overwrite: bool = False, run_id: str = "", pictures: tuple[int, int] = (0, 0)) -> Path:
     """Write the model into the checkpoints folder: into the base file's own layout, or (a
     diffusers folder as the base) as a new single file in the standard layout."""
     from . import checkpoint
-    from .names import output_file_name
-
+    from . import export as export_module
     from .files import ensure_folder
+    from .names import output_file_name
 
     reporter.phase("saving")
     ensure_folder(paths.checkpoints_dir)
     out = paths.checkpoints_dir / output_file_name(config.model_name, suffix, config.export_format)
     trained = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
-    metadata = export_metadata(config, step)
+    metadata = export_metadata(config, step, *pictures)
     if run_id:
         metadata["dreambooth.run_id"] = run_id
     live = accelerator.unwrap_model(unet)
     base = resolve_base_model(config)
     with ema_weights(live, ema):
         if base.is_dir():
-            result = checkpoint.save_single_file(
+            result = export_module.save_single_file(
                 components, out, kind=checkpoint.detect_kind(base).kind, dtype=config.export_dtype,
                 metadata=metadata, overwrite=overwrite, base_name=base.name)
         else:
-            result = checkpoint.export_checkpoint(
+            result = export_module.export_checkpoint(
                 base, components, out, trained=trained, dtype=config.export_dtype,
                 metadata=metadata, overwrite=overwrite)
     reporter.log(f"saved {result}")
@@ -871,15 +872,46 @@ def export(config: TrainingConfig, paths: RunPaths, components: Components, acce
     return result
 
 
-def export_metadata(config: TrainingConfig, step: int) -> dict[str, str]:
+def export_metadata(config: TrainingConfig, step: int, instance_pictures: int = 0,
+                    class_pictures: int = 0) -> dict[str, object]:
+    """What the exported file says about its training (``export.build_metadata`` adds the model
+    kind, the base model and its hash): our own ``dreambooth.*`` keys (plain names here), and the
+    ``ss_*`` keys kohya's sd-scripts write, which the WebUI's metadata viewer, Civitai and most
+    model managers read."""
+    concepts = [{"instance_prompt": c.instance_prompt, "class_prompt": c.class_prompt}
+                for c in config.concepts]
     return {
-        "dreambooth.steps": str(step),
-        "dreambooth.learning_rate": str(config.learning_rate),
-        "dreambooth.resolution": str(config.resolution),
-        "dreambooth.concepts": json.dumps([{"instance_prompt": c.instance_prompt,
-                                            "class_prompt": c.class_prompt}
-                                           for c in config.concepts]),
-        "dreambooth.config": config.to_json(),
+        "steps": str(step),
+        "learning_rate": str(config.learning_rate),
+        "resolution": config.resolution,
+        "concepts": concepts,
+        "config": config.to_json(),
+        "ss_training_comment": "DreamBooth: " + "; ".join(c["instance_prompt"] for c in concepts),
+        "ss_steps": str(step),
+        "ss_max_train_steps": str(step if not config.max_train_steps else config.max_train_steps),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_text_encoder_lr": str((config.text_encoder_lr or config.learning_rate)
+                                  if config.train_text_encoder else 0),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_optimizer": config.optimizer,
+        "ss_batch_size_per_device": str(config.train_batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_seed": str(config.seed),
+        "ss_clip_skip": str(config.clip_skip),
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_enable_bucket": str(bool(config.aspect_ratio_buckets)),
+        "ss_num_train_images": str(instance_pictures),
+        "ss_num_reg_images": str(class_pictures),
+        "ss_prior_loss_weight": str(config.prior_loss_weight if config.with_prior_preservation
+                                    else 0),
+        "ss_min_snr_gamma": str(config.min_snr_gamma or 0),
+        "ss_noise_offset": str(config.offset_noise or 0),
+        "ss_max_grad_norm": str(config.max_grad_norm or 0),
+        "ss_gradient_checkpointing": str(bool(config.gradient_checkpointing)),
+        "ss_cache_latents": str(bool(config.cache_latents)),
     }
 
 

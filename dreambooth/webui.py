@@ -53,8 +53,9 @@ SETTINGS: dict[str, tuple[Any, str, str]] = {
                    "configs, logs, samples, resume points and caches; empty: models/dreambooth"),
     OUTPUT_SUBDIR_KEY: ("", "Subfolder of the checkpoints folder for trained models",
                         "empty: the checkpoints folder itself"),
-    UNLOAD_MODEL_KEY: (True, "Unload the WebUI's model from the GPU while training",
-                       "it reloads by itself at the next generation"),
+    UNLOAD_MODEL_KEY: (True, "Unload the WebUI's model while training",
+                       "frees its GPU memory and RAM for training; it is loaded again when "
+                       "training ends (Forge: at the next generation)"),
     HOLD_GENERATION_KEY: (True, "Hold generation while training",
                           "txt2img/img2img wait until training ends, as with the Train tab; "
                           "off: they run alongside and may run out of GPU memory"),
@@ -65,7 +66,7 @@ VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 
 # Which threads hold queue_lock through hold_generation(). The WebUI's FIFOLock records no owner,
 # and taking it twice on one thread hangs forever; this per-thread mark (not shared data) is how
-# free_gpu_for_training() knows not to take it again, whichever host object it is called on.
+# unload_webui_model() knows not to take it again, whichever host object it is called on.
 _holding = threading.local()
 
 def _inside(root: Path, child: Path) -> Path:
@@ -101,7 +102,9 @@ class Host(Protocol):
     def work_root(self) -> Path: ...
     def work_dir(self, name: str) -> Path: ...
     def refresh_checkpoints(self) -> None: ...
-    def free_gpu_for_training(self) -> bool: ...
+    def add_checkpoints(self, paths: list[Path]) -> None: ...
+    def unload_webui_model(self) -> Any: ...
+    def restore_webui_model(self, unloaded: Any) -> str | None: ...
     def load_checkpoint(self, title: str, wait_s: float = 30.0) -> bool: ...
     def register_settings(self) -> None: ...
     def setting(self, key: str, default: Any = None) -> Any: ...
@@ -177,8 +180,24 @@ class WebUIHost(_FolderLayout):
         return None if info is None else self._entry(info)
 
     def refresh_checkpoints(self) -> None:
-        """Rescan the checkpoint folders (after writing a checkpoint)."""
+        """Rescan the checkpoint folders (the 🔄 buttons). The WebUI's list_models() empties the
+        list before it rescans: a generation starting meanwhile fails with "No checkpoints found",
+        so the job itself uses :meth:`add_checkpoints` while it still holds the lock."""
         _m("sd_models").list_models()
+
+    def add_checkpoints(self, paths: list[Path]) -> None:
+        """Put newly written checkpoints into the WebUI's list without emptying it (registered
+        the way list_models() registers each file); a full rescan only if that fails."""
+        sd_models = _m("sd_models")
+        known = {os.path.abspath(info.filename) for info in list(sd_models.checkpoints_list.values())}
+        for path in paths:
+            if os.path.abspath(path) in known or not Path(path).is_file():
+                continue
+            try:
+                sd_models.CheckpointInfo(str(path)).register()
+            except Exception:  # a fork with another CheckpointInfo: the WebUI's own rescan
+                sd_models.list_models()
+                return
 
     # --- folders -----------------------------------------------------------------------------
     def models_dir(self) -> Path:
@@ -212,33 +231,79 @@ class WebUIHost(_FolderLayout):
         return SETTINGS[key][0] if default is None and key in SETTINGS else default
 
     # --- GPU, model switching ----------------------------------------------------------------
-    def free_gpu_for_training(self) -> bool:
-        """Moves the WebUI's model off the GPU (when the setting says so); True if one was moved.
+    def _loaded_model(self) -> Any:
+        """The WebUI's loaded model, or None — without ``shared.sd_model``, which LOADS a model
+        when none was ever loaded (A1111's ``unload_model_weights()`` without argument reads it)."""
+        model = getattr(getattr(_m("sd_models"), "model_data", None), "sd_model", None)
+        if model is None or getattr(model, "sd_checkpoint_info", None) is None:
+            return None  # nothing loaded (Forge keeps a FakeInitialModel placeholder)
+        return model
 
-        Never reads ``shared.sd_model``: that property LOADS a model when none was ever loaded,
-        and A1111's ``unload_model_weights()`` without an argument reads it. Call it from the
-        job's thread; outside :meth:`hold_generation` it waits for the running generation first,
-        so that generation is not pulled off the GPU halfway.
-        """
+    def _under_lock(self, action: Callable[[], Any]) -> Any:
+        """Run ``action`` holding queue_lock (already held inside :meth:`hold_generation`), so a
+        running generation is never pulled from under its feet."""
+        if getattr(_holding, "held", False):
+            return action()
+        with _m("call_queue").queue_lock:
+            return action()
+
+    def unload_webui_model(self) -> Any:
+        """Unload the WebUI's model for real — GPU memory and RAM — when the setting says so;
+        returns what :meth:`restore_webui_model` needs to bring it back (None: nothing unloaded).
+
+        A1111 has no function that frees a model's RAM (``unload_model_weights`` only moves it to
+        the CPU): its own ``send_model_to_trash`` moves the weights to the meta device, and every
+        reference the WebUI keeps (the active model, the loaded-models list, the state-dict
+        cache) is dropped. Forge: ``unload_all_models`` and forgetting the loaded model's hash,
+        so its next generation loads the checkpoint again (as it does after a switch)."""
         if not self.setting(UNLOAD_MODEL_KEY, True):
-            return False
+            return None
         sd_models = _m("sd_models")
-        model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+        model = self._loaded_model()
         if model is None:
-            return False  # nothing on the GPU: do not make the WebUI load one just to unload it
+            return None
+        info = model.sd_checkpoint_info
+        data = sd_models.model_data
 
         def unload() -> None:
-            try:
-                sd_models.unload_model_weights(sd_model=model)
-            except TypeError:  # a fork without the argument
-                sd_models.unload_model_weights()
+            if hasattr(data, "forge_hash"):  # Forge
+                memory = importlib.import_module("backend.memory_management")
+                data.sd_model = None
+                memory.unload_all_models()
+                memory.soft_empty_cache()
+                data.forge_hash = ""
+            else:
+                for loaded in list(getattr(data, "loaded_sd_models", [])) or [model]:
+                    sd_models.send_model_to_trash(loaded)
+                data.sd_model = None
+                if hasattr(data, "loaded_sd_models"):
+                    data.loaded_sd_models.clear()
+                getattr(sd_models, "checkpoints_loaded", {}).clear()
 
-        if getattr(_holding, "held", False):
-            unload()
-        else:
-            with _m("call_queue").queue_lock:
-                unload()
-        return True
+        self._under_lock(unload)
+        import gc
+
+        gc.collect()
+        return info
+
+    def restore_webui_model(self, unloaded: Any) -> str | None:
+        """Load again what :meth:`unload_webui_model` unloaded (A1111 loads now, inside the
+        job's hold so that a waiting generation finds it; Forge loads at its next generation).
+        Returns a message for the log, or None when nothing was unloaded."""
+        if unloaded is None:
+            return None
+        sd_models = _m("sd_models")
+        if hasattr(sd_models.model_data, "forge_hash"):
+            return f"the WebUI loads {unloaded.title} again at its next generation"
+
+        def load() -> None:
+            sd_models.reload_model_weights(info=unloaded)
+
+        try:
+            self._under_lock(load)
+        except Exception as exc:  # reported; the WebUI loads it again at the next generation
+            return f"could not load {unloaded.title} again ({exc}); the WebUI loads it at its next generation"
+        return f"loaded the WebUI's model {unloaded.title} again"
 
     def _forge_checkpoint_change(self) -> Callable[..., Any] | None:
         try:
@@ -390,8 +455,14 @@ class StandaloneHost(_FolderLayout):
     def refresh_checkpoints(self) -> None:
         return None  # listed fresh on every call
 
-    def free_gpu_for_training(self) -> bool:
-        return False
+    def add_checkpoints(self, paths: list[Path]) -> None:
+        return None
+
+    def unload_webui_model(self) -> Any:
+        return None
+
+    def restore_webui_model(self, unloaded: Any) -> str | None:
+        return None
 
     def load_checkpoint(self, title: str, wait_s: float = 30.0) -> bool:
         """There is no txt2img to load into without the WebUI."""

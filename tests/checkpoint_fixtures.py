@@ -12,7 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from dreambooth import checkpoint as ck  # noqa: E402
+
+from dreambooth import export as ex  # noqa: E402
 from dreambooth import tiny  # noqa: E402
 
 torch.set_num_threads(1)  # the suite shares two cores; one thread each wastes least
@@ -39,7 +40,7 @@ def components(kind: str) -> tiny.Components:
 def make_base(folder: Path, kind: str, name: str | None = None, dtype: str = "fp32") -> Path:
     """The "user's base checkpoint": a tiny model saved in the WebUI's single-file layout."""
     path = Path(folder) / (name or f"{kind}-base.safetensors")
-    return ck.save_single_file(_components(kind), path, kind=kind, dtype=dtype)
+    return ex.save_single_file(_components(kind), path, kind=kind, dtype=dtype)
 
 
 def perturb(model: torch.nn.Module, seed: int = 1, scale: float = 0.01) -> None:

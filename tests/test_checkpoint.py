@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreambooth import checkpoint as ck
+from dreambooth import export as ex
 from dreambooth import tiny
 from dreambooth.checkpoint import CheckpointError
 
@@ -133,7 +134,7 @@ def test_load_ema_weights(bases, tmp_path):
 
 def test_separate_vae_file(bases, tmp_path):
     other = tiny.build_components("tiny", seed=7).vae
-    ldm = ck.vae_to_ldm(other.state_dict(), other.config)
+    ldm = ex.vae_to_ldm(other.state_dict(), other.config)
     vae_file = tmp_path / "other.vae.safetensors"  # the models/VAE layout: no prefix
     save_file({k[len("first_stage_model."):]: v.contiguous() for k, v in ldm.items()}, str(vae_file))
     loaded, _ = ck.load_components(bases["sd1"], vae_path=vae_file)
@@ -153,12 +154,12 @@ def test_separate_vae_file(bases, tmp_path):
 def test_round_trip_bit_identical_fp32_and_cast_fp16(bases, kind, tmp_path):
     loaded, found = ck.load_components(bases[kind])
     base = load_file(str(bases[kind]))
-    out = ck.export_checkpoint(bases[kind], loaded, tmp_path / "fp32.safetensors",
+    out = ex.export_checkpoint(bases[kind], loaded, tmp_path / "fp32.safetensors",
                                trained=found.components, dtype="fp32")
     written = load_file(str(out))
     assert written.keys() == base.keys()
     assert all(torch.equal(written[k], base[k]) for k in base)
-    out16 = ck.export_checkpoint(bases[kind], loaded, tmp_path / "fp16.safetensors")  # fp16
+    out16 = ex.export_checkpoint(bases[kind], loaded, tmp_path / "fp16.safetensors")  # fp16
     written = load_file(str(out16))
     for key, value in base.items():
         # model weights are cast; the schedule buffers (betas, alphas_cumprod...) stay as they are
@@ -180,7 +181,7 @@ def test_trained_weights_reload_through_diffusers_own_loaders(bases, kind, tmp_p
     names = ("unet",) + found.text_encoders
     for i, name in enumerate(names):
         perturb(getattr(trained, name), seed=i + 1)
-    out = ck.export_checkpoint(bases[kind], trained, tmp_path / "trained.safetensors",
+    out = ex.export_checkpoint(bases[kind], trained, tmp_path / "trained.safetensors",
                                trained=names, dtype="fp32")
     config = ck.config_folder(out, tmp_path / "config")
     unet = UNet2DConditionModel.from_single_file(str(out), config=str(config), subfolder="unet",
@@ -208,7 +209,7 @@ def test_sd1_export_loads_in_diffusers_pipeline(bases, tmp_path):
     trained = components("sd1")
     perturb(trained.unet)
     perturb(trained.text_encoder, seed=2)
-    out = ck.export_checkpoint(bases["sd1"], trained, tmp_path / "dreambooth.safetensors")
+    out = ex.export_checkpoint(bases["sd1"], trained, tmp_path / "dreambooth.safetensors")
     config = ck.config_folder(out, tmp_path / "config")
     pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(config),
                                                     local_files_only=True)
@@ -231,7 +232,7 @@ def test_unknown_keys_are_carried_over(bases, tmp_path):
     save_file(sd, str(base))
     trained, _ = ck.load_components(base)
     perturb(trained.unet)
-    out = ck.export_checkpoint(base, trained, tmp_path / "out.safetensors")
+    out = ex.export_checkpoint(base, trained, tmp_path / "out.safetensors")
     written = load_file(str(out))
     assert written.keys() == sd.keys()
     for key in ("alphas_cumprod", "model_ema.num_updates", "some_tool.custom"):
@@ -248,7 +249,7 @@ def test_text_model_prefix_dropped_by_transformers_5(bases, tmp_path, monkeypatc
     full = state(encoder)
     stripped = {k[len("text_model."):]: v for k, v in full.items()}
     monkeypatch.setattr(encoder, "state_dict", lambda *a, **k: dict(stripped))
-    out = ck.export_checkpoint(bases["sd1"], trained, tmp_path / "out.safetensors", dtype="fp32")
+    out = ex.export_checkpoint(bases["sd1"], trained, tmp_path / "out.safetensors", dtype="fp32")
     written = load_file(str(out))
     prefix = "cond_stage_model.transformer.text_model."
     assert f"{prefix}encoder.layers.0.self_attn.q_proj.weight" in written
@@ -271,7 +272,7 @@ def test_diffusers_folder_saved_without_text_model_prefix_loads(tmp_path):
 
 def test_metadata_yaml_and_hash(bases, tmp_path):
     trained, _ = ck.load_components(bases["sd2-v"])
-    out = ck.export_checkpoint(
+    out = ex.export_checkpoint(
         bases["sd2-v"], trained, tmp_path / "my-model.safetensors",
         metadata={"concepts": [{"instance_prompt": "photo of zwx toy", "class_prompt": "toy"}],
                   "steps": 400, "learning_rate": 2e-6, "resolution": 768})
@@ -295,7 +296,7 @@ def test_metadata_yaml_and_hash(bases, tmp_path):
 
 def test_ckpt_output_and_bf16(bases, tmp_path):
     trained = components("sd1")
-    out = ck.export_checkpoint(bases["sd1"], trained, tmp_path / "out.ckpt", dtype="bf16")
+    out = ex.export_checkpoint(bases["sd1"], trained, tmp_path / "out.ckpt", dtype="bf16")
     loaded = torch.load(out, weights_only=True)
     assert loaded["state_dict"]["model.diffusion_model.input_blocks.0.0.weight"].dtype == torch.bfloat16
     assert ck.detect_kind(out).kind == "sd1"
@@ -306,43 +307,42 @@ def test_base_file_is_never_modified(bases, tmp_path):
     before = ck.file_hash(base)["sha256"]
     trained, _ = ck.load_components(base)
     perturb(trained.unet)
-    ck.export_checkpoint(base, trained, tmp_path / "out.safetensors", dtype="fp32")
+    ex.export_checkpoint(base, trained, tmp_path / "out.safetensors", dtype="fp32")
     assert ck.file_hash(base)["sha256"] == before
     with pytest.raises(CheckpointError, match="base checkpoint itself"):
-        ck.export_checkpoint(base, trained, base, overwrite=True)
+        ex.export_checkpoint(base, trained, base, overwrite=True)
     assert ck.file_hash(base)["sha256"] == before
 
 
 def test_failed_self_check_deletes_output(bases, tmp_path, monkeypatch):
     trained = components("sd1")
-    real_save = ck._save
+    real_write = ex.write_tensors
+    dropped = "model.diffusion_model.out.2.bias"
 
-    def drop_a_key(state, tmp, fmt, metadata):
-        state = dict(state)
-        state.pop("model.diffusion_model.out.2.bias")
-        real_save(state, tmp, fmt, metadata)
+    def drop_a_key(tmp, fmt, layout, tensors, metadata):
+        layout = {k: v for k, v in layout.items() if k != dropped}
+        real_write(tmp, fmt, layout, ((k, t) for k, t in tensors if k != dropped), metadata)
 
-    monkeypatch.setattr(ck, "_save", drop_a_key)
+    monkeypatch.setattr(ex, "write_tensors", drop_a_key)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(CheckpointError, match="out.2.bias"):
-        ck.export_checkpoint(bases["sd1"], trained, out_dir / "x.safetensors")
+        ex.export_checkpoint(bases["sd1"], trained, out_dir / "x.safetensors")
     assert folder_listing(out_dir) == []
 
 
 def test_self_check_catches_wrong_values(bases, tmp_path, monkeypatch):
     trained = components("sd1")
-    real_save = ck._save
+    real_write = ex.write_tensors
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
 
-    def corrupt(state, tmp, fmt, metadata):
-        state = dict(state)
-        key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
-        state[key] = state[key] + 1
-        real_save(state, tmp, fmt, metadata)
+    def corrupt(tmp, fmt, layout, tensors, metadata):
+        real_write(tmp, fmt, layout, ((k, t + 1 if k == key else t) for k, t in tensors),
+                   metadata)
 
-    monkeypatch.setattr(ck, "_save", corrupt)
+    monkeypatch.setattr(ex, "write_tensors", corrupt)
     with pytest.raises(CheckpointError, match="down_blocks.0.resnets.0.conv1.weight"):
-        ck.export_checkpoint(bases["sd1"], trained, tmp_path / "x.safetensors")
+        ex.export_checkpoint(bases["sd1"], trained, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -403,27 +403,27 @@ def test_bad_inputs_are_refused_clearly(bases, tmp_path):
         with pytest.raises(CheckpointError, match=message):
             ck.load_components(path)
         with pytest.raises(CheckpointError, match=message):
-            ck.export_checkpoint(path, trained, out_dir / f"{label}.safetensors")
+            ex.export_checkpoint(path, trained, out_dir / f"{label}.safetensors")
     assert folder_listing(out_dir) == []
 
 
 def test_unwritable_or_colliding_output(bases, tmp_path):
     trained = components("sd1")
     with pytest.raises(CheckpointError, match="does not exist"):
-        ck.export_checkpoint(bases["sd1"], trained, tmp_path / "nowhere" / "x.safetensors")
+        ex.export_checkpoint(bases["sd1"], trained, tmp_path / "nowhere" / "x.safetensors")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(CheckpointError, match="does not exist"):
-        ck.export_checkpoint(bases["sd1"], trained, a_file / "x.safetensors")
+        ex.export_checkpoint(bases["sd1"], trained, a_file / "x.safetensors")
     with pytest.raises(CheckpointError, match=".safetensors or .ckpt"):
-        ck.export_checkpoint(bases["sd1"], trained, tmp_path / "x.bin")
+        ex.export_checkpoint(bases["sd1"], trained, tmp_path / "x.bin")
     existing = tmp_path / "taken.safetensors"
     existing.write_bytes(b"keep me")
     with pytest.raises(CheckpointError, match="already exists"):
-        ck.export_checkpoint(bases["sd1"], trained, existing)
+        ex.export_checkpoint(bases["sd1"], trained, existing)
     assert existing.read_bytes() == b"keep me"
     assert folder_listing(tmp_path) == ["file", "taken.safetensors"]
-    ck.export_checkpoint(bases["sd1"], trained, existing, overwrite=True)
+    ex.export_checkpoint(bases["sd1"], trained, existing, overwrite=True)
     assert ck.detect_kind(existing).kind == "sd1"
 
 
@@ -438,7 +438,7 @@ def test_read_only_output_folder(bases, tmp_path, monkeypatch):
                             else real_access(path, mode))
     try:
         with pytest.raises(CheckpointError, match="not writable"):
-            ck.export_checkpoint(bases["sd1"], trained, locked / "x.safetensors")
+            ex.export_checkpoint(bases["sd1"], trained, locked / "x.safetensors")
     finally:
         locked.chmod(0o700)
 
@@ -446,9 +446,9 @@ def test_read_only_output_folder(bases, tmp_path, monkeypatch):
 def test_wrong_components_are_refused(bases, tmp_path):
     sd2 = components("sd2")
     with pytest.raises(CheckpointError, match="does not match the base"):
-        ck.export_checkpoint(bases["sd1"], sd2, tmp_path / "x.safetensors")
+        ex.export_checkpoint(bases["sd1"], sd2, tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="cannot export"):
-        ck.export_checkpoint(bases["sd1"], sd2, tmp_path / "x.safetensors",
+        ex.export_checkpoint(bases["sd1"], sd2, tmp_path / "x.safetensors",
                              trained=("text_encoder_2",))
     assert folder_listing(tmp_path) == []
 
@@ -503,7 +503,7 @@ def test_configs_derived_from_real_size_shapes_match_the_bundled_ones(kind):
                 cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
                 models[name] = cls(CLIPTextConfig(**bundled[name]))
     found = ck.ModelKind(kind=kind)
-    shapes = {k: tuple(v.shape) for k, v in ck.components_to_ldm(
+    shapes = {k: tuple(v.shape) for k, v in ex.components_to_ldm(
         tiny.Components(tokenizer=None, noise_scheduler=None, **models), found).items()}
     if kind in ("sd2", "sd2-v"):  # real SD2 files hold a 24th OpenCLIP layer the WebUI skips
         for key in [k for k in shapes if ".resblocks.22." in k]:

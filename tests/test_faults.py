@@ -132,17 +132,17 @@ def test_a_full_disk_at_export_keeps_the_training_and_resumes(tmp_path, monkeypa
         config = json.loads(config_path.read_text())
         base = Path(config["base_model"])
         if not mounted:  # injected ENOSPC where mounting is not allowed: the same outcome
-            from dreambooth import checkpoint
+            from dreambooth import export
 
-            real = checkpoint._save
+            real = export.write_tensors
 
-            def full(state, tmp, fmt, metadata):
+            def full(tmp, fmt, layout, tensors, metadata):
                 if Path(tmp).parent == disk:
                     tmp.write_bytes(b"x" * 1000)
                     raise OSError(28, "No space left on device")
-                return real(state, tmp, fmt, metadata)
+                return real(tmp, fmt, layout, tensors, metadata)
 
-            monkeypatch.setattr(checkpoint, "_save", full)
+            monkeypatch.setattr(export, "write_tensors", full)
             monkeypatch.setattr(files, "free_bytes", lambda folder: 1 << 20
                                 if Path(folder) == disk else 1 << 40)
         import dreambooth.webui as webui

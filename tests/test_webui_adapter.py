@@ -129,28 +129,47 @@ def test_forge_switches_lazily_through_checkpoint_change(fake_forge):
 
 # --- freeing the GPU, holding generation ---------------------------------------------------------
 
-def test_free_gpu_never_loads_a_model_just_to_unload_it(fake_webui):
+def test_unload_never_loads_a_model_just_to_unload_it(fake_webui):
     fake_webui.add_checkpoint("a.safetensors")
     host = get_host()
-    assert host.free_gpu_for_training() is False
+    assert host.unload_webui_model() is None
+    assert host.restore_webui_model(None) is None
     assert fake_webui.sd_models.model_data.loads == []
 
 
-def test_free_gpu_moves_the_loaded_model_off_the_gpu(fake_webui):
+def test_unload_frees_the_loaded_model_and_restore_loads_it_again(fake_webui):
     fake_webui.add_checkpoint("a.safetensors")
     host = get_host()
     model = fake_webui.shared.sd_model
     assert model.device == "cuda"
-    assert host.free_gpu_for_training() is True and model.device == "cpu"
-    assert len(fake_webui.sd_models.model_data.loads) == 1
+    unloaded = host.unload_webui_model()
+    assert unloaded.title == model.sd_checkpoint_info.title and model.device == "meta"
+    data = fake_webui.sd_models.model_data
+    assert data.sd_model is None and data.loaded_sd_models == []
+    assert "loaded the WebUI's model a.safetensors" in host.restore_webui_model(unloaded)
+    assert data.sd_model is not model and data.sd_model.device == "cuda"
+    assert len(data.loads) == 2
 
 
-def test_free_gpu_respects_the_setting(fake_webui):
+def test_unload_respects_the_setting(fake_webui):
     fake_webui.add_checkpoint("a.safetensors")
     webui.register_settings()
     fake_webui.shared.opts.set("dreambooth_unload_model", False)
     model = fake_webui.shared.sd_model
-    assert get_host().free_gpu_for_training() is False and model.device == "cuda"
+    assert get_host().unload_webui_model() is None and model.device == "cuda"
+
+
+def test_adding_a_checkpoint_never_empties_the_list(fake_webui, tmp_path):
+    fake_webui.add_checkpoint("a.safetensors")
+    before = dict(fake_webui.sd_models.checkpoints_list)
+    new = write_safetensors(fake_webui.checkpoints_dir / "sub" / "new.safetensors")
+    fake_webui.sd_models.scan_delay = 5  # a rescan would be caught by the time limit below
+    started = time.time()
+    get_host().add_checkpoints([new, new])
+    assert time.time() - started < 2
+    titles = list(fake_webui.sd_models.checkpoints_list)
+    assert titles == list(before) + ["sub/new.safetensors"]
+    assert get_host().resolve_checkpoint("new").filename == str(new)
 
 
 def test_training_holds_generation_and_generation_runs_after(fake_webui):
@@ -163,7 +182,7 @@ def test_training_holds_generation_and_generation_runs_after(fake_webui):
     def job():
         with host.hold_generation() as held:
             assert held is True
-            assert host.free_gpu_for_training() is True  # inside the hold: no second acquire
+            assert host.unload_webui_model() is not None  # inside the hold: no second acquire
             host.set_webui_progress("DreamBooth", 5, 10, "step 5/10")
             state = fake_webui.shared.state
             assert (state.job_no, state.job_count, state.textinfo) == (5, 10, "step 5/10")
@@ -263,7 +282,7 @@ def test_standalone_lists_and_resolves_checkpoints(tmp_path):
     assert host.resolve_checkpoint("b.safetensors [0123456789]").name == "b.safetensors"  # a WebUI title
     assert host.resolve_checkpoint("zzz") is None
     assert host.work_dir("run") == tmp_path / "dreambooth" / "run"
-    assert host.free_gpu_for_training() is False and host.load_checkpoint("b") is False
+    assert host.unload_webui_model() is None and host.load_checkpoint("b") is False
     with host.hold_generation() as held:
         assert held is False
 

@@ -35,14 +35,24 @@ def wrap_gradio_call(func, extra_outputs=None, add_stats=False):
 
 
 def wrap_gradio_gpu_call(func, extra_outputs=None):
-    """Runs ``func`` under queue_lock; its outputs' last item is an HTML string."""
+    """Runs ``func`` under queue_lock; its outputs' last item is an HTML string. A first argument
+    "task(...)" is the request's id: queued, started and finished in ``modules.progress``."""
     @wraps(func)
     def f(*args, **kwargs):
+        from modules import progress
+
+        id_task = args[0] if args and isinstance(args[0], str) and args[0].startswith("task(") else None
+        if id_task:
+            progress.add_task_to_queue(id_task)
         with queue_lock:
-            shared.state.begin(job=args[0] if args and isinstance(args[0], str) and args[0].startswith("task(") else "(unknown)")
+            shared.state.begin(job=id_task or "(unknown)")
+            if id_task:
+                progress.start_task(id_task)
             try:
                 res = func(*args, **kwargs)
             finally:
+                if id_task:
+                    progress.finish_task(id_task)
                 shared.state.end()
         return res
     return wrap_gradio_call(f, extra_outputs=extra_outputs, add_stats=True)

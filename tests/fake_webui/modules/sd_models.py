@@ -7,6 +7,7 @@ import os
 import re
 import struct
 import threading
+import time
 
 from modules import paths, script_callbacks, shared
 
@@ -20,6 +21,10 @@ checkpoints_loaded: dict = {}
 # The real WebUI keeps computed hashes in cache.json, so a title stays "name [hash]" across
 # list_models(); the fake keeps them for the life of the import.
 _sha256_cache: dict = {}
+
+# fake only: seconds list_models() spends between emptying the list and refilling it (the real one
+# walks the folders and reads every file's metadata there), so tests can meet that window
+scan_delay = 0.0
 
 
 def replace_key(d, key, new_key, value):
@@ -145,6 +150,8 @@ def _walk(folder):
 def list_models():
     checkpoints_list.clear()
     checkpoint_aliases.clear()
+    if scan_delay:
+        time.sleep(scan_delay)
     model_list = _walk(model_path)
     if shared.cmd_opts.ckpt_dir:
         model_list += [p for p in _walk(shared.cmd_opts.ckpt_dir) if p not in model_list]
@@ -182,8 +189,11 @@ def select_checkpoint():
     if checkpoint_info is not None:
         return checkpoint_info
     if not checkpoints_list:
-        print("No checkpoints found.")
-        return None
+        if shared.flavour == "forge":  # Forge prints and returns None
+            print("You do not have any model!")
+            return None
+        raise FileNotFoundError("No checkpoints found. When searching for checkpoints, looked at:\n"
+                                f" - file {os.path.abspath(shared.cmd_opts.ckpt_dir or model_path)}")
     return next(iter(checkpoints_list.values()))
 
 
@@ -207,6 +217,9 @@ class SdModelData:
         self.was_loaded_at_least_once = False
         self.lock = threading.Lock()
         self.loads = []  # fake only: titles loaded, in order
+        if shared.flavour == "forge":  # what Forge's lazy loading compares
+            self.forge_loading_parameters = {}
+            self.forge_hash = ""
 
     def get_sd_model(self):
         if self.was_loaded_at_least_once:
@@ -220,7 +233,10 @@ class SdModelData:
 
     def set_sd_model(self, v, already_loaded=False):
         self.sd_model = v
+        if v in self.loaded_sd_models:
+            self.loaded_sd_models.remove(v)
         if v is not None:
+            self.loaded_sd_models.insert(0, v)
             self.was_loaded_at_least_once = True
 
 
@@ -231,6 +247,9 @@ def load_model(checkpoint_info=None):
     checkpoint_info = checkpoint_info or select_checkpoint()
     if checkpoint_info is None:
         return None
+    if model_data.sd_model is not None:  # as in A1111: the old model goes to the trash first
+        send_model_to_trash(model_data.sd_model)
+        model_data.loaded_sd_models.remove(model_data.sd_model)
     if shared.flavour != "forge":
         checkpoint_info.calculate_shorthash()  # A1111 hashes the file when it loads it
     model = FakeSDModel(checkpoint_info)
@@ -242,7 +261,7 @@ def load_model(checkpoint_info=None):
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
     checkpoint_info = info or select_checkpoint()
-    current = model_data.sd_model
+    current = sd_model or model_data.sd_model  # None after a failed (or freed) load: load anew
     if current is not None and not forced_reload and current.sd_checkpoint_info.filename == checkpoint_info.filename:
         current.to("cuda")
         return current
@@ -252,6 +271,24 @@ def reload_model_weights(sd_model=None, info=None, forced_reload=False):
 def send_model_to_cpu(m):
     if m is not None:
         m.to("cpu")
+
+
+def send_model_to_trash(m):
+    """A1111: ``m.to(device="meta")`` - the weights' memory is freed."""
+    m.to("meta")
+
+
+def forge_model_reload():
+    """Forge: (re)load the chosen checkpoint at a generation when the plan changed."""
+    current_hash = str(model_data.forge_loading_parameters)
+    if model_data.forge_hash == current_hash and model_data.sd_model is not None:
+        return model_data.sd_model, False
+    info = model_data.forge_loading_parameters.get("checkpoint_info") or select_checkpoint()
+    if info is None:
+        raise ValueError("You do not have any model! Please download at least one model in [models/Stable-diffusion].")
+    model = load_model(info)
+    model_data.forge_hash = current_hash
+    return model, True
 
 
 def unload_model_weights(sd_model=None, info=None):
