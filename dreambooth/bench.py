@@ -200,6 +200,18 @@ def rss_peak_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def rss_mb(field: str = "VmRSS") -> float | None:
+    """The process's resident memory now (Linux /proc; None elsewhere). RssAnon is its own
+    memory, without the pages of mapped files (safetensors reads through mmap)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def reset_rss_peak() -> bool:
     """Restart the peak-RSS counter (Linux >= 4.0: "5" to clear_refs), so each phase gets its
     own peak; False where that is not possible (the peak is then the process's)."""
@@ -440,7 +452,7 @@ def make_config(root: Path, options: dict[str, Any], inst: Path, cls: Path):
         attention=options["attention"], cache_latents=options["cache"],
         cache_text_embeddings=options["cache"], train_text_encoder=options["train_text_encoder"],
         checkpoint_every_n_steps=0, sample_prompts=["photo of zwx toy"] if sample else [],
-        sample_steps=max(1, options["sample_steps"]), overwrite=True, seed=options["seed"])
+        sample_steps=options["sample_steps"], overwrite=True, seed=options["seed"])
 
 
 def compile_unet(unet) -> str:
@@ -462,7 +474,9 @@ def empty_figures() -> dict[str, Any]:
     figures.update(ok=False, phases_s={p: None for p in PHASES},
                    memory_mb={"peak_rss": None, "peak_allocated": None, "peak_reserved": None,
                               "training_peak_rss": None, "training_peak_allocated": None,
-                              "training_peak_reserved": None, "by_phase": {}})
+                              "training_peak_reserved": None, "rss_before": None,
+                              "rss_after": None, "anon_before": None, "anon_after": None,
+                              "by_phase": {}})
     return figures
 
 
@@ -519,6 +533,7 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
     paths.work_dir.mkdir(parents=True, exist_ok=True)
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     memory = figures["memory_mb"]
+    memory["rss_before"], memory["anon_before"] = rss_mb(), rss_mb("RssAnon")
     reset_peaks(cuda)
 
     t = time.perf_counter()
@@ -582,6 +597,12 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
     figures["final_loss"] = _r(timeline.losses[-1]) if timeline.losses else None
     if result.output_path is not None and Path(result.output_path).is_file():
         figures["export_bytes"] = Path(result.output_path).stat().st_size
+    # What the process keeps once the run is over (as the job runner leaves it in the WebUI).
+    from .memory import give_memory_back
+
+    del components, result, reporter
+    give_memory_back()
+    memory["rss_after"], memory["anon_after"] = rss_mb(), rss_mb("RssAnon")
 
     by_phase = memory["by_phase"]
     by_phase.update(timeline.phase_peaks)
@@ -660,6 +681,11 @@ def summary_lines(runs: list[dict[str, Any]]) -> list[str]:
         reps = run["figures"].get("repeats") or {}
         each = (f", steps/s of each repeat {reps.get('steps_per_s_medians')}"
                 if reps.get("n", 1) > 1 else "")
+        m = run["figures"].get("memory_mb") or {}
+        if m.get("rss_before") is not None:
+            each += (f"; process RSS {_gb(m.get('rss_before'))} GB before, "
+                     f"{_gb(m.get('peak_rss'))} GB peak, {_gb(m.get('rss_after'))} GB after "
+                     f"(own memory {_gb(m.get('anon_before'))} -> {_gb(m.get('anon_after'))} GB)")
         lines.append(f"{run['name']}: dtype {run['figures'].get('dtype')}, load average "
                      f"{load.get('loadavg_start')} -> {load.get('loadavg_end')}{each}; command: "
                      f"{run.get('command')}")

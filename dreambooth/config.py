@@ -189,7 +189,7 @@ class TrainingConfig:
     export_format: str = "safetensors"
     overwrite: bool = False
     # --- preview samples ---------------------------------------------------------------------
-    sample_every_n_steps: int = 0  # 0: only at the end when sample prompts exist
+    sample_every_n_steps: int = 0  # 0: only at the end
     sample_prompts: list[str] = field(default_factory=list)
     sample_negative_prompt: str = ""
     sample_steps: int = 20
@@ -406,7 +406,7 @@ RANGES: dict[str, Range] = {
     "checkpoint_every_n_steps": Range(0, MAX_STEPS),
     "checkpoints_total_limit": Range(0, 1000),
     "sample_every_n_steps": Range(0, MAX_STEPS),
-    "sample_steps": Range(1, 1000),
+    "sample_steps": Range(0, 1000),  # 0: no sample pictures
     "sample_guidance_scale": Range(0, 50),
     "sample_seed": Range(0, MAX_SEED),
     "sample_size": Range(0, 4096, hint="0: the training resolution"),

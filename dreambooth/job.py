@@ -20,8 +20,8 @@ from .files import WriteError
 from .memory import give_memory_back
 from .trainer import Reporter, RunPaths, TrainResult, train
 
-PHASES = ("idle", "loading", "class_images", "caching", "training", "saving", "done", "cancelled",
-          "failed")
+PHASES = ("idle", "loading", "class_images", "caching", "training", "sampling", "saving", "done",
+          "cancelled", "failed")
 FINISHED = ("idle", "done", "cancelled", "failed")
 LOG_LINES = 300
 HISTORY = 2000
@@ -48,6 +48,9 @@ class Progress:
     eta_seconds: float | None = None
     peak_gpu_mb: float | None = None
     holds_generation: bool = False  # txt2img/img2img wait for this job (the WebUI's lock)
+    detail: str = ""  # what the phase is doing now ("sampling step 500: 2 / 4 pictures")
+    # the last "Load in txt2img": {"title", "state" (loading | active | failed), "message"}
+    switch: dict | None = None
     samples: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     output_path: str | None = None
@@ -66,33 +69,53 @@ class Progress:
 
 
 class _JobReporter(Reporter):
+    """Speed and ETA for every counted phase (class pictures, caching, training steps); the
+    training ETA adds what the trainer says the rest of the run costs besides steps."""
+
     def __init__(self, runner: "JobRunner", job_id: int):
         self.runner, self.job_id = runner, job_id
-        self._last: tuple[float, int] | None = None
-        self._rate: float | None = None
+        self._last: dict[str, tuple[float, int]] = {}
+        self._rate: dict[str, float] = {}
+        self._extra = 0.0
         self.current = "loading"
 
     def phase(self, name: str) -> None:
-        self.runner._update(phase=name, it_per_s=None, eta_seconds=None)
+        changes: dict[str, Any] = {"phase": name, "detail": ""}
+        if name in ("sampling", "saving"):  # between steps: what is left is the extras
+            changes["eta_seconds"] = self._extra or None
+        else:
+            changes["it_per_s"] = self._rate.get(name)
+            changes["eta_seconds"] = None
+            self._last.pop(name, None)  # a phase entered again measures from its new start
+        self.runner._update(**changes)
         self.log(f"phase: {name}")
         self.current = name
-        self._last = None
-        self._rate = None
 
     def log(self, line: str) -> None:
         self.runner._log(line)
 
+    def detail(self, text: str) -> None:
+        self.runner._update(detail=text)
+        if text:
+            self.log(text)
+
+    def extra_time(self, seconds: float) -> None:
+        self._extra = max(0.0, float(seconds))
+
     def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None:
         now = time.time()
+        name = self.current
         changes: dict[str, Any] = {"step": step, "total": total}
-        # Speed and ETA only for training steps (caching reports pictures, not steps).
-        if self.current == "training" and self._last is not None and step > self._last[1]:
-            rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
-            # Smoothed, so the ETA does not jump with every slow step (samples, saves).
-            self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
-            changes["it_per_s"] = self._rate
-            changes["eta_seconds"] = (total - step) / self._rate if self._rate else None
-        self._last = (now, step)
+        last = self._last.get(name)
+        if last is not None and step > last[1]:
+            rate = (step - last[1]) / max(now - last[0], 1e-9)
+            # Smoothed, so the ETA does not jump with every slow step.
+            old = self._rate.get(name)
+            self._rate[name] = rate if old is None else 0.8 * old + 0.2 * rate
+            changes["it_per_s"] = self._rate[name]
+            left = (total - step) / self._rate[name]
+            changes["eta_seconds"] = left + (self._extra if name == "training" else 0.0)
+        self._last[name] = (now, step)
         changes["peak_gpu_mb"] = peak_gpu_mb()
         if loss is not None:
             changes["loss"] = loss
@@ -134,6 +157,7 @@ class JobRunner:
         with self._lock:
             p = self._progress
             return Progress(**{**p.__dict__, "loss_history": list(p.loss_history),
+                               "switch": dict(p.switch) if p.switch else None,
                                "lr_history": list(p.lr_history), "samples": list(p.samples),
                                "log": list(self._log_lines)})
 
@@ -168,6 +192,11 @@ class JobRunner:
             self._thread = thread
         thread.start()
         return job_id
+
+    def note_switch(self, title: str, state: str, message: str) -> None:
+        """Record how the last "Load in txt2img" stands (every tab shows it)."""
+        self._update(switch={"title": title, "state": state, "message": message,
+                             "at": time.time()})
 
     def cancel(self) -> bool:
         """Ask the running job to stop at the next step; False when nothing runs."""

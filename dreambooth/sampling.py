@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -38,9 +39,10 @@ def on_device(models, device):
 
 
 def generate_samples(components: Components, config: TrainingConfig, out_dir: Path, step: int,
-                     device) -> list[Path]:
-    """One picture per sample prompt with the current weights; returns the saved paths."""
-    prompts = sample_prompts(config)
+                     device, progress: Callable[[int, int], None] | None = None) -> list[Path]:
+    """One picture per sample prompt with the current weights; returns the saved paths.
+    ``progress(done, total)`` before the first picture and after each."""
+    prompts = sample_prompts(config) if config.sample_steps > 0 else []
     if not prompts:
         return []
     out_dir = Path(out_dir)
@@ -57,6 +59,8 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
     with on_device(models, device), torch.no_grad(), autocast:
         for m in models:
             m.eval()
+        if progress is not None:
+            progress(0, len(prompts))
         for index, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(config.sample_seed + index)
             image = pipe(prompt, negative_prompt=config.sample_negative_prompt or None,
@@ -68,6 +72,8 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             paths.append(write_bytes(path, buffer.getvalue(), overwrite=True))
+            if progress is not None:
+                progress(index + 1, len(prompts))
     for model, training in zip(models, was_training):
         model.train(training)
     return paths

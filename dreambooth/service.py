@@ -192,17 +192,21 @@ class MirrorReporter(Reporter):
     def __init__(self, inner: Reporter, host: Host, title: str = "DreamBooth"):
         self.inner, self.host, self.title = inner, host, title
         self.current = "loading"
+        self._at = (0, 0)  # the last step / total: sampling and saving keep the bar where it is
 
     def phase(self, name: str) -> None:
         self.current = name
         self.inner.phase(name)
-        self._mirror(0, 0, f"{self.title}: {name}")
+        if name not in ("sampling", "saving"):
+            self._at = (0, 0)
+        self._mirror(*self._at, f"{self.title}: {name}")
 
     def log(self, line: str) -> None:
         self.inner.log(line)
 
     def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None:
         self.inner.progress(step, total, loss, lr)
+        self._at = (step, total)
         text = f"{self.title}: {self.current} {step}/{total}"
         if loss is not None:
             text += f", loss {loss:.4f}"
@@ -224,6 +228,14 @@ class MirrorReporter(Reporter):
 
     def holding(self, held: bool) -> None:
         self.inner.holding(held)
+
+    def detail(self, text: str) -> None:
+        self.inner.detail(text)
+        if text:
+            self._mirror(*self._at, f"{self.title}: {text}")
+
+    def extra_time(self, seconds: float) -> None:
+        self.inner.extra_time(seconds)
 
     def _mirror(self, step: int, total: int, text: str) -> None:
         try:
@@ -428,26 +440,43 @@ def checkpoint_for_file(host: Host, path: str | os.PathLike) -> CheckpointEntry 
     return found
 
 
-def load_in_txt2img(host: Host, output_path: str, wait_s: float = 3.0) -> tuple[str | None, str]:
+def load_in_txt2img(host: Host, output_path: str, wait_s: float = 3.0,
+                    runner: JobRunner | None = None) -> tuple[str | None, str]:
     """Make the trained checkpoint the WebUI's active one: (its title, a message for the user).
 
-    The switch runs in its own thread (webui.WebUIHost.load_checkpoint): when a generation or a
-    training job holds the WebUI's lock, this returns after ``wait_s`` and the switch completes
-    by itself when the lock is free — never a deadlock, never a frozen tab."""
+    The switch runs in its own thread (webui.WebUIHost.load_checkpoint): when it takes longer
+    than ``wait_s`` (a first load hashes the file; a generation or training may hold the
+    WebUI's lock) this returns "loading…" with the reason, and the runner's ``switch`` record —
+    which every tab's poll shows — says "active" or why it failed once the thread is done."""
+    runner = runner or default_runner()
     entry = checkpoint_for_file(host, output_path)
     if entry is None:
         return None, f"{output_path or 'no output yet'}: not in the checkpoint list"
     if not host.is_webui:
         return entry.title, (f"{entry.title} is ready; load it in the WebUI's txt2img "
                              "(this standalone app has no txt2img)")
+    title = entry.title
+    active = (f"{title} is selected in txt2img; Forge loads it at the next generation"
+              if host.loads_lazily() else f"{title} is active in txt2img")
+
+    def done(error: BaseException | None) -> None:
+        if error is None:
+            runner.note_switch(title, "active", active)
+        else:
+            runner.note_switch(title, "failed", f"switching to {title} failed: {error}")
+
+    busy = host.generation_busy()
+    runner.note_switch(title, "loading", f"loading {title} in txt2img…")
     try:
-        done = host.load_checkpoint(entry.title, wait_s=wait_s)
+        finished = host.load_checkpoint(title, wait_s=wait_s, on_done=done)
     except Exception as exc:  # shown in the tab, never a traceback
-        return entry.title, f"switching to {entry.title} failed: {exc}"
-    if done:
-        return entry.title, f"{entry.title} is now the active checkpoint"
-    return entry.title, (f"{entry.title} will become the active checkpoint as soon as the "
-                         "WebUI's running job ends")
+        done(exc)
+        return title, f"switching to {title} failed: {exc}"
+    if finished:
+        return title, active
+    why = ("it waits for the WebUI's running job (a generation or training) to end"
+           if busy else "the WebUI is still loading it")
+    return title, f"loading {title} in txt2img… ({why}); this message changes when it is done"
 
 
 def open_folder(path: str | os.PathLike) -> str:

@@ -13,13 +13,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from . import data
 from .config import ConfigError, FieldError, TrainingConfig
+from .eta import RunExtras
+from .memory import trim_heap
 from .tiny import Components
 
 
@@ -41,6 +43,12 @@ class Reporter:
 
     def holding(self, held: bool) -> None:
         """Whether the job holds the WebUI's generation lock (txt2img waits for it)."""
+
+    def detail(self, text: str) -> None:
+        """What the current phase is doing ("sampling step 500: 2 / 4 pictures")."""
+
+    def extra_time(self, seconds: float) -> None:
+        """Seconds the rest of the run needs besides its steps (samples, saves, export)."""
 
     def should_stop(self) -> bool:
         return False
@@ -563,8 +571,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             unet.to(device, weight_dtype)
             pipe = components.pipeline()
             pipe.set_progress_bar_config(disable=True)
-            prior.generate_class_pictures(config, pipe, should_stop=reporter.should_stop,
-                                          log=reporter.log)
+            prior.generate_class_pictures(
+                config, pipe, should_stop=reporter.should_stop, log=reporter.log,
+                progress=lambda done, total: reporter.progress(done, total, None, None))
             del pipe
             if reporter.should_stop():
                 raise Cancelled
@@ -695,6 +704,25 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     step_started = time.time()
     writer = RunWriter(config, paths, components, accelerator, unet, text_encoder, ema, optimizer,
                        lr_scheduler, reporter, run_id, pictures=(len(instances), len(classes)))
+    base_file = Path(config.base_model).expanduser()
+    extras = RunExtras(total_steps=total_steps, sample_every=config.sample_every_n_steps,
+                       save_every=config.save_every_n_steps,
+                       resume_every=config.checkpoint_every_n_steps, export=export_model and main,
+                       base_file=base_file if base_file.is_file() else None)
+
+    def timed(kind: str, action: Callable[[], Any]) -> Any:
+        began = time.time()
+        try:
+            return action()
+        finally:
+            extras.measured(kind, time.time() - began)
+
+    def samples(final: bool = False) -> None:
+        reporter.phase("sampling")
+        reporter.samples(timed("samples", lambda: make_samples(
+            components, config, paths, step, device, accelerator, unet, ema, reporter)))
+        if not final:
+            reporter.phase("training")
     saved_step = step if state is not None else None  # the newest resume point's step
     try:
         batches = micro_batches(instances, config, step * accum, accelerator.process_index,
@@ -755,30 +783,35 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             loss_value = float(pending)
             pending = torch.zeros((), device=device)
             losses.append(loss_value)
+            reporter.extra_time(extras.remaining(step))
             reporter.progress(step, total_steps, loss_value, lr_scheduler.get_last_lr()[0])
 
             # Models and samples first, the resume point last: a run resumed from this step has
             # everything before it done (a crash in between redoes this step's saves).
             if main and export_model and config.save_every_n_steps \
                     and step % config.save_every_n_steps == 0 and step < total_steps:
-                writer.model(step, suffix=f"_{step}")
+                timed("save", lambda: writer.model(step, suffix=f"_{step}"))
             if main and config.sample_every_n_steps and step % config.sample_every_n_steps == 0 \
                     and step < total_steps:
-                reporter.samples(make_samples(components, config, paths, step, device,
-                                              accelerator, unet, ema))
+                samples()
             if main and config.checkpoint_every_n_steps and step % config.checkpoint_every_n_steps == 0 \
                     and step < total_steps:
-                writer.resume_point(step)
+                timed("resume", lambda: writer.resume_point(step))
                 saved_step = step
             if step >= total_steps:
                 break
         accelerator.wait_for_everyone()
+        # Training is over: the optimizer's state (two copies of the trained weights for AdamW)
+        # is not needed for the samples or the export, nor by a resume point of the last step
+        # (resuming there only exports): give its memory back before the export needs some.
+        optimizer.state.clear()
+        gc.collect()
+        trim_heap()
         if main:
-            if config.sample_every_n_steps or config.sample_prompts:
-                reporter.samples(make_samples(components, config, paths, step, device,
-                                              accelerator, unet, ema))
+            # Always a last look at the result (sample_every_n_steps = 0: only this one).
+            samples(final=True)
             if export_model:
-                output_path = writer.model(step)
+                output_path = timed("export", lambda: writer.model(step))
         cancelled = False
     except Cancelled:
         cancelled = True
@@ -798,8 +831,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     finally:
         release(accelerator, components)
     seconds = time.time() - started
+    stepping = time.time() - step_started - extras.spent  # samples, saves and export left out
     reporter.log(f"{step}/{total_steps} steps in {seconds:.1f} s"
-                 + (f" ({(time.time() - step_started) / max(step, 1):.3f} s/step)" if step else ""))
+                 + (f" ({stepping / max(step, 1):.3f} s/step)" if step else ""))
     return TrainResult(output_path, step, total_steps, seconds, cancelled, losses, ema)
 
 
@@ -816,12 +850,17 @@ def freeze_text_encoder(text_encoder, optimizer) -> None:
 
 
 def make_samples(components: Components, config: TrainingConfig, paths: RunPaths, step: int,
-                 device, accelerator, unet, ema) -> list[Path]:
+                 device, accelerator, unet, ema, reporter: Reporter | None = None) -> list[Path]:
     from .sampling import generate_samples
+
+    def progress(done: int, total: int) -> None:
+        if reporter is not None:
+            reporter.detail(f"sampling step {step}: {done} / {total} pictures")
 
     live = accelerator.unwrap_model(unet)
     with ema_weights(live, ema):
-        return generate_samples(components, config, paths.samples_dir, step, device)
+        return generate_samples(components, config, paths.samples_dir, step, device,
+                                progress=progress)
 
 
 @contextlib.contextmanager
@@ -851,6 +890,7 @@ def export(config: TrainingConfig, paths: RunPaths, components: Components, acce
     reporter.phase("saving")
     ensure_folder(paths.checkpoints_dir)
     out = paths.checkpoints_dir / output_file_name(config.model_name, suffix, config.export_format)
+    reporter.detail(f"writing {out.name}")
     trained = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
     metadata = export_metadata(config, step, *pictures)
     if run_id:

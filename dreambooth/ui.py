@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import hashlib
 import html
+import json
 import os
 import signal
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import service
+from .ui_render import gallery_items, loss_plot_svg, progress_html, status_html
 from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, OPTIMIZERS, PRECISIONS, PRESETS,
                      SCHEDULERS, ConfigError, FieldError, TrainingConfig, read_concepts_list,
                      write_concepts_list)
@@ -154,7 +156,7 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("export_format", "Saved format", "safetensors is safe to load; ckpt is pickle"),
         ("overwrite", "Overwrite an existing file", "off: refuse a name already taken"),
         ("sample_negative_prompt", "Sample negative prompt", ""),
-        ("sample_steps", "Sample sampler steps", ""),
+        ("sample_steps", "Sample sampler steps", "0 = no sample pictures"),
         ("sample_guidance_scale", "Sample CFG scale", ""),
         ("sample_seed", "Sample seed", "fixed, so samples are comparable across steps"),
         ("sample_size", "Sample size", "0 = the training resolution"),
@@ -180,10 +182,6 @@ CONCEPT_FIELDS: list[tuple[str, str, str]] = [
 # How the concept fields sit in rows (every CONCEPT_FIELDS name exactly once).
 CONCEPT_LAYOUT = [("instance_data_dir", "instance_prompt"), ("class_data_dir", "class_prompt"),
                   ("class_negative_prompt", "num_class_images"), ("sample_prompt",)]
-
-PHASE_TEXT = {"idle": "Idle", "loading": "Loading the model", "class_images": "Making class pictures",
-              "caching": "Caching latents", "training": "Training", "saving": "Saving the checkpoint",
-              "done": "Done", "cancelled": "Cancelled", "failed": "Failed"}
 
 # No spinner over small live-updating parts (gradio 3.41 and 4.x both take "hidden").
 HIDDEN = "hidden"
@@ -323,127 +321,6 @@ def label_updates(gr, errors: list[FieldError], row_of: list[int]) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 # Live output (pure functions of a snapshot)
 # ---------------------------------------------------------------------------------------------
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-def status_html(snap) -> str:
-    phase = snap.phase
-    bits = [f"<span class='dreambooth-phase dreambooth-phase-{phase}'>"
-            f"{html.escape(PHASE_TEXT.get(phase, phase))}</span>"]
-    if snap.model_name:
-        bits.append(f"<span>{html.escape(snap.model_name)}</span>")
-    if snap.loss is not None:
-        bits.append(f"<span>loss {snap.loss:.4f}</span>")
-    if snap.lr is not None:
-        bits.append(f"<span>lr {snap.lr:.2e}</span>")
-    if snap.peak_gpu_mb is not None:
-        bits.append(f"<span>peak GPU {snap.peak_gpu_mb / 1024:.2f} GB</span>")
-    else:
-        bits.append("<span>peak GPU –</span>")
-    if snap.error:
-        bits.append(f"<span class='dreambooth-error-text'>{html.escape(snap.error)}</span>")
-    return (f"<div id='dreambooth_status_line' class='dreambooth-status' "
-            f"data-phase='{phase}' data-running='{1 if snap.running else 0}' "
-            f"data-step='{snap.step}'>{' · '.join(bits)}</div>")
-
-
-def progress_html(snap) -> str:
-    total = max(int(snap.total or 0), 0)
-    step = max(min(int(snap.step or 0), total), 0) if total else 0
-    fraction = step / total if total else (1.0 if snap.phase == "done" else 0.0)
-    unit = "pictures" if snap.phase == "class_images" else "steps"
-    text = f"{step} / {total} {unit}" if total else PHASE_TEXT.get(snap.phase, snap.phase)
-    if snap.it_per_s:
-        text += f" · {snap.it_per_s:.2f} it/s"
-    if snap.running and snap.eta_seconds is not None:
-        text += f" · ETA {_clock(snap.eta_seconds)}"
-    elif snap.started_at and snap.finished_at:
-        text += f" · took {_clock(snap.finished_at - snap.started_at)}"
-    return (f"<div class='dreambooth-progress' data-step='{step}' data-total='{total}'>"
-            f"<div class='dreambooth-progress-bar dreambooth-bar-{snap.phase}' "
-            f"style='width:{fraction * 100:.1f}%'></div>"
-            f"<div class='dreambooth-progress-text'>{html.escape(text)}</div></div>")
-
-
-def _thin(points: list, limit: int = 300) -> list:
-    if len(points) <= limit:
-        return points
-    stride = len(points) / limit
-    return [points[int(i * stride)] for i in range(limit)] + [points[-1]]
-
-
-def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height: int = 170) -> str:
-    """The loss curve (raw, and smoothed) with the learning rate on its own scale, as inline SVG:
-    no plotting library (gradio 3.41's LinePlot needs altair, Forge's lane lacks it), a fixed
-    size (no layout jump), colours from the theme's variables."""
-    left, right, top, bottom = 44, 8, 10, 22
-    inner_w, inner_h = width - left - right, height - top - bottom
-    parts = [f"<svg class='dreambooth-plot' viewBox='0 0 {width} {height}' "
-             f"preserveAspectRatio='none' role='img' aria-label='loss curve'>",
-             f"<rect x='{left}' y='{top}' width='{inner_w}' height='{inner_h}' "
-             f"class='dreambooth-plot-frame'/>"]
-    points = [(int(s), float(v)) for s, v in loss_history if v is not None and v == v]
-    if not points:
-        parts.append(f"<text x='{width / 2}' y='{height / 2}' text-anchor='middle' "
-                     f"class='dreambooth-plot-label'>the loss curve appears with the first steps"
-                     f"</text></svg>")
-        return "".join(parts)
-    points = _thin(points)
-    steps = [s for s, _ in points]
-    values = [v for _, v in points]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-
-    def xy(step: float, value: float, low: float, high: float) -> str:
-        x = left + (step - x0) / (x1 - x0) * inner_w
-        y = top + (1 - (value - low) / (high - low)) * inner_h
-        return f"{x:.1f},{y:.1f}"
-
-    raw = " ".join(xy(s, v, lo, hi) for s, v in points)
-    smooth, ema = [], None
-    for s, v in points:
-        ema = v if ema is None else 0.85 * ema + 0.15 * v
-        smooth.append(xy(s, ema, lo, hi))
-    parts.append(f"<polyline class='dreambooth-plot-raw' points='{raw}'/>")
-    parts.append(f"<polyline class='dreambooth-plot-loss' points='{' '.join(smooth)}'/>")
-    lrs = [(int(s), float(v)) for s, v in lr_history if v is not None]
-    if lrs:
-        lrs = _thin(lrs)
-        lr_lo, lr_hi = 0.0, max(v for _, v in lrs) or 1.0
-        parts.append("<polyline class='dreambooth-plot-lr' points='"
-                     + " ".join(xy(s, v, lr_lo, lr_hi * 1.05) for s, v in lrs) + "'/>")
-    parts.append(f"<text x='{left - 4}' y='{top + 9}' text-anchor='end' "
-                 f"class='dreambooth-plot-label'>{hi:.3g}</text>")
-    parts.append(f"<text x='{left - 4}' y='{top + inner_h}' text-anchor='end' "
-                 f"class='dreambooth-plot-label'>{lo:.3g}</text>")
-    parts.append(f"<text x='{left}' y='{height - 6}' class='dreambooth-plot-label'>step {x0}</text>")
-    parts.append(f"<text x='{left + inner_w}' y='{height - 6}' text-anchor='end' "
-                 f"class='dreambooth-plot-label'>step {x1}</text>")
-    parts.append(f"<text x='{left + inner_w / 2}' y='{height - 6}' text-anchor='middle' "
-                 f"class='dreambooth-plot-label'>loss (smoothed) · raw · "
-                 f"<tspan class='dreambooth-plot-lr-label'>lr</tspan></text>")
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def gallery_items(paths: list[str]) -> list[tuple[str, str]]:
-    """Gallery entries (newest first) with the step as caption."""
-    items = []
-    for path in reversed(paths[-32:]):
-        stem = Path(path).stem  # step-000040-0
-        parts = stem.split("-")
-        caption = f"step {int(parts[1])}" if stem.startswith("step-") and parts[1].isdigit() else stem
-        items.append((str(path), caption))
-    return items
-
-
 def saved_samples(host: Host, model_name: str) -> list[str]:
     """Samples an earlier run of this name left in its work folder (browsable when idle)."""
     try:
@@ -459,14 +336,23 @@ def _digest(value: Any) -> str:
     return hashlib.sha1(repr(value).encode()).hexdigest()
 
 
-def poll(model_name: str, seen: dict | None) -> tuple:
-    """One poll: (status, progress, plot, gallery, log, output path, output-row class, seen).
+def poll(model_name: str, seen: str | dict | None) -> tuple:
+    """One poll: (status, progress, plot, gallery, log, output path, message, previous runs, seen).
 
-    ``seen`` is this browser session's record of what it last got: unchanged parts go back as
-    ``gr.update()`` so the page does not redraw them every second."""
+    ``seen`` (JSON in a hidden textbox: a gr.State input makes gradio 4's client warn at every
+    poll) is this browser session's record of what it last got: unchanged parts go back as
+    ``gr.update()`` so the page does not redraw them every second. The message line shows how
+    the last "Load in txt2img" stands, and is cleared when a job ends (its outcome is in the
+    status line); the previous-runs list follows the work folder."""
     import gradio as gr
 
+    if isinstance(seen, str):
+        try:
+            seen = json.loads(seen) if seen.strip() else {}
+        except ValueError:
+            seen = {}
     seen = dict(seen or {})
+    first = not seen
     snap = runner().snapshot()
     host = current_host()
     samples = snap.samples or ([] if snap.running else saved_samples(host, model_name or ""))
@@ -487,7 +373,37 @@ def poll(model_name: str, seen: dict | None) -> tuple:
         else:
             seen[key] = digest
             out.append(_gallery_value(value) if key == "gallery" else value)
-    return (*out, seen)
+    note = gr.update()
+    ended = _digest((snap.job_id, snap.finished_at))
+    if seen.get("ended") != ended:
+        if not first and snap.finished_at:
+            note = ""  # "Training started." and the like are over
+        seen["ended"] = ended
+    switch = _digest(snap.switch)
+    if seen.get("switch") != switch:
+        if snap.switch and not first:
+            kind = {"failed": "error", "loading": "info"}.get(snap.switch["state"], "info")
+            note = message(snap.switch["message"], kind)
+        seen["switch"] = switch
+    runs = run_choices(host)
+    runs_digest = _digest(runs)
+    runs_update = gr.update()
+    if seen.get("runs") != runs_digest:
+        seen["runs"] = runs_digest
+        runs_update = gr.update(choices=runs)
+    return (*out, note, runs_update, json.dumps(seen))
+
+
+def restore_form(host: Host | None = None) -> TrainingConfig | None:
+    """The config of the running job, else of this process's last job: what a page opened (or
+    reloaded) while it runs shows in its form. None when this process ran none."""
+    snap = runner().snapshot()
+    if not snap.job_id or not snap.model_name:
+        return None
+    try:
+        return service.run_config(host or current_host(), snap.model_name)
+    except (ConfigError, ValueError, OSError):
+        return None
 
 
 def _gallery_value(items: list[tuple[str, str]]) -> list:
@@ -729,11 +645,11 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
 
     with gr.Blocks(analytics_enabled=False) as blocks:
         extra_state = gr.State(start_extra)
-        seen_state = gr.State({})
+        seen_state = gr.Textbox("", visible=False, elem_id="dreambooth_seen")
         with gr.Row(elem_id="dreambooth_main"):
             with gr.Column(scale=3, elem_id="dreambooth_settings"):
                 with gr.Tabs(elem_id="dreambooth_settings_tabs"):
-                    with gr.Tab("Model", elem_id="dreambooth_tab_model"):
+                    with gr.Tab("Model", id="dreambooth_tab_model", elem_id="dreambooth_tab_model"):
                         with gr.Row():
                             choices = checkpoint_choices(host)
                             comps["base_model"] = gr.Dropdown(
@@ -780,7 +696,8 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                             load_settings = gr.Button("Load its settings", elem_id="dreambooth_load_settings")
                             resume = gr.Button("Resume", elem_id="dreambooth_resume")
 
-                    with gr.Tab("Concepts", elem_id="dreambooth_tab_concepts"):
+                    with gr.Tab("Concepts", id="dreambooth_tab_concepts",
+                                elem_id="dreambooth_tab_concepts"):
                         ident_boxes = []
                         for i in range(CONCEPT_SLOTS):
                             with gr.Accordion(f"Concept {i + 1}", open=i == 0,
@@ -806,7 +723,8 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                                                    interactive=False, elem_id="dreambooth_concepts_out")
                         export_btn = gr.Button("Export concepts_list.json", elem_id="dreambooth_export_concepts")
 
-                    with gr.Tab("Parameters", elem_id="dreambooth_tab_parameters"):
+                    with gr.Tab("Parameters", id="dreambooth_tab_parameters",
+                                elem_id="dreambooth_tab_parameters"):
                         with gr.Row():
                             preset = gr.Dropdown(choices=list(PRESETS), value=None, label="Preset",
                                                  elem_id="dreambooth_preset",
@@ -854,12 +772,15 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                                     interactive=False, elem_id="dreambooth_report")
                 poll_btn = gr.Button("poll", elem_id="dreambooth_poll",
                                      elem_classes=["dreambooth-hidden"])
+                restore_btn = gr.Button("restore", elem_id="dreambooth_restore",
+                                        elem_classes=["dreambooth-hidden"])
 
         fields = [comps[k] for k in form_keys()]
         form_inputs = fields + [extra_state]
 
         # --- live output: JS clicks #dreambooth_poll; queue=False never waits in gradio's queue
-        poll_outputs = [status, progress, plot, gallery, log, output, seen_state]
+        poll_outputs = [status, progress, plot, gallery, log, output, action_msg, previous,
+                        seen_state]
         poll_btn.click(poll, inputs=[comps["model_name"], seen_state], outputs=poll_outputs,
                        queue=False, show_progress=HIDDEN)
 
@@ -970,15 +891,28 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
             text, errors, row_of = start_from_form(values, extra, host=host, what="class_pictures")
             return [text] + label_updates(gr, errors, row_of)
 
-        train.click(on_train, inputs=form_inputs, outputs=[action_msg] + fields, queue=False)
-        make_class.click(on_make_class, inputs=form_inputs, outputs=[action_msg] + fields, queue=False)
+        # A new action clears what the last one left on screen (message, dataset report).
+        train.click(lambda *a: [""] + on_train(*a), inputs=form_inputs,
+                    outputs=[report, action_msg] + fields, queue=False)
+        make_class.click(lambda *a: [""] + on_make_class(*a), inputs=form_inputs,
+                         outputs=[report, action_msg] + fields, queue=False)
         cancel.click(cancel_job, outputs=[action_msg], queue=False)
 
         def on_check(*args):
             values, extra = _values(args)
-            return check_dataset_report(values, extra, host)
+            return check_dataset_report(values, extra, host), ""
 
-        check.click(on_check, inputs=form_inputs, outputs=[report])
+        check.click(on_check, inputs=form_inputs, outputs=[report, action_msg])
+
+        def on_restore():
+            config = restore_form(host)
+            if config is None:
+                return [gr.update() for _ in fields] + [gr.update(), gr.update()]
+            return fill(config)
+
+        # clicked once by the page's script when the tab is first shown (a reload, a 2nd tab)
+        restore_btn.click(on_restore, outputs=fields + [extra_state, extra_note], queue=False,
+                          show_progress=HIDDEN)
 
         load_btn.click(lambda path: load_output(path, host), inputs=[output],
                        outputs=[load_title, action_msg]).then(

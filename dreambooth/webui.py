@@ -105,7 +105,10 @@ class Host(Protocol):
     def add_checkpoints(self, paths: list[Path]) -> None: ...
     def unload_webui_model(self) -> Any: ...
     def restore_webui_model(self, unloaded: Any) -> str | None: ...
-    def load_checkpoint(self, title: str, wait_s: float = 30.0) -> bool: ...
+    def load_checkpoint(self, title: str, wait_s: float = 30.0,
+                        on_done: Callable[[BaseException | None], None] | None = None) -> bool: ...
+    def loads_lazily(self) -> bool: ...
+    def generation_busy(self) -> bool: ...
     def register_settings(self) -> None: ...
     def setting(self, key: str, default: Any = None) -> Any: ...
     def set_webui_progress(self, job: str, step: int, total: int, text: str = "") -> None: ...
@@ -311,8 +314,25 @@ class WebUIHost(_FolderLayout):
         except Exception:
             return None
 
-    def load_checkpoint(self, title: str, wait_s: float = 30.0) -> bool:
-        """Makes ``title`` the WebUI's active checkpoint. True when done before returning.
+    def loads_lazily(self) -> bool:
+        """Forge records a checkpoint switch and loads the model at the next generation."""
+        return self._forge_checkpoint_change() is not None
+
+    def generation_busy(self) -> bool:
+        """Whether something (a generation, a training job) holds the WebUI's lock right now."""
+        lock = _m("call_queue").queue_lock
+        if getattr(_holding, "held", False):
+            return True
+        if lock.acquire(blocking=False):
+            lock.release()
+            return False
+        return True
+
+    def load_checkpoint(self, title: str, wait_s: float = 30.0,
+                        on_done: Callable[[BaseException | None], None] | None = None) -> bool:
+        """Makes ``title`` the WebUI's active checkpoint. True when done before returning;
+        ``on_done(error or None)`` is called by the switch's thread when it has finished, in
+        either case (the tab's message follows it).
 
         A1111 loads synchronously under ``queue_lock`` inside ``opts.set``, so calling it from a
         thread that holds the lock (a wrapped Gradio handler, a training job) would hang forever.
@@ -352,6 +372,8 @@ class WebUIHost(_FolderLayout):
                 errors.append(e)
                 if not waiting.is_set():
                     print(f"DreamBooth: switching the WebUI to {info.title} failed: {e}")
+            if on_done is not None:
+                on_done(errors[0] if errors else None)
 
         worker = threading.Thread(target=switch, name="dreambooth-load-checkpoint", daemon=True)
         worker.start()
@@ -464,8 +486,15 @@ class StandaloneHost(_FolderLayout):
     def restore_webui_model(self, unloaded: Any) -> str | None:
         return None
 
-    def load_checkpoint(self, title: str, wait_s: float = 30.0) -> bool:
+    def load_checkpoint(self, title: str, wait_s: float = 30.0,
+                        on_done: Callable[[BaseException | None], None] | None = None) -> bool:
         """There is no txt2img to load into without the WebUI."""
+        return False
+
+    def loads_lazily(self) -> bool:
+        return False
+
+    def generation_busy(self) -> bool:
         return False
 
     def register_settings(self) -> None:

@@ -269,7 +269,7 @@ def test_a_partial_config_keeps_every_field_that_parsed():
     ("learning_rate", "1e-6", None),
     ("seed", "12", None),
     ("seed", True, "seed: expected a whole number"),
-    ("sample_steps", 0, "sample_steps: must be in [1, 1000]"),
+    ("sample_steps", -1, "sample_steps: must be in [0, 1000]"),
     ("tag_dropout", 1, "tag_dropout: must be in [0, 1)"),
 ])
 def test_absurd_numbers_are_named_before_any_work(field, value, words):

@@ -145,7 +145,8 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
     assert "my-toy.safetensors" in titles  # refreshed without pressing 🔄
 
     # a page opened now (or reloaded) shows the finished run from the runner, not from the page
-    status, progress, plot, gallery, log, output, _ = ui.poll("my-toy", {})
+    status, progress, plot, gallery, log, output, note, runs, seen = ui.poll("my-toy", {})
+    assert runs["choices"] == ["my-toy"]  # the previous-runs list follows the work folder
     assert "data-phase='done'" in status and "3 / 3 steps" in progress
     assert output.endswith("my-toy.safetensors") and gallery and "<polyline" in plot
 
@@ -159,7 +160,9 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
         clicker.join(15)
         assert not clicker.is_alive(), "Load in txt2img hung while the WebUI was busy"
         title, text = result["out"]
-        assert title == "my-toy.safetensors" and "as soon as" in text
+        assert title == "my-toy.safetensors"
+        assert "loading my-toy.safetensors in txt2img" in text and "waits for the WebUI" in text
+        assert idle_runner.snapshot().switch["state"] == "loading"
     finally:
         lock.release()
     loads = fake_webui.sd_models.model_data.loads
@@ -167,6 +170,10 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
     while time.time() < deadline and not loads:
         time.sleep(0.1)
     assert loads and loads[-1].startswith("my-toy.safetensors")  # loaded once the lock was free
+    while time.time() < deadline and idle_runner.snapshot().switch["state"] == "loading":
+        time.sleep(0.05)
+    note = ui.poll("my-toy", seen)[6]  # the tab's message follows the switch
+    assert "my-toy.safetensors is active in txt2img" in note
     assert str(fake_webui.shared.opts.data["sd_model_checkpoint"]).startswith("my-toy.safetensors")
 
 
@@ -174,7 +181,7 @@ def test_load_in_txt2img_on_forge_records_the_choice(fake_forge, tmp_path):
     path = put_base_checkpoint(fake_forge.checkpoints_dir, "trained.safetensors")
     fake_forge.sd_models.list_models()
     title, text = ui.load_output(str(path))
-    assert title == "trained.safetensors" and "now the active checkpoint" in text
+    assert title == "trained.safetensors" and "Forge loads it at the next generation" in text
     assert fake_forge.shared.opts.data["sd_model_checkpoint"] == "trained.safetensors"
 
 
