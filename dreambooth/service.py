@@ -21,6 +21,7 @@ What a start does (``start_training``):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,16 @@ def resolve_base_model(base: str, host: Host) -> Path | None:
     if path.exists():
         return path
     entry = host.resolve_checkpoint(text)
-    return Path(entry.filename) if entry is not None else None
+    if entry is not None:
+        return Path(entry.filename)
+    # The WebUI's list may be empty for a moment (Forge rescans at every page load): a name in
+    # the checkpoints folder is that file all the same.
+    named = host.checkpoints_dir() / re.sub(r"\s*\[[^]]+]\s*$", "", text)
+    try:
+        inside = named.resolve().is_relative_to(host.checkpoints_dir().resolve())
+    except (OSError, ValueError):
+        inside = False
+    return named if inside and named.is_file() else None
 
 
 def resolve_vae(vae: str, host: Host) -> Path | None:
@@ -473,7 +483,9 @@ def load_in_txt2img(host: Host, output_path: str, wait_s: float = 3.0,
         done(exc)
         return title, f"switching to {title} failed: {exc}"
     if finished:
-        return title, active
+        # A1111 hashed the file on loading it: its title (what the page selects) gained the hash
+        current = host.resolve_checkpoint(title)
+        return (current.title if current is not None else title), active
     why = ("it waits for the WebUI's running job (a generation or training) to end"
            if busy else "the WebUI is still loading it")
     return title, f"loading {title} in txt2img… ({why}); this message changes when it is done"

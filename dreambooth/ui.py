@@ -257,7 +257,7 @@ def config_to_values(config: TrainingConfig, host: Host | None = None) -> tuple[
                     entry = candidate
         except OSError:
             entry = None
-        base = entry.title if entry is not None else base
+        base = entry.shown if entry is not None else base
     values.update(base_model=base, model_name=config.model_name,
                   vae_path=config.vae_path or NO_VAE,
                   prediction_type=config.prediction_type or AUTO, base_use_ema=config.base_use_ema)
@@ -355,7 +355,8 @@ def poll(model_name: str, seen: str | dict | None) -> tuple:
     first = not seen
     snap = runner().snapshot()
     host = current_host()
-    samples = snap.samples or ([] if snap.running else saved_samples(host, model_name or ""))
+    samples = snap.samples or ([] if snap.running
+                               else saved_samples(host, model_name or snap.model_name or ""))
     output = snap.output_path or ""
     parts = {
         "status": status_html(snap),
@@ -392,6 +393,27 @@ def poll(model_name: str, seen: str | dict | None) -> tuple:
         seen["runs"] = runs_digest
         runs_update = gr.update(choices=runs)
     return (*out, note, runs_update, json.dumps(seen))
+
+
+class PollSessions:
+    """What each browser session last got from :func:`poll`, kept on the server by gradio's
+    session id. The polled event then has no inputs at all: gradio 4's client warns in the
+    browser console for every call of an event whose inputs it cannot match with the API's
+    description (a gr.State, or any input in the WebUI's merged page), once a second otherwise."""
+
+    def __init__(self, limit: int = 64):
+        self.limit, self._seen, self._lock = limit, {}, threading.Lock()
+
+    def get(self, session: str) -> str:
+        with self._lock:
+            return self._seen.get(session, "")
+
+    def put(self, session: str, seen: str) -> None:
+        with self._lock:
+            self._seen.pop(session, None)
+            self._seen[session] = seen
+            while len(self._seen) > self.limit:  # the oldest sessions go first
+                self._seen.pop(next(iter(self._seen)))
 
 
 def restore_form(host: Host | None = None) -> TrainingConfig | None:
@@ -546,7 +568,7 @@ def load_output(output_path: str, host: Host | None = None) -> tuple[str, str]:
 
 
 def checkpoint_choices(host: Host | None = None) -> list[str]:
-    return [e.title for e in (host or current_host()).list_checkpoints()]
+    return [e.shown for e in (host or current_host()).list_checkpoints()]
 
 
 def refresh_checkpoints(current: str, host: Host | None = None) -> tuple[list[str], str]:
@@ -558,7 +580,7 @@ def refresh_checkpoints(current: str, host: Host | None = None) -> tuple[list[st
     if value and value not in choices:
         entry = host.resolve_checkpoint(value)
         if entry is not None:
-            value = entry.title
+            value = entry.shown
     return choices, value
 
 
@@ -645,7 +667,7 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
 
     with gr.Blocks(analytics_enabled=False) as blocks:
         extra_state = gr.State(start_extra)
-        seen_state = gr.Textbox("", visible=False, elem_id="dreambooth_seen")
+        sessions = PollSessions()
         with gr.Row(elem_id="dreambooth_main"):
             with gr.Column(scale=3, elem_id="dreambooth_settings"):
                 with gr.Tabs(elem_id="dreambooth_settings_tabs"):
@@ -779,10 +801,20 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
         form_inputs = fields + [extra_state]
 
         # --- live output: JS clicks #dreambooth_poll; queue=False never waits in gradio's queue
-        poll_outputs = [status, progress, plot, gallery, log, output, action_msg, previous,
-                        seen_state]
-        poll_btn.click(poll, inputs=[comps["model_name"], seen_state], outputs=poll_outputs,
-                       queue=False, show_progress=HIDDEN)
+        poll_outputs = [status, progress, plot, gallery, log, output, action_msg, previous]
+
+        def poll_page(request):
+            session = str(getattr(request, "session_hash", None) or "")
+            *parts, seen = poll("", sessions.get(session))
+            sessions.put(session, seen)
+            return parts
+
+        # gradio injects the request by this annotation (a real class: this module's
+        # annotations are strings, and gradio is imported here, not at the top)
+        poll_page.__annotations__ = {"request": gr.Request}
+
+        poll_btn.click(poll_page, inputs=None, outputs=poll_outputs, queue=False,
+                       show_progress=HIDDEN)
 
         # --- model section
         def on_refresh_models(current):

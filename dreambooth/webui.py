@@ -85,6 +85,11 @@ class CheckpointEntry:
     filename: str
     name: str
     hash: str | None = None
+    label: str = ""  # what the WebUI's own checkpoint selector shows (Forge: the name, no hash)
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.title
 
 
 class Host(Protocol):
@@ -169,10 +174,12 @@ class WebUIHost(_FolderLayout):
     is_webui = True
 
     # --- checkpoints -------------------------------------------------------------------------
-    @staticmethod
-    def _entry(info: Any) -> CheckpointEntry:
+    def _entry(self, info: Any) -> CheckpointEntry:
+        # Forge's selector lists plain names (its checkpoint_tiles), A1111's the titles, which
+        # gain " [hash]" once a file is hashed: the tab shows what the WebUI's own selector shows.
+        label = info.name if self.loads_lazily() else info.title
         return CheckpointEntry(title=info.title, filename=info.filename, name=info.name,
-                               hash=getattr(info, "shorthash", None))
+                               hash=getattr(info, "shorthash", None), label=label)
 
     def list_checkpoints(self) -> list[CheckpointEntry]:
         return [self._entry(info) for info in list(_m("sd_models").checkpoints_list.values())]

@@ -48,10 +48,28 @@
         return holder.tagName === "BUTTON" ? holder : holder.querySelector("button");
     }
 
+    // A page opened (or reloaded) while a job runs fills its form with that job's settings:
+    // once, the first time the tab is shown (the server answers from the process's runner).
+    var restored = false;
+
+    function restoreOnce() {
+        if (restored) {
+            return;
+        }
+        var holder = find("dreambooth_restore");
+        var button = holder && (holder.tagName === "BUTTON" ? holder : holder.querySelector("button"));
+        if (button) {
+            restored = true;
+            button.click();
+        }
+    }
+
     function tick() {
+        noticeTick();
         if (document.hidden || !tabVisible()) {
             return;
         }
+        restoreOnce();
         var now = Date.now();
         if (now - lastClick < (running() ? FAST_MS : SLOW_MS) - 50) {
             return;
@@ -63,20 +81,172 @@
         }
     }
 
+    // While training holds the WebUI's generation lock, a notice at the top of txt2img and
+    // img2img says why their requests wait: the WebUI's own bar can only say "In queue". Asked
+    // from our API every few seconds, only while one of those tabs is on screen.
+    var NOTICE_MS = 3000;
+    var lastNotice = 0;
+
+    function shown(element) {
+        return !!element && (element.offsetParent !== null || element.style.display === "block");
+    }
+
+    function clock(seconds) {
+        var s = Math.max(0, Math.round(seconds));
+        var m = Math.floor(s / 60);
+        return m + ":" + ("0" + (s % 60)).slice(-2);
+    }
+
+    function showNotice(status) {
+        ["txt2img", "img2img"].forEach(function (name) {
+            var tab = find("tab_" + name);
+            if (!tab) {
+                return;
+            }
+            var notice = find("dreambooth_notice_" + name);
+            var holds = status && status.running && status.holds_generation;
+            if (!holds) {
+                if (notice) {
+                    notice.style.display = "none";
+                }
+                return;
+            }
+            if (!notice) {
+                notice = document.createElement("div");
+                notice.id = "dreambooth_notice_" + name;
+                notice.className = "dreambooth-webui-notice";
+                tab.insertBefore(notice, tab.firstChild);
+            }
+            var text = "DreamBooth training holds generation: a request made now waits until it " +
+                "ends (" + status.phase + (status.total ? " " + status.step + "/" + status.total : "");
+            if (status.eta_seconds !== null && status.eta_seconds !== undefined) {
+                text += ", ETA " + clock(status.eta_seconds);
+            }
+            notice.textContent = text + ").";
+            notice.style.display = "block";
+        });
+    }
+
+    function noticeTick() {
+        if (document.hidden || !(shown(find("tab_txt2img")) || shown(find("tab_img2img")))) {
+            return;
+        }
+        var now = Date.now();
+        if (now - lastNotice < NOTICE_MS - 50 || typeof fetch !== "function") {
+            return;
+        }
+        lastNotice = now;
+        fetch("./dreambooth/v1/status", {credentials: "same-origin"}).then(function (response) {
+            return response.ok ? response.json() : null; // --api-auth without a login: no notice
+        }).then(showNotice, function () {
+            showNotice(null);
+        });
+    }
+
     setInterval(tick, FAST_MS);
 
     // "Load in txt2img": the server has already made the new checkpoint the active one (in its
     // own thread, never under the WebUI's queue lock); here the page's checkpoint dropdown is
-    // set to the same title and the txt2img tab shown, with the WebUI's own globals.
+    // set to the same checkpoint and the txt2img tab shown, with the WebUI's own globals.
+    //
+    // The dropdown gets its choices only when the page loads and from its own refresh button,
+    // so it does not know a file written since. Gradio 4 (Forge) shows a value that is not
+    // among the choices as a blank field; gradio 3 (A1111) shows the text, but its list lacks
+    // the file. So the page's list is refreshed first (Forge: #forge_refresh_checkpoint, A1111:
+    // the quicksettings' #refresh_sd_model_checkpoint), then the checkpoint is selected, and
+    // the field is watched until it shows the new checkpoint (gradio 4.40 redraws it when the
+    // new choices arrive after the value); if it does not, refresh and select are sent once or
+    // twice more. Neither gradio puts a dropdown's choices in the page until it is opened, so
+    // what is checked is what the user sees: the field's text.
+    var SETTLE_MS = 600; // the refresh's round trip (a rescan of the models folder) first
+    var WATCH_MS = 10000;
+    var RETRY_MS = 3000;
+    var CHECK_MS = 250;
+    var loadToken = 0;
+
+    function refreshButton() {
+        var button = find("forge_refresh_checkpoint") || find("refresh_sd_model_checkpoint");
+        if (button && button.tagName !== "BUTTON") {
+            button = button.querySelector("button") || button;
+        }
+        return button;
+    }
+
+    function checkpointField() {
+        var root = app();
+        return root.querySelector("#setting_sd_model_checkpoint input") ||
+            root.querySelector(".model_selection input") ||
+            root.querySelector("#quicksettings input[aria-label='Checkpoint']");
+    }
+
+    // "sub/model.safetensors [abcdef1234]" -> full name and short name, without the hash
+    function names(text) {
+        var full = String(text || "").replace(/\s*\[[^\]]*\]\s*$/, "").trim();
+        var base = full.split(/[\\/]/).pop().replace(/\.(safetensors|ckpt|gguf)$/i, "");
+        return {full: full, base: base};
+    }
+
+    function fieldShows(field, title) {
+        if (!field || !field.value) {
+            return false;
+        }
+        var shown = names(field.value);
+        var wanted = names(title);
+        return shown.full === wanted.full || (shown.full === shown.base && shown.base === wanted.base);
+    }
+
+    function select(title) {
+        if (typeof selectCheckpoint === "function") {
+            selectCheckpoint(title);
+        }
+    }
+
     window.dreamboothLoadInTxt2img = function (title) {
         if (!title) {
             return;
         }
-        if (typeof selectCheckpoint === "function") {
-            selectCheckpoint(title);
+        var token = ++loadToken;
+        var refresh = refreshButton();
+        if (refresh) {
+            refresh.click();
         }
-        if (typeof switch_to_txt2img === "function") {
-            switch_to_txt2img();
-        }
+        setTimeout(function () {
+            if (token !== loadToken) {
+                return; // a newer request took over
+            }
+            select(title);
+            if (typeof switch_to_txt2img === "function") {
+                switch_to_txt2img();
+            }
+            if (!refresh || !checkpointField()) {
+                return; // not the WebUI's page (or an unknown layout): nothing to watch
+            }
+            var started = Date.now();
+            var lastTry = started;
+            var timer = setInterval(function () {
+                var now = Date.now();
+                if (token !== loadToken || fieldShows(checkpointField(), title)) {
+                    clearInterval(timer);
+                    return;
+                }
+                if (now - started > WATCH_MS) {
+                    clearInterval(timer);
+                    if (window.console) {
+                        console.warn("DreamBooth: the checkpoint list does not show " + title +
+                            "; press its refresh button");
+                    }
+                    return;
+                }
+                if (now - lastTry > RETRY_MS) {
+                    lastTry = now;
+                    refresh.click();
+                    setTimeout(function () {
+                        if (token === loadToken && !fieldShows(checkpointField(), title)) {
+                            select(title);
+                        }
+                    }, SETTLE_MS);
+                }
+            }, CHECK_MS);
+        }, refresh ? SETTLE_MS : 0);
     };
 })();

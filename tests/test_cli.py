@@ -87,5 +87,6 @@ def test_two_processes_train_together_and_only_rank_0_writes(tmp_path):
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
                      if p.is_file() and p not in before)
     assert written == ["models/Stable-diffusion/cli-model.safetensors",
-                       "models/dreambooth/cli-model/config.json"]
+                       "models/dreambooth/cli-model/config.json",
+                       "models/dreambooth/cli-model/samples/step-000002-0.png"]  # the final sample
     checkpoint.load_components(tmp_path / "models" / "Stable-diffusion" / "cli-model.safetensors")

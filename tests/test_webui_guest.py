@@ -174,3 +174,39 @@ def test_memory_goes_back_after_a_run_and_the_export_needs_one_tensor(tmp_path):
     assert (figures["peak_kib"] - figures["before_kib"]) * kib < budget, figures
     export_own = (figures["export_anon_peak_kib"] - figures["export_anon_before_kib"]) * kib
     assert export_own < 1.2 * base, figures
+
+
+@pytest.mark.parametrize("flavour", ["a1111", "forge"])
+def test_the_base_model_list_shows_what_the_webuis_own_selector_shows(make_fake_webui, flavour):
+    from dreambooth import ui
+    from dreambooth.config import TrainingConfig
+
+    webui = make_fake_webui(flavour=flavour)
+    path = put_base_checkpoint(webui.checkpoints_dir)
+    webui.sd_models.list_models()
+    info = webui.sd_models.get_closet_checkpoint_match(BASE_NAME)
+    info.calculate_shorthash()  # the file was hashed (a first load): A1111's title gains it
+    assert info.title == f"{BASE_NAME} [{info.shorthash}]"
+    expected = webui.sd_models.checkpoint_tiles()  # Forge: names; A1111: titles
+    assert expected == ([BASE_NAME] if flavour == "forge" else [info.title])
+    host = get_host()
+    assert ui.checkpoint_choices(host) == expected
+    values, _ = ui.config_to_values(TrainingConfig(base_model=str(path)), host)
+    assert values["base_model"] == expected[0]
+    assert ui.refresh_checkpoints(BASE_NAME, host) == (expected, expected[0])
+
+
+def test_a_checkpoint_name_resolves_while_the_webui_rescans_its_list(make_fake_webui, tmp_path):
+    """Forge rescans (empties, then refills) its list at every page load: a start request that
+    names the base model meanwhile still finds the file; nothing outside the folder is taken."""
+    webui = make_fake_webui(flavour="forge")
+    path = put_base_checkpoint(webui.checkpoints_dir)
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    webui.sd_models.list_models()
+    webui.sd_models.checkpoints_list.clear()  # the middle of a rescan
+    webui.sd_models.checkpoint_aliases.clear()
+    host = get_host()
+    assert service.resolve_base_model(BASE_NAME, host) == path
+    assert service.resolve_base_model(f"{BASE_NAME} [0123456789]", host) == path
+    assert service.resolve_base_model("../../outside.safetensors", host) is None
+    assert service.resolve_base_model("missing.safetensors", host) is None

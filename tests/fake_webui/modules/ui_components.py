@@ -1,6 +1,8 @@
 """``modules/ui_components.py``: the WebUI's form helpers, on gradio 3.41 (A1111) and 4.40 (Forge)."""
 from __future__ import annotations
 
+import functools
+
 import gradio as gr
 
 _GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
@@ -17,6 +19,7 @@ gr.Dropdown.get_expected_parent = FormComponent.get_expected_parent
 class ToolButton(FormComponent, gr.Button):
     """Small button with single emoji as text, fits inside gradio forms"""
 
+    @functools.wraps(gr.Button.__init__)  # as the real one: gradio 4 reads the signature
     def __init__(self, *args, **kwargs):
         classes = kwargs.pop("elem_classes", [])
         # The WebUI patches gradio to accept tooltip=; plain gradio does not know it.

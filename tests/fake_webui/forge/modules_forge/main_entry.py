@@ -25,3 +25,45 @@ def checkpoint_change(ckpt_name: str, save=True, refresh=True):
     if refresh:
         refresh_model_loading_parameters()
     return True
+
+
+# --- the top bar's checkpoint dropdown (used by tests/fake_webui/page.py) ----------------------
+ui_checkpoint = None  # the gr.Dropdown, once make_checkpoint_manager_ui() ran
+
+
+def refresh_models():
+    """Rescan; the dropdown's choices: plain names ("sub/model.safetensors"), never hashes."""
+    sd_models.list_models()
+    return sd_models.checkpoint_tiles(shared.opts.sd_checkpoint_dropdown_use_short)
+
+
+def gr_refresh_models():
+    import gradio as gr
+
+    return gr.update(choices=refresh_models())  # the value is left alone
+
+
+def make_checkpoint_manager_ui():
+    """As Forge builds it inside the quicksettings row: choices from the list at build time,
+    refreshed at every page load and by its own 🔄 (``#forge_refresh_checkpoint``); no
+    ``allow_custom_value``, no elem_id (only the ``model_selection`` class)."""
+    global ui_checkpoint
+    import gradio as gr
+    from gradio.context import Context
+
+    from modules import ui_common
+
+    if shared.opts.sd_model_checkpoint in [None, "None", "none", ""]:
+        if len(sd_models.checkpoints_list) == 0:
+            sd_models.list_models()
+        if len(sd_models.checkpoints_list) > 0:
+            shared.opts.set("sd_model_checkpoint", next(iter(sd_models.checkpoints_list.values())).name)
+
+    ui_checkpoint = gr.Dropdown(value=lambda: shared.opts.sd_model_checkpoint, label="Checkpoint",
+                                elem_classes=["model_selection"], choices=refresh_models())
+    refresh_button = ui_common.ToolButton(value=ui_common.refresh_symbol, elem_id="forge_refresh_checkpoint",
+                                          tooltip="Refresh")
+    refresh_button.click(fn=gr_refresh_models, inputs=[], outputs=[ui_checkpoint], show_progress=False, queue=False)
+    Context.root_block.load(fn=gr_refresh_models, inputs=[], outputs=[ui_checkpoint], show_progress=False, queue=False)
+    ui_checkpoint.change(checkpoint_change, inputs=[ui_checkpoint], show_progress=False)
+    return ui_checkpoint

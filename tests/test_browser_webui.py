@@ -1,0 +1,240 @@
+"""A real browser against the fake WebUI's page (tests/fake_webui/page.py): after a training
+finished, the tab's "Load in txt2img" makes the page's own checkpoint dropdown (Forge's
+``ui_checkpoint``, A1111's ``#setting_sd_model_checkpoint``) show the new model, not a blank
+field, and shows the txt2img tab. The dropdown got its choices when the page loaded, before the
+new file existed; the page's script must refresh it before selecting."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_WEBUI_DIR, REPO_ROOT
+from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = REPO_ROOT / "artifacts" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+GRADIO_MAJOR = int(importlib.metadata.version("gradio").split(".")[0])
+# The text field of the checkpoint dropdown at the top of the page.
+FIELD = {"forge": ".model_selection input", "a1111": "#setting_sd_model_checkpoint input"}
+NEW_NAME = "browser-toy"
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url, timeout=5).read())
+
+
+@contextmanager
+def fake_webui_page(tmp_path: Path, flavour: str):
+    """The fake WebUI's page with the tiny base checkpoint in models/Stable-diffusion."""
+    root = tmp_path / "webui"
+    put_base_checkpoint(root / "models" / "Stable-diffusion")
+    port = free_port()
+    env = {**os.environ, "FAKE_WEBUI_ROOT": str(root), "FAKE_WEBUI_ARGS": "", "FAKE_WEBUI_FLAVOUR": flavour,
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "page.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(FAKE_WEBUI_DIR / "page.py"), "--port", str(port)],
+                            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                get_json(url + "fake/opts")
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(log_path.read_text()[-3000:])
+                time.sleep(0.5)
+        yield url, root, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def start_training(url: str, body: dict) -> None:
+    """POST /dreambooth/v1/train. (Forge rescans its checkpoint list at every page load, empty for
+    a moment meanwhile: the base model's name still resolves to its file then.)"""
+    request = urllib.request.Request(url + "dreambooth/v1/train", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        assert json.loads(urllib.request.urlopen(request, timeout=30).read())["job_id"]
+    except urllib.error.HTTPError as refused:
+        text = refused.read().decode("utf8", "replace")
+        raise AssertionError(f"{refused.code} {text[:1000]} {get_json(url + 'fake/opts')}")
+
+
+def field_value(page, flavour: str) -> str:
+    return page.locator(FIELD[flavour]).first.input_value()
+
+
+def wait_field(page, flavour: str, prefix: str, timeout_ms: int) -> None:
+    page.wait_for_function(
+        "([sel, prefix]) => { const e = document.querySelector(sel); return e && e.value.startsWith(prefix); }",
+        arg=[FIELD[flavour], prefix], timeout=timeout_ms)
+
+
+def listed_choices(page, flavour: str) -> list[str]:
+    """Opens the dropdown as a user would and reads its list (neither gradio renders it closed)."""
+    box = page.locator(FIELD[flavour]).first
+    box.click()
+    items = page.locator("ul.options li")
+    items.first.wait_for(timeout=5_000)
+    names = [t.strip().splitlines()[-1].strip() for t in items.all_inner_texts()]  # no "✓" line
+    page.keyboard.press("Escape")
+    box.blur()
+    return names
+
+
+@pytest.mark.parametrize("flavour", ["a1111", "forge"])
+def test_load_in_txt2img_shows_the_new_checkpoint_in_the_webui_dropdown(tmp_path, flavour):
+    if (flavour == "forge") != (GRADIO_MAJOR >= 4):
+        pytest.skip(f"{flavour} does not run on gradio {GRADIO_MAJOR} (A1111 1.10: 3.41, Forge 2.0: 4.40)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with fake_webui_page(tmp_path, flavour) as (url, root, log_path), \
+            playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        console: list[str] = []
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#dreambooth_load_txt2img", state="attached", timeout=60_000)
+            page.wait_for_function("() => window.dreamboothPolling === true && "
+                                   "typeof selectCheckpoint === 'function'", timeout=60_000)
+            wait_field(page, flavour, BASE_NAME, 15_000)
+
+            # A training finishes after the page loaded: its file is not among the page's choices.
+            page.locator("#tabs button", has_text="DreamBooth").first.click()
+            body = quick_config(tmp_path, base=BASE_NAME, name=NEW_NAME, steps=2).to_dict()
+            body.pop("models_dir")
+            start_training(url, body)
+            try:
+                page.wait_for_function(
+                    "(name) => { const e = document.querySelector('#dreambooth_output textarea, "
+                    "#dreambooth_output input'); return e && e.value.endsWith(name); }",
+                    arg=f"{NEW_NAME}.safetensors", timeout=180_000)
+            except Exception:
+                status = get_json(url + "dreambooth/v1/status")
+                raise AssertionError(f"no output: {status['phase']} {status['error']} {status['log'][-5:]}\n"
+                                     + log_path.read_text()[-2000:])
+            new_file = root / "models" / "Stable-diffusion" / f"{NEW_NAME}.safetensors"
+            assert new_file.is_file()
+            before = listed_choices(page, flavour)
+            assert before and not any(n.startswith(NEW_NAME) for n in before), before
+
+            page.click("#dreambooth_load_txt2img")
+            page.wait_for_selector("#tab_txt2img", state="visible", timeout=20_000)
+            # the tab's own message (in the now hidden DreamBooth tab): switched, no error
+            message = page.locator("#dreambooth_message").first.text_content() or ""
+            assert NEW_NAME in message and "fail" not in message.lower() \
+                and "not in the checkpoint list" not in message, message
+            try:
+                wait_field(page, flavour, f"{NEW_NAME}.safetensors", 15_000)
+            except Exception:
+                page.screenshot(path=str(SHOTS / f"webui-{flavour}-blank.png"))
+                raise AssertionError(f"the checkpoint dropdown shows {field_value(page, flavour)!r}; "
+                                     f"console: {console[-10:]}")
+            page.wait_for_timeout(1500)  # still there once every pending update has arrived
+            shown = field_value(page, flavour)
+            if flavour == "forge":
+                assert shown == f"{NEW_NAME}.safetensors", shown  # Forge lists names, no hash
+            else:
+                assert shown.startswith(f"{NEW_NAME}.safetensors"), shown
+            assert page.locator("#tab_txt2img").is_visible()
+            assert not page.locator("#tab_dreambooth").is_visible()
+            page.screenshot(path=str(SHOTS / f"webui-{flavour}-loaded.png"))
+
+            # the page's list knows the new file, and the server switched to it
+            after = listed_choices(page, flavour)
+            assert any(n.startswith(f"{NEW_NAME}.safetensors") for n in after), after
+            assert field_value(page, flavour).startswith(f"{NEW_NAME}.safetensors")
+            opts = get_json(url + "fake/opts")
+            if flavour == "forge":
+                assert opts["sd_model_checkpoint"] == f"{NEW_NAME}.safetensors", opts
+            else:
+                assert opts["sd_model_checkpoint"].startswith(f"{NEW_NAME}.safetensors"), opts
+                assert opts["loads"][-1].startswith(f"{NEW_NAME}.safetensors"), opts
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize("flavour", ["a1111", "forge"])
+def test_while_training_txt2img_says_why_it_waits_and_a_new_page_shows_the_form(tmp_path, flavour):
+    """A long run holds generation: the txt2img tab shows a notice with the training's progress;
+    a page opened meanwhile fills its form with the running job's settings; the polling adds no
+    console warning (gradio 4 warns for every event whose inputs include a gr.State)."""
+    if (flavour == "forge") != (GRADIO_MAJOR >= 4):
+        pytest.skip(f"{flavour} does not run on gradio {GRADIO_MAJOR} (A1111 1.10: 3.41, Forge 2.0: 4.40)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with fake_webui_page(tmp_path, flavour) as (url, root, log_path), \
+            playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        console: list[str] = []
+        try:
+            body = quick_config(tmp_path, base=BASE_NAME, name="long-run", steps=5000).to_dict()
+            body.pop("models_dir")
+            start_training(url, body)
+            deadline = time.time() + 120
+            while get_json(url + "dreambooth/v1/status")["phase"] != "training":
+                assert time.time() < deadline, get_json(url + "dreambooth/v1/status")["log"][-5:]
+                time.sleep(0.5)
+
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#tab_txt2img", state="visible", timeout=60_000)
+            notice = page.locator("#dreambooth_notice_txt2img")
+            notice.wait_for(state="visible", timeout=20_000)
+            text = notice.text_content() or ""
+            assert "DreamBooth training holds generation" in text and "training" in text, text
+            assert "/5000" in text, text
+
+            page.locator("#tabs button", has_text="DreamBooth").first.click()
+            page.wait_for_function(
+                "() => { const e = document.querySelector('#dreambooth_model_name input, "
+                "#dreambooth_model_name textarea'); return e && e.value === 'long-run'; }",
+                timeout=20_000)
+            page.wait_for_timeout(1500)  # the restore and the first polls have answered
+            settled = len(console)
+            page.wait_for_timeout(5000)  # five polls
+            page.screenshot(path=str(SHOTS / f"webui-{flavour}-restored.png"))
+            noisy = [line for line in console[settled:] if "Too many arguments" in line
+                     or "non-interactive or hidden tab" in line]
+            assert not noisy, noisy
+        finally:
+            request = urllib.request.Request(url + "dreambooth/v1/cancel", data=b"{}", method="POST",
+                                             headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=10).read()
+            browser.close()
+        deadline = time.time() + 60
+        while get_json(url + "dreambooth/v1/status")["running"] and time.time() < deadline:
+            time.sleep(0.5)
