@@ -176,7 +176,7 @@ class JobRunner:
         and a reporter that mirrors progress into the WebUI run through the same one-job slot)."""
         config.check()  # field errors reach the caller before a thread exists
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            if self._thread is not None and self._thread.is_alive() and self._progress.running:
                 raise JobBusy(f"a training job ({self._progress.model_name}) is already running; "
                               "cancel it or wait for it to finish")
             job_id = self._progress.job_id + 1
@@ -200,7 +200,7 @@ class JobRunner:
 
     def cancel(self) -> bool:
         """Ask the running job to stop at the next step; False when nothing runs."""
-        if not self.running:
+        if not self.running or not self.snapshot().running:
             return False
         self._cancel.set()
         self._log("cancel requested")
@@ -216,35 +216,37 @@ class JobRunner:
     def _run(self, job_id: int, config: TrainingConfig, paths: RunPaths, context,
              work: Callable[..., TrainResult], train_kwargs: dict) -> None:
         reporter = _JobReporter(self, job_id)
+        final: dict[str, Any] = {"phase": "failed", "error": "the job stopped unexpectedly"}
         try:
             with (context() if context else contextlib.nullcontext()):
                 result = work(config, paths, reporter=reporter, **train_kwargs)
             # Only paths and numbers are kept: the EMA copy of the UNet goes with the job.
             self.result = replace(result, ema=None)
             del result
-            phase = "cancelled" if self.result.cancelled else "done"
             output = self.result.output_path
-            self._update(phase=phase, output_path=str(output) if output else None)
+            final = {"phase": "cancelled" if self.result.cancelled else "done",
+                     "output_path": str(output) if output else None}
         except (ValueError, WriteError) as exc:
             # Bad input (config, pictures, checkpoint, resume point) and failed writes carry a
             # message for people: shown as it is, without a traceback.
-            self._fail(str(exc))
+            final = self._failure(str(exc))
         except Exception as exc:  # the job must end as "failed", never kill the WebUI
             self._log(traceback.format_exc())
-            self._fail(f"{type(exc).__name__}: {exc}")
+            final = self._failure(f"{type(exc).__name__}: {exc}")
         finally:
             give_memory_back()
-            self._update(finished_at=time.time())
             # The log belongs to the work folder only when this job got past its checks (the
             # trainer then wrote config.json): a refused config never touches an earlier run.
             config_file = paths.work_dir / "config.json"
             if config_file.is_file() and config_file.stat().st_mtime >= self._progress.started_at - 1:
                 with contextlib.suppress(Exception):
                     _write_log(paths.work_dir / "train.log", self.snapshot().log)
+            # Last: whoever sees the job finished may start the next one at once.
+            self._update(**final, finished_at=time.time())
 
-    def _fail(self, message: str) -> None:
+    def _failure(self, message: str) -> dict[str, Any]:
         self._log(f"failed: {message}")
-        self._update(phase="failed", error=message)
+        return {"phase": "failed", "error": message}
 
     def _update(self, _history: tuple | None = None, **changes) -> None:
         with self._lock:

@@ -1052,6 +1052,13 @@ def standalone_main(argv: list[str]) -> int:
               policy=api.RequestPolicy.from_settings({"origins": args.allow_origin}))
     print(f"DreamBooth: serving {url} (models: {models}); Ctrl+C stops", flush=True)
 
+    serve_until_stopped(demo)
+    return 0
+
+
+def serve_until_stopped(demo: Any, wait_s: float = 60) -> None:
+    """Block until Ctrl+C or SIGTERM; then cancel a running job (it stops at a step boundary and
+    saves, if set to), and close the server."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -1060,6 +1067,5 @@ def standalone_main(argv: list[str]) -> int:
             pass
     finally:
         if runner().cancel():
-            runner().wait(60)  # let it stop at a step boundary (and save, if set to)
+            runner().wait(wait_s)
         demo.close()
-    return 0

@@ -278,7 +278,9 @@ class WebUIHost(_FolderLayout):
         def unload() -> None:
             if hasattr(data, "forge_hash"):  # Forge
                 memory = importlib.import_module("backend.memory_management")
-                data.sd_model = None
+                # Forge's own placeholder for "no model" (its UI asks it for prompt lengths)
+                placeholder = getattr(sd_models, "FakeInitialModel", None)
+                data.sd_model = placeholder() if placeholder is not None else None
                 memory.unload_all_models()
                 memory.soft_empty_cache()
                 data.forge_hash = ""

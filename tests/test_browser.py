@@ -4,32 +4,16 @@ appear; Cancel a second run. Screenshots go to artifacts/screenshots/."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from browser_fixtures import ARGS, CHROMIUM, SHOTS, needs_chromium, served
 from ui_fixtures import BASE_NAME, pictures, put_base_checkpoint
 
-CHROMIUM = "/usr/bin/chromium"
-SHOTS = REPO_ROOT / "artifacts" / "screenshots"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 playwright_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = needs_chromium
 
 
 @pytest.fixture
@@ -43,33 +27,10 @@ def server(tmp_path):
               "optimizer": "adamw", "mixed_precision": "no", "gradient_checkpointing": False,
               "checkpoint_every_n_steps": 0, "sample_every_n_steps": 20, "sample_steps": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2",
-           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dreambooth", "ui", "--models-dir", str(models),
-                             "--port", str(port), "--config", str(tmp_path / "config.json")],
-                            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(url + "dreambooth/v1/status", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
+    with served(["-m", "dreambooth", "ui", "--models-dir", str(models),
+                 "--config", str(tmp_path / "config.json")], "dreambooth/v1/status",
+                tmp_path / "server.log") as url:
         yield url, tmp_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
 
 
 def field(page, elem_id: str):

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,26 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_WEBUI_DIR, REPO_ROOT
+from browser_fixtures import SHOTS, chromium, needs_chromium, served
+from conftest import FAKE_WEBUI_DIR
 from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
 
-CHROMIUM = "/usr/bin/chromium"
-SHOTS = REPO_ROOT / "artifacts" / "screenshots"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 GRADIO_MAJOR = int(importlib.metadata.version("gradio").split(".")[0])
 # The text field of the checkpoint dropdown at the top of the page.
 FIELD = {"forge": ".model_selection input", "a1111": "#setting_sd_model_checkpoint input"}
 NEW_NAME = "browser-toy"
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM}")
+pytest.importorskip("playwright.sync_api")
+pytestmark = needs_chromium
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def skip_unless_this_lane_runs(flavour: str) -> None:
+    if (flavour == "forge") != (GRADIO_MAJOR >= 4):
+        pytest.skip(f"{flavour} does not run on gradio {GRADIO_MAJOR} (A1111 1.10: 3.41, Forge 2.0: 4.40)")
 
 
 def get_json(url: str) -> dict:
@@ -50,34 +42,10 @@ def fake_webui_page(tmp_path: Path, flavour: str):
     """The fake WebUI's page with the tiny base checkpoint in models/Stable-diffusion."""
     root = tmp_path / "webui"
     put_base_checkpoint(root / "models" / "Stable-diffusion")
-    port = free_port()
-    env = {**os.environ, "FAKE_WEBUI_ROOT": str(root), "FAKE_WEBUI_ARGS": "", "FAKE_WEBUI_FLAVOUR": flavour,
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1"}
+    env = {"FAKE_WEBUI_ROOT": str(root), "FAKE_WEBUI_ARGS": "", "FAKE_WEBUI_FLAVOUR": flavour}
     log_path = tmp_path / "page.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, str(FAKE_WEBUI_DIR / "page.py"), "--port", str(port)],
-                            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                get_json(url + "fake/opts")
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(log_path.read_text()[-3000:])
-                time.sleep(0.5)
+    with served([str(FAKE_WEBUI_DIR / "page.py")], "fake/opts", log_path, env) as url:
         yield url, root, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
 
 
 def start_training(url: str, body: dict) -> None:
@@ -116,12 +84,8 @@ def listed_choices(page, flavour: str) -> list[str]:
 
 @pytest.mark.parametrize("flavour", ["a1111", "forge"])
 def test_load_in_txt2img_shows_the_new_checkpoint_in_the_webui_dropdown(tmp_path, flavour):
-    if (flavour == "forge") != (GRADIO_MAJOR >= 4):
-        pytest.skip(f"{flavour} does not run on gradio {GRADIO_MAJOR} (A1111 1.10: 3.41, Forge 2.0: 4.40)")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with fake_webui_page(tmp_path, flavour) as (url, root, log_path), \
-            playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    skip_unless_this_lane_runs(flavour)
+    with fake_webui_page(tmp_path, flavour) as (url, root, log_path), chromium() as browser:
         console: list[str] = []
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -183,8 +147,10 @@ def test_load_in_txt2img_shows_the_new_checkpoint_in_the_webui_dropdown(tmp_path
             else:
                 assert opts["sd_model_checkpoint"].startswith(f"{NEW_NAME}.safetensors"), opts
                 assert opts["loads"][-1].startswith(f"{NEW_NAME}.safetensors"), opts
-        finally:
-            browser.close()
+        except BaseException:
+            if "page" in locals():  # what the page showed when it failed
+                page.screenshot(path=str(SHOTS / f"webui-{flavour}-failure.png"))
+            raise
 
 
 @pytest.mark.parametrize("flavour", ["a1111", "forge"])
@@ -192,12 +158,8 @@ def test_while_training_txt2img_says_why_it_waits_and_a_new_page_shows_the_form(
     """A long run holds generation: the txt2img tab shows a notice with the training's progress;
     a page opened meanwhile fills its form with the running job's settings; the polling adds no
     console warning (gradio 4 warns for every event whose inputs include a gr.State)."""
-    if (flavour == "forge") != (GRADIO_MAJOR >= 4):
-        pytest.skip(f"{flavour} does not run on gradio {GRADIO_MAJOR} (A1111 1.10: 3.41, Forge 2.0: 4.40)")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with fake_webui_page(tmp_path, flavour) as (url, root, log_path), \
-            playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+    skip_unless_this_lane_runs(flavour)
+    with fake_webui_page(tmp_path, flavour) as (url, root, log_path), chromium() as browser:
         console: list[str] = []
         try:
             body = quick_config(tmp_path, base=BASE_NAME, name="long-run", steps=5000).to_dict()
@@ -234,7 +196,6 @@ def test_while_training_txt2img_says_why_it_waits_and_a_new_page_shows_the_form(
             request = urllib.request.Request(url + "dreambooth/v1/cancel", data=b"{}", method="POST",
                                              headers={"Content-Type": "application/json"})
             urllib.request.urlopen(request, timeout=10).read()
-            browser.close()
         deadline = time.time() + 60
         while get_json(url + "dreambooth/v1/status")["running"] and time.time() < deadline:
             time.sleep(0.5)

@@ -70,6 +70,11 @@ def test_a_generation_queued_behind_training_runs_after_it(make_fake_webui, tmp_
     service.start_training(quick_config(tmp_path, BASE_NAME, steps=6), get_host(), runner)
     wait_for_phase(runner, "training")
     assert runner.snapshot().holds_generation
+    placeholder = webui.sd_models.model_data.sd_model  # the WebUI's model is gone meanwhile
+    if flavour == "forge":
+        assert isinstance(placeholder, webui.sd_models.FakeInitialModel)
+    else:
+        assert placeholder is None and webui.sd_models.model_data.loaded_sd_models == []
     outcome: list = []
     queued = threading.Thread(target=lambda: outcome.append(
         txt2img.txt2img_request("task(queued)", "a cat")))

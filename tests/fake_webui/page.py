@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -162,18 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     script_callbacks.app_started_callback(demo, app)
     print(f"fake WebUI ({shared.flavour}, gradio {gr.__version__}): {url}", flush=True)
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        from dreambooth.job import runner
+    from dreambooth.ui import serve_until_stopped
 
-        if runner().cancel():
-            runner().wait(30)
-        demo.close()
+    serve_until_stopped(demo, wait_s=30)
     return 0
 
 

@@ -210,6 +210,15 @@ class FakeSDModel:
         return self
 
 
+class FakeInitialModel:
+    """Forge: what ``model_data.sd_model`` holds while no model is loaded."""
+
+    sd_checkpoint_info = None
+
+    def get_prompt_lengths_on_ui(self, prompt):
+        return 0, 75
+
+
 class SdModelData:
     def __init__(self):
         self.sd_model = None
@@ -247,9 +256,11 @@ def load_model(checkpoint_info=None):
     checkpoint_info = checkpoint_info or select_checkpoint()
     if checkpoint_info is None:
         return None
-    if model_data.sd_model is not None:  # as in A1111: the old model goes to the trash first
-        send_model_to_trash(model_data.sd_model)
-        model_data.loaded_sd_models.remove(model_data.sd_model)
+    old = model_data.sd_model
+    if getattr(old, "sd_checkpoint_info", None) is not None:  # A1111: the old one to the trash
+        send_model_to_trash(old)
+        if old in model_data.loaded_sd_models:
+            model_data.loaded_sd_models.remove(old)
     if shared.flavour != "forge":
         checkpoint_info.calculate_shorthash()  # A1111 hashes the file when it loads it
     model = FakeSDModel(checkpoint_info)
@@ -269,7 +280,7 @@ def reload_model_weights(sd_model=None, info=None, forced_reload=False):
 
 
 def send_model_to_cpu(m):
-    if m is not None:
+    if m is not None and hasattr(m, "to"):
         m.to("cpu")
 
 
@@ -281,7 +292,7 @@ def send_model_to_trash(m):
 def forge_model_reload():
     """Forge: (re)load the chosen checkpoint at a generation when the plan changed."""
     current_hash = str(model_data.forge_loading_parameters)
-    if model_data.forge_hash == current_hash and model_data.sd_model is not None:
+    if model_data.forge_hash == current_hash and getattr(model_data.sd_model, "sd_checkpoint_info", None):
         return model_data.sd_model, False
     info = model_data.forge_loading_parameters.get("checkpoint_info") or select_checkpoint()
     if info is None:
