@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import html
-import json
 import os
 import signal
 import tempfile
@@ -31,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from . import service
-from .ui_render import gallery_items, loss_plot_svg, progress_html, status_html
+from . import ui_poll
+from .ui_poll import LOG_TAIL, PollSessions
+from .ui_render import loss_plot_svg, message, progress_html, status_html
 from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, OPTIMIZERS, PRECISIONS, PRESETS,
                      SCHEDULERS, ConfigError, FieldError, TrainingConfig, read_concepts_list,
                      write_concepts_list)
@@ -185,7 +185,6 @@ CONCEPT_LAYOUT = [("instance_data_dir", "instance_prompt"), ("class_data_dir", "
 
 # No spinner over small live-updating parts (gradio 3.41 and 4.x both take "hidden").
 HIDDEN = "hidden"
-LOG_TAIL = 8  # lines shown: exactly the log box's height, so the newest line is always visible
 
 
 def option_names() -> list[str]:
@@ -302,10 +301,6 @@ def error_panel(errors: list[FieldError], row_of: list[int], title: str = "Fix t
             f"<b>{html.escape(title)}</b><ul>{items}</ul></div>")
 
 
-def message(text: str, kind: str = "info") -> str:
-    return f"<div class='dreambooth-message dreambooth-{kind}'>{html.escape(text)}</div>"
-
-
 def label_updates(gr, errors: list[FieldError], row_of: list[int]) -> list[Any]:
     """A label update for every form field: '⚠ reason' on those at fault, the plain label back
     on the others (errors shown next to the fields they concern)."""
@@ -319,137 +314,16 @@ def label_updates(gr, errors: list[FieldError], row_of: list[int]) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Live output (pure functions of a snapshot)
+# Live output: ui_poll.py (the tab's poll answers from the process's runner)
 # ---------------------------------------------------------------------------------------------
-def saved_samples(host: Host, model_name: str) -> list[str]:
-    """Samples an earlier run of this name left in its work folder (browsable when idle)."""
-    try:
-        folder = host.work_dir(model_name) / "samples"
-    except ValueError:
-        return []
-    if not folder.is_dir():
-        return []
-    return [str(p) for p in sorted(folder.glob("*.png"))][-32:]
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha1(repr(value).encode()).hexdigest()
-
-
 def poll(model_name: str, seen: str | dict | None) -> tuple:
-    """One poll: (status, progress, plot, gallery, log, output path, message, previous runs, seen).
-
-    ``seen`` (JSON in a hidden textbox: a gr.State input makes gradio 4's client warn at every
-    poll) is this browser session's record of what it last got: unchanged parts go back as
-    ``gr.update()`` so the page does not redraw them every second. The message line shows how
-    the last "Load in txt2img" stands, and is cleared when a job ends (its outcome is in the
-    status line); the previous-runs list follows the work folder."""
-    import gradio as gr
-
-    if isinstance(seen, str):
-        try:
-            seen = json.loads(seen) if seen.strip() else {}
-        except ValueError:
-            seen = {}
-    seen = dict(seen or {})
-    first = not seen
-    snap = runner().snapshot()
-    host = current_host()
-    samples = snap.samples or ([] if snap.running
-                               else saved_samples(host, model_name or snap.model_name or ""))
-    output = snap.output_path or ""
-    parts = {
-        "status": status_html(snap),
-        "progress": progress_html(snap),
-        "plot": loss_plot_svg(snap.loss_history, snap.lr_history),
-        "gallery": gallery_items(samples),
-        "log": "\n".join(snap.log[-LOG_TAIL:]),
-        "output": output,
-    }
-    out = []
-    for key, value in parts.items():
-        digest = _digest(value)
-        if seen.get(key) == digest:
-            out.append(gr.update())
-        else:
-            seen[key] = digest
-            out.append(_gallery_value(value) if key == "gallery" else value)
-    note = gr.update()
-    ended = _digest((snap.job_id, snap.finished_at))
-    if seen.get("ended") != ended:
-        if not first and snap.finished_at:
-            note = ""  # "Training started." and the like are over
-        seen["ended"] = ended
-    switch = _digest(snap.switch)
-    if seen.get("switch") != switch:
-        if snap.switch and not first:
-            kind = {"failed": "error", "loading": "info"}.get(snap.switch["state"], "info")
-            note = message(snap.switch["message"], kind)
-        seen["switch"] = switch
-    runs = run_choices(host)
-    runs_digest = _digest(runs)
-    runs_update = gr.update()
-    if seen.get("runs") != runs_digest:
-        seen["runs"] = runs_digest
-        runs_update = gr.update(choices=runs)
-    return (*out, note, runs_update, json.dumps(seen))
-
-
-class PollSessions:
-    """What each browser session last got from :func:`poll`, kept on the server by gradio's
-    session id. The polled event then has no inputs at all: gradio 4's client warns in the
-    browser console for every call of an event whose inputs it cannot match with the API's
-    description (a gr.State, or any input in the WebUI's merged page), once a second otherwise."""
-
-    def __init__(self, limit: int = 64):
-        self.limit, self._seen, self._lock = limit, {}, threading.Lock()
-
-    def get(self, session: str) -> str:
-        with self._lock:
-            return self._seen.get(session, "")
-
-    def put(self, session: str, seen: str) -> None:
-        with self._lock:
-            self._seen.pop(session, None)
-            self._seen[session] = seen
-            while len(self._seen) > self.limit:  # the oldest sessions go first
-                self._seen.pop(next(iter(self._seen)))
+    return ui_poll.poll(model_name, seen, current_host())
 
 
 def restore_form(host: Host | None = None) -> TrainingConfig | None:
-    """The config of the running job, else of this process's last job: what a page opened (or
-    reloaded) while it runs shows in its form. None when this process ran none."""
-    snap = runner().snapshot()
-    if not snap.job_id or not snap.model_name:
-        return None
-    try:
-        return service.run_config(host or current_host(), snap.model_name)
-    except (ConfigError, ValueError, OSError):
-        return None
+    return ui_poll.restore_form(host or current_host())
 
 
-def _gallery_value(items: list[tuple[str, str]]) -> list:
-    """Gradio 4 serves only files under the working or temp folder (or allowed_paths): other
-    samples go as pictures instead of paths."""
-    import gradio as gr
-
-    if int(gr.__version__.split(".")[0]) < 4:
-        return items
-    allowed = [Path.cwd().resolve(), Path(tempfile.gettempdir()).resolve(), *_ALLOWED]
-    result = []
-    for path, caption in items:
-        resolved = Path(path).resolve()
-        if any(resolved == root or root in resolved.parents for root in allowed):
-            result.append((str(path), caption))
-        else:
-            from PIL import Image
-
-            with Image.open(path) as image:
-                result.append((image.copy(), caption))
-    return result
-
-
-_ALLOWED: list[Path] = []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1040,7 +914,7 @@ def standalone_main(argv: list[str]) -> int:
         except ConfigError as exc:
             print(exc)
             return 2
-    _ALLOWED[:] = [models]
+    ui_poll.ALLOWED_PATHS[:] = [models]
     demo = standalone_blocks(host, initial)
     demo.queue()
     from . import api

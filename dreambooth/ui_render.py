@@ -137,3 +137,5 @@ def gallery_items(paths: list[str]) -> list[tuple[str, str]]:
     return items
 
 
+def message(text: str, kind: str = "info") -> str:
+    return f"<div class='dreambooth-message dreambooth-{kind}'>{html.escape(text)}</div>"
