@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -129,18 +128,29 @@ def _damaged(path: Path, exc: Exception) -> CheckpointError:
         "download it again; a half-written or truncated file cannot be used.")
 
 
+def _refused_pickle(exc: BaseException) -> bool:
+    """torch's safe loader (weights_only=True) refuses a pickle that asks for code with an
+    UnpicklingError (recognised by name: the extension never imports the pickle module)."""
+    return any(cls.__name__ == "UnpicklingError" for cls in type(exc).__mro__)
+
+
 def _torch_load(path: Path) -> dict:
+    """A .ckpt/.pt/.bin state dict through torch's safe loader only (tensors and plain
+    containers; anything that would run code is refused)."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refuses anything that runs code
-        # torch's own message advises loading with weights_only=False: never repeat that advice.
-        found = re.search(r"GLOBAL ([\w.]+\.[\w]+)", str(exc))
-        what = f" (it asks for {found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path} is a pickle that would run code when loaded{what}; it is refused for "
-            "safety. Use a .safetensors version of the model.") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise _damaged(path, exc) from exc
+    except Exception as exc:
+        if _refused_pickle(exc):
+            # Name what the file asks for; torch's own message suggests turning the safe
+            # loader off, which is never repeated to the user.
+            found = re.search(r"GLOBAL ([\w.]+\.[\w]+)", str(exc))
+            what = f" (it asks for {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path} is a pickle that would run code when loaded{what}; it is refused for "
+                "safety. Use a .safetensors version of the model.") from exc
+        if isinstance(exc, (RuntimeError, EOFError, OSError, ValueError)):
+            raise _damaged(path, exc) from exc
+        raise
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -683,7 +693,7 @@ def _load_text_folder(cls, folder: Path) -> torch.nn.Module:
     state = {}
     for file in files:
         state.update(load_file(str(file)) if file.suffix == ".safetensors"
-                     else torch.load(str(file), map_location="cpu", weights_only=True))
+                     else _torch_load(file))
     expected = model.state_dict()
     state = {k: v for k, v in normalize_text_keys(state).items() if k in expected}
     missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
