@@ -172,8 +172,9 @@ class JobRunner:
               **train_kwargs) -> int:
         """Start ``train(config, paths, **train_kwargs)`` in a thread; returns the job id.
 
-        ``context`` wraps the whole run; ``work`` replaces ``train`` with the same signature (the tab's "Generate class pictures"
-        and a reporter that mirrors progress into the WebUI run through the same one-job slot)."""
+        ``context`` wraps the whole run; ``work`` replaces ``train`` with the same signature
+        (the tab's "Generate class pictures" and a reporter that mirrors progress into the WebUI
+        run through the same one-job slot)."""
         config.check()  # field errors reach the caller before a thread exists
         with self._lock:
             if self._thread is not None and self._thread.is_alive() and self._progress.running:

@@ -21,7 +21,6 @@ What a start does (``start_training``):
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from .job import JobRunner, runner as default_runner
 from .names import output_file_name, sanitize_model_name
 from .resume import list_resume_points, point_step, read_state
 from .trainer import Reporter, RunPaths, TrainResult, planned_outputs, run_id_of, train
-from .webui import CheckpointEntry, Host
+from .webui import CheckpointEntry, Host, without_hash
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +55,7 @@ def resolve_base_model(base: str, host: Host) -> Path | None:
         return Path(entry.filename)
     # The WebUI's list may be empty for a moment (Forge rescans at every page load): a name in
     # the checkpoints folder is that file all the same.
-    named = host.checkpoints_dir() / re.sub(r"\s*\[[^]]+]\s*$", "", text)
+    named = host.checkpoints_dir() / without_hash(text)
     try:
         inside = named.resolve().is_relative_to(host.checkpoints_dir().resolve())
     except (OSError, ValueError):
@@ -272,7 +271,6 @@ def _hosted(host: Host, work: Callable[..., TrainResult]) -> Callable[..., Train
         def waiting() -> None:
             reporter.log("waiting for the WebUI's running generation to finish before training")
 
-        result = None
         try:
             with host.hold_generation(on_wait=waiting) as held:
                 reporter.holding(held)

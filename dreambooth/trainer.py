@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import data
 from .config import ConfigError, FieldError, TrainingConfig
 from .eta import RunExtras
-from .memory import trim_heap
+from .memory import give_memory_back
 from .tiny import Components
 
 
@@ -805,8 +805,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         # is not needed for the samples or the export, nor by a resume point of the last step
         # (resuming there only exports): give its memory back before the export needs some.
         optimizer.state.clear()
-        gc.collect()
-        trim_heap()
+        give_memory_back()
         if main:
             # Always a last look at the result (sample_every_n_steps = 0: only this one).
             samples(final=True)

@@ -83,12 +83,16 @@ def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
             kind = {"failed": "error", "loading": "info"}.get(snap.switch["state"], "info")
             note = message(snap.switch["message"], kind)
         seen["switch"] = switch
-    runs = [r.name for r in service.list_runs(host)]
-    runs_digest = _digest(runs)
     runs_update = gr.update()
-    if seen.get("runs") != runs_digest:
-        seen["runs"] = runs_digest
-        runs_update = gr.update(choices=runs)
+    # The work folder gains a run when a job gets past its checks and changes when it ends: it
+    # is listed again then (and at a session's first poll), not at every poll.
+    moment = _digest((snap.job_id, snap.running))
+    if seen.get("runs_at") != moment:
+        seen["runs_at"] = moment
+        runs = [r.name for r in service.list_runs(host)]
+        if seen.get("runs") != _digest(runs):
+            seen["runs"] = _digest(runs)
+            runs_update = gr.update(choices=runs)
     return (*out, note, runs_update, json.dumps(seen))
 
 

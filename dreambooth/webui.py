@@ -69,6 +69,11 @@ VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 # unload_webui_model() knows not to take it again, whichever host object it is called on.
 _holding = threading.local()
 
+def without_hash(title: str) -> str:
+    """A checkpoint title without the " [hash]" the WebUI appends once it hashed the file."""
+    return re.sub(r"\s*\[[^]]+]\s*$", "", title.strip())
+
+
 def _inside(root: Path, child: Path) -> Path:
     """``child`` resolved, after checking that it lies under ``root`` (symlinks included)."""
     resolved = child.resolve()
@@ -174,20 +179,23 @@ class WebUIHost(_FolderLayout):
     is_webui = True
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _entry(self, info: Any) -> CheckpointEntry:
+    @staticmethod
+    def _entry(info: Any, forge: bool) -> CheckpointEntry:
         # Forge's selector lists plain names (its checkpoint_tiles), A1111's the titles, which
         # gain " [hash]" once a file is hashed: the tab shows what the WebUI's own selector shows.
-        label = info.name if self.loads_lazily() else info.title
         return CheckpointEntry(title=info.title, filename=info.filename, name=info.name,
-                               hash=getattr(info, "shorthash", None), label=label)
+                               hash=getattr(info, "shorthash", None),
+                               label=info.name if forge else info.title)
 
     def list_checkpoints(self) -> list[CheckpointEntry]:
-        return [self._entry(info) for info in list(_m("sd_models").checkpoints_list.values())]
+        forge = self.loads_lazily()
+        return [self._entry(info, forge)
+                for info in list(_m("sd_models").checkpoints_list.values())]
 
     def resolve_checkpoint(self, title_or_name: str) -> CheckpointEntry | None:
         """By title, old title, name or hash: titles change once the WebUI hashes a file."""
         info = _m("sd_models").get_closet_checkpoint_match(title_or_name or "")
-        return None if info is None else self._entry(info)
+        return None if info is None else self._entry(info, self.loads_lazily())
 
     def refresh_checkpoints(self) -> None:
         """Rescan the checkpoint folders (the 🔄 buttons). The WebUI's list_models() empties the
@@ -293,9 +301,9 @@ class WebUIHost(_FolderLayout):
                 getattr(sd_models, "checkpoints_loaded", {}).clear()
 
         self._under_lock(unload)
-        import gc
+        from .memory import give_memory_back
 
-        gc.collect()
+        give_memory_back()
         return info
 
     def restore_webui_model(self, unloaded: Any) -> str | None:
@@ -475,7 +483,7 @@ class StandaloneHost(_FolderLayout):
         (a trailing ``[hash]`` from a WebUI title is ignored)."""
         if not title_or_name:
             return None
-        text = re.sub(r"\s*\[[^]]+]\s*$", "", title_or_name.strip())
+        text = without_hash(title_or_name)
         entries = self.list_checkpoints()
         for e in entries:
             if text in (e.title, e.name, Path(e.name).stem, e.filename):
