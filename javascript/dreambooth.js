@@ -64,6 +64,18 @@
         }
     }
 
+    // Right after Train (or any action) the page polls fast at once, not at the idle pace: a
+    // short run would otherwise be over before the page first sees it running.
+    var fastUntil = 0;
+    document.addEventListener("click", function (event) {
+        var target = event.target;
+        var inTab = target && target.closest && target.closest("#tab_dreambooth");
+        if (inTab && target.closest("button") && !target.closest("#dreambooth_poll")) {
+            fastUntil = Date.now() + 10000;
+            lastClick = 0;
+        }
+    }, true);
+
     function tick() {
         noticeTick();
         if (document.hidden || !tabVisible()) {
@@ -71,7 +83,8 @@
         }
         restoreOnce();
         var now = Date.now();
-        if (now - lastClick < (running() ? FAST_MS : SLOW_MS) - 50) {
+        var fast = running() || now < fastUntil;
+        if (now - lastClick < (fast ? FAST_MS : SLOW_MS) - 50) {
             return;
         }
         var button = pollButton();
