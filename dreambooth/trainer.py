@@ -69,6 +69,11 @@ class RunPaths:
     def samples_dir(self) -> Path:
         return self.work_dir / "samples"
 
+    @property
+    def logs_dir(self) -> Path:
+        """The training log: train.jsonl always, TensorBoard event files when it is installed."""
+        return self.work_dir / "logs"
+
 
 @dataclass
 class TrainResult:
