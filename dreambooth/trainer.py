@@ -7,134 +7,29 @@ uninterrupted one would have.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from . import data
 from .config import ConfigError, FieldError, TrainingConfig
 from .eta import RunExtras
 from .memory import give_memory_back
+from .objective import dreambooth_loss, min_snr_weights, offset_noise, snr, step_generator
+from .optimizers import EMA, build_optimizer, eight_bit_problem, freeze_text_encoder
+from .run_output import RunWriter, make_samples, planned_outputs, resolve_base_model, run_id_of
+from .run_types import Cancelled, Reporter, RunPaths, TrainResult
 from .tiny import Components
 
-
-class Cancelled(Exception):
-    """Raised inside the loop when the user asked to stop."""
-
-
-class Reporter:
-    """What the loop tells the outside world; the job runner and the CLI subclass it."""
-
-    def phase(self, name: str) -> None: ...
-
-    def log(self, line: str) -> None:
-        print(line, flush=True)
-
-    def progress(self, step: int, total: int, loss: float | None, lr: float | None) -> None: ...
-
-    def samples(self, paths: list[Path]) -> None: ...
-
-    def holding(self, held: bool) -> None:
-        """Whether the job holds the WebUI's generation lock (txt2img waits for it)."""
-
-    def detail(self, text: str) -> None:
-        """What the current phase is doing ("sampling step 500: 2 / 4 pictures")."""
-
-    def extra_time(self, seconds: float) -> None:
-        """Seconds the rest of the run needs besides its steps (samples, saves, export)."""
-
-    def should_stop(self) -> bool:
-        return False
-
-
-@dataclass
-class RunPaths:
-    """Where a run writes: its work folder and the folder the WebUI lists checkpoints from."""
-
-    work_dir: Path
-    checkpoints_dir: Path
-
-    @property
-    def resume_dir(self) -> Path:
-        return self.work_dir / "checkpoints"
-
-    @property
-    def samples_dir(self) -> Path:
-        return self.work_dir / "samples"
-
-    @property
-    def logs_dir(self) -> Path:
-        """The training log: train.jsonl always, TensorBoard event files when it is installed."""
-        return self.work_dir / "logs"
-
-
-@dataclass
-class TrainResult:
-    output_path: Path | None
-    steps: int
-    total_steps: int
-    seconds: float
-    cancelled: bool = False
-    losses: list[float] = field(default_factory=list)
-    ema: object | None = None  # the EMAModel when use_ema (its weights are what was exported)
-
-
-# --------------------------------------------------------------------------------------------
-# Pure pieces (tested on their own)
-# --------------------------------------------------------------------------------------------
-
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio of each timestep: alpha_bar / (1 - alpha_bar)."""
-    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return alpha_bar / (1.0 - alpha_bar)
-
-
-def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets,
-    min(SNR, gamma) / (SNR + 1) for v targets (the v loss already carries a factor SNR + 1)."""
-    clipped = torch.clamp(snr_values, max=gamma)
-    if prediction_type == "v_prediction":
-        return clipped / (snr_values + 1.0)
-    return clipped / snr_values
-
-
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, *, n_instance: int,
-                    prior_loss_weight: float, weights: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Loss = instance MSE + prior_loss_weight x class MSE; the first n_instance rows are instance
-    pictures, the rest class pictures. Returns (loss, instance loss, prior loss or None)."""
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
-    if weights is not None:
-        per_sample = per_sample * weights
-    instance = per_sample[:n_instance].mean()
-    if n_instance == per_sample.shape[0]:
-        return instance, instance, None
-    prior = per_sample[n_instance:].mean()
-    return instance + prior_loss_weight * prior, instance, prior
-
-
-def offset_noise(shape: tuple[int, ...], strength: float, generator: torch.Generator,
-                 dtype=torch.float32) -> torch.Tensor:
-    """Gaussian noise plus a per-(sample, channel) constant: lets the model learn overall
-    brightness (Guttenberg's offset noise)."""
-    noise = torch.randn(shape, generator=generator, dtype=dtype)
-    if strength:
-        noise = noise + strength * torch.randn(shape[:2] + (1,) * (len(shape) - 2),
-                                               generator=generator, dtype=dtype)
-    return noise
-
-
-def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    """A CPU generator for one step: randomness depends only on (seed, step), never on history."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))
+# What callers (the job runner, the CLI, the service, tests) import from here.
+__all__ = ["Cancelled", "Reporter", "RunPaths", "TrainResult", "train", "run_training",
+           "load_model", "encode_prompts", "build_optimizer", "eight_bit_problem",
+           "planned_outputs", "run_id_of", "dreambooth_loss", "min_snr_weights", "offset_noise",
+           "snr"]
 
 
 def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int,
@@ -149,47 +44,6 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int,
     hidden = out.hidden_states[-clip_skip]
     return text_encoder.text_model.final_layer_norm(hidden)
 
-
-def build_optimizer(name: str, param_groups: list[dict], config: TrainingConfig, device):
-    """AdamW, 8-bit AdamW, Lion (32/8-bit), Prodigy or SGD over the given parameter groups."""
-    betas = (config.adam_beta1, config.adam_beta2)
-    if name == "adamw":
-        extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(param_groups, betas=betas, eps=config.adam_epsilon,
-                                 weight_decay=config.weight_decay, **extra)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, momentum=0.9, weight_decay=config.weight_decay)
-    if name == "prodigy":
-        from prodigyopt import Prodigy
-
-        return Prodigy(param_groups, betas=betas, weight_decay=config.weight_decay)
-    problem = eight_bit_problem(device) if name in ("adamw8bit", "lion8bit", "lion") else None
-    if problem:
-        raise ConfigError([FieldError("optimizer", problem)])
-    import bitsandbytes as bnb
-
-    if name == "adamw8bit":
-        return bnb.optim.AdamW8bit(param_groups, betas=betas, eps=config.adam_epsilon,
-                                   weight_decay=config.weight_decay)
-    if name == "lion8bit":
-        return bnb.optim.Lion8bit(param_groups, betas=betas, weight_decay=config.weight_decay)
-    if name == "lion":
-        return bnb.optim.Lion(param_groups, betas=betas, weight_decay=config.weight_decay,
-                              optim_bits=32)
-    raise ConfigError([FieldError("optimizer", f"unknown optimizer {name!r}")])
-
-
-def eight_bit_problem(device) -> str | None:
-    """Why bitsandbytes' optimizers cannot run on this device, or None when they can."""
-    try:
-        import bitsandbytes as bnb
-    except Exception as exc:  # a broken install raises all sorts of errors at import
-        return f"bitsandbytes is not usable ({exc}); choose adamw"
-    version = tuple(int(p) for p in bnb.__version__.split(".")[:2] if p.isdigit())
-    if device.type == "cpu" and version < (0, 50):
-        return (f"bitsandbytes {bnb.__version__} cannot run its optimizers on the CPU (0.50 is the "
-                "first that can); choose adamw")
-    return None
 
 
 def frozen_dtype(mixed_precision: str, device) -> torch.dtype:
@@ -216,54 +70,6 @@ def set_attention(unet, attention: str) -> None:
 
         unet.set_attn_processor(AttnProcessor())
 
-
-class EMA:
-    """Exponential moving average of the trained weights, with diffusers' warm-up
-    (decay_t = min(decay, (1 + t) / (10 + t))). diffusers' own EMAModel lives in
-    diffusers.training_utils, which fails to import with the WebUI's transformers 4.30."""
-
-    def __init__(self, parameters, decay: float):
-        self.decay = decay
-        self.shadow_params = [p.detach().clone().float() for p in parameters]
-        self.optimization_step = 0
-        self._stored: list[torch.Tensor] | None = None
-
-    def current_decay(self) -> float:
-        t = self.optimization_step
-        return min(self.decay, (1 + t) / (10 + t))
-
-    @torch.no_grad()
-    def step(self, parameters) -> None:
-        self.optimization_step += 1
-        weight = 1.0 - self.current_decay()
-        for shadow, param in zip(self.shadow_params, parameters):
-            if param.requires_grad:
-                shadow.lerp_(param.detach().float(), weight)
-            else:
-                shadow.copy_(param.detach())
-
-    @torch.no_grad()
-    def copy_to(self, parameters) -> None:
-        for shadow, param in zip(self.shadow_params, parameters):
-            param.copy_(shadow.to(param.device, param.dtype))
-
-    def store(self, parameters) -> None:
-        self._stored = [p.detach().clone() for p in parameters]
-
-    @torch.no_grad()
-    def restore(self, parameters) -> None:
-        for stored, param in zip(self._stored or [], parameters):
-            param.copy_(stored)
-        self._stored = None
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "optimization_step": self.optimization_step,
-                "shadow_params": self.shadow_params}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.optimization_step = state["optimization_step"]
-        self.shadow_params = [t.clone() for t in state["shadow_params"]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,109 +146,6 @@ def class_partner(classes: list[data.Picture], concept_index: int, micro: int,
 # What a run writes: resume points and models
 # --------------------------------------------------------------------------------------------
 
-def run_id_of(path: Path) -> str | None:
-    """The run id a model file of ours carries in its metadata (None: not ours, or unreadable)."""
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("dreambooth.run_id")
-    except Exception:  # a damaged or foreign file is simply not ours
-        return None
-
-
-def planned_outputs(config: TrainingConfig, total_steps: int) -> list[str]:
-    """The file names a run will write into the checkpoints folder: its intermediate saves
-    (``<name>_<step>``) and the final model."""
-    from .names import output_file_name
-
-    names = []
-    if config.save_every_n_steps:
-        names += [output_file_name(config.model_name, f"_{step}", config.export_format)
-                  for step in range(config.save_every_n_steps, total_steps,
-                                    config.save_every_n_steps)]
-    return names + [output_file_name(config.model_name, "", config.export_format)]
-
-
-class RunWriter:
-    """Writes what a run keeps — resume points and models — and knows which files are its own.
-
-    A model file of this run (its metadata carries the run id, e.g. an intermediate save written
-    before a crash) may be replaced; any other existing file only with ``overwrite``."""
-
-    def __init__(self, config: TrainingConfig, paths: RunPaths, components: Components,
-                 accelerator, unet, text_encoder, ema, optimizer, lr_scheduler,
-                 reporter: Reporter, run_id: str, pictures: tuple[int, int] = (0, 0)):
-        self.config, self.paths, self.components = config, paths, components
-        self.pictures = pictures  # instance and class pictures, for the file's metadata
-        self.accelerator, self.unet, self.text_encoder, self.ema = accelerator, unet, text_encoder, ema
-        self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
-        self.run_id = run_id
-
-    def trained_models(self) -> dict[str, torch.nn.Module]:
-        models = {"unet": self.accelerator.unwrap_model(self.unet)}
-        if self.config.train_text_encoder:
-            models["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
-        return models
-
-    def resume_point(self, step: int) -> Path:
-        from . import resume
-
-        models = self.trained_models()
-        state = {"optimizer": self.optimizer.state_dict(),
-                 "lr_scheduler": self.lr_scheduler.state_dict(),
-                 "ema": self.ema.state_dict() if self.ema is not None else None}
-        point = resume.save_resume_point(
-            self.paths.resume_dir, step, models, state, run_id=self.run_id,
-            limit=self.config.checkpoints_total_limit,
-            needed_bytes=resume.estimate_bytes(models, self.optimizer))
-        self.reporter.log(f"saved resume point at step {step}")
-        return point
-
-    def model(self, step: int, suffix: str = "") -> Path | None:
-        """Export the model; an intermediate save (``suffix``) whose name is taken by a file that
-        is not this run's is skipped with a warning (the final one raises OutputExistsError)."""
-        from .files import OutputExistsError
-        from .names import output_file_name
-
-        out = self.paths.checkpoints_dir / output_file_name(self.config.model_name, suffix,
-                                                            self.config.export_format)
-        replace = self.config.overwrite or run_id_of(out) == self.run_id
-        if out.exists() and not replace:
-            if not suffix:
-                raise OutputExistsError(out)
-            self.reporter.log(f"warning: {out.name} already exists and is not from this run; "
-                              "this intermediate save is skipped (turn on overwrite to replace it)")
-            return None
-        return export(self.config, self.paths, self.components, self.accelerator, self.unet,
-                      self.text_encoder, self.ema, step, self.reporter, suffix=suffix,
-                      overwrite=replace, run_id=self.run_id, pictures=self.pictures)
-
-    def rescue(self, step: int, failure: Exception, saved_step: int | None) -> Exception:
-        """After a failed write: keep the trained weights as a resume point (unless that was the
-        write that failed, or the newest point already holds this step) and say so in the error."""
-        from . import resume
-        from .files import WriteError, with_note
-
-        if step <= 0:
-            return failure
-        newest = resume.list_resume_points(self.paths.resume_dir)
-        if isinstance(failure, WriteError) and self.paths.resume_dir in failure.target.parents:
-            kept = (f"the newest complete resume point is {newest[-1].name}" if newest
-                    else "no resume point could be kept")
-            return with_note(failure, kept)
-        if saved_step == step and newest:
-            note = f"the trained weights of step {step} are kept in the resume point {newest[-1]}"
-        else:
-            try:
-                note = f"the trained weights are kept as the resume point {self.resume_point(step)}"
-            except (WriteError, OSError) as second:
-                return with_note(failure, f"the resume point could not be written either ({second})")
-        return with_note(failure, f"{note}; fix that, then resume the run (Resume in the tab, "
-                                  "--resume on the command line) to finish without training again")
-
 
 # --------------------------------------------------------------------------------------------
 # The run
@@ -459,13 +162,6 @@ def new_accelerator(precision: str):
     GradientState._reset_state()
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
-
-def resolve_base_model(config: TrainingConfig) -> Path:
-    path = Path(config.base_model).expanduser()
-    if not path.exists():
-        raise ConfigError([FieldError("base_model", f"{config.base_model} does not exist; pick a "
-                                      "checkpoint file or a diffusers folder")])
-    return path
 
 
 def load_model(config: TrainingConfig) -> tuple[Components, str]:
@@ -840,123 +536,6 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                  + (f" ({stepping / max(step, 1):.3f} s/step)" if step else ""))
     return TrainResult(output_path, step, total_steps, seconds, cancelled, losses, ema)
 
-
-def freeze_text_encoder(text_encoder, optimizer) -> None:
-    """Stop training the text encoder and free its optimizer state."""
-    te_params = set(text_encoder.parameters())
-    for group in optimizer.param_groups:
-        if any(p in te_params for p in group["params"]):
-            for p in group["params"]:
-                optimizer.state.pop(p, None)
-                p.grad = None
-            group["params"] = []
-    text_encoder.requires_grad_(False).eval()
-
-
-def make_samples(components: Components, config: TrainingConfig, paths: RunPaths, step: int,
-                 device, accelerator, unet, ema, reporter: Reporter | None = None) -> list[Path]:
-    from .sampling import generate_samples
-
-    def progress(done: int, total: int) -> None:
-        if reporter is not None:
-            reporter.detail(f"sampling step {step}: {done} / {total} pictures")
-
-    live = accelerator.unwrap_model(unet)
-    with ema_weights(live, ema):
-        return generate_samples(components, config, paths.samples_dir, step, device,
-                                progress=progress)
-
-
-@contextlib.contextmanager
-def ema_weights(unet, ema):
-    """Temporarily put the EMA weights in the UNet (samples and exports show what is saved)."""
-    if ema is None:
-        yield
-        return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    try:
-        yield
-    finally:
-        ema.restore(unet.parameters())
-
-
-def export(config: TrainingConfig, paths: RunPaths, components: Components, accelerator, unet,
-           text_encoder, ema, step: int, reporter: Reporter, suffix: str = "", *,
-           overwrite: bool = False, run_id: str = "", pictures: tuple[int, int] = (0, 0)) -> Path:
-    """Write the model into the checkpoints folder: into the base file's own layout, or (a
-    diffusers folder as the base) as a new single file in the standard layout."""
-    from . import checkpoint
-    from . import export as export_module
-    from .files import ensure_folder
-    from .names import output_file_name
-
-    reporter.phase("saving")
-    ensure_folder(paths.checkpoints_dir)
-    out = paths.checkpoints_dir / output_file_name(config.model_name, suffix, config.export_format)
-    reporter.detail(f"writing {out.name}")
-    trained = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
-    metadata = export_metadata(config, step, *pictures)
-    if run_id:
-        metadata["dreambooth.run_id"] = run_id
-    live = accelerator.unwrap_model(unet)
-    base = resolve_base_model(config)
-    with ema_weights(live, ema):
-        if base.is_dir():
-            result = export_module.save_single_file(
-                components, out, kind=checkpoint.detect_kind(base).kind, dtype=config.export_dtype,
-                metadata=metadata, overwrite=overwrite, base_name=base.name)
-        else:
-            result = export_module.export_checkpoint(
-                base, components, out, trained=trained, dtype=config.export_dtype,
-                metadata=metadata, overwrite=overwrite)
-    reporter.log(f"saved {result}")
-    if suffix:  # an intermediate save: training goes on
-        reporter.phase("training")
-    return result
-
-
-def export_metadata(config: TrainingConfig, step: int, instance_pictures: int = 0,
-                    class_pictures: int = 0) -> dict[str, object]:
-    """What the exported file says about its training (``export.build_metadata`` adds the model
-    kind, the base model and its hash): our own ``dreambooth.*`` keys (plain names here), and the
-    ``ss_*`` keys kohya's sd-scripts write, which the WebUI's metadata viewer, Civitai and most
-    model managers read."""
-    concepts = [{"instance_prompt": c.instance_prompt, "class_prompt": c.class_prompt}
-                for c in config.concepts]
-    return {
-        "steps": str(step),
-        "learning_rate": str(config.learning_rate),
-        "resolution": config.resolution,
-        "concepts": concepts,
-        "config": config.to_json(),
-        "ss_training_comment": "DreamBooth: " + "; ".join(c["instance_prompt"] for c in concepts),
-        "ss_steps": str(step),
-        "ss_max_train_steps": str(step if not config.max_train_steps else config.max_train_steps),
-        "ss_learning_rate": str(config.learning_rate),
-        "ss_unet_lr": str(config.learning_rate),
-        "ss_text_encoder_lr": str((config.text_encoder_lr or config.learning_rate)
-                                  if config.train_text_encoder else 0),
-        "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
-        "ss_optimizer": config.optimizer,
-        "ss_batch_size_per_device": str(config.train_batch_size),
-        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
-        "ss_mixed_precision": config.mixed_precision,
-        "ss_seed": str(config.seed),
-        "ss_clip_skip": str(config.clip_skip),
-        "ss_resolution": f"({config.resolution}, {config.resolution})",
-        "ss_enable_bucket": str(bool(config.aspect_ratio_buckets)),
-        "ss_num_train_images": str(instance_pictures),
-        "ss_num_reg_images": str(class_pictures),
-        "ss_prior_loss_weight": str(config.prior_loss_weight if config.with_prior_preservation
-                                    else 0),
-        "ss_min_snr_gamma": str(config.min_snr_gamma or 0),
-        "ss_noise_offset": str(config.offset_noise or 0),
-        "ss_max_grad_norm": str(config.max_grad_norm or 0),
-        "ss_gradient_checkpointing": str(bool(config.gradient_checkpointing)),
-        "ss_cache_latents": str(bool(config.cache_latents)),
-    }
 
 
 def release(accelerator, components: Components) -> None:

@@ -143,9 +143,9 @@ def test_a_new_run_under_a_used_name_keeps_the_earlier_runs_points(tmp_path):
 def test_saves_a_crash_skipped_are_redone_after_resume(tmp_path, monkeypatch):
     """The intermediate save of a step comes before its resume point: a crash while saving the
     model at step 4 resumes from step 2 and writes the step-4 model after all."""
-    from dreambooth import trainer
+    from dreambooth import run_output
 
-    real_export = trainer.export
+    real_export = run_output.export
     crashed = {"done": False}
 
     class Killed(BaseException):
@@ -157,7 +157,7 @@ def test_saves_a_crash_skipped_are_redone_after_resume(tmp_path, monkeypatch):
             raise Killed
         return real_export(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "export", export_that_dies)
+    monkeypatch.setattr(run_output, "export", export_that_dies)
     options = dict(max_train_steps=5, checkpoint_every_n_steps=2, save_every_n_steps=2)
     with pytest.raises(Killed):
         run(tmp_path, export=True, **options)
@@ -176,16 +176,16 @@ def test_saves_a_crash_skipped_are_redone_after_resume(tmp_path, monkeypatch):
 
 
 def test_resuming_from_the_last_step_only_exports(tmp_path, monkeypatch):
-    from dreambooth import trainer
+    from dreambooth import run_output
 
-    real_export = trainer.export
-    monkeypatch.setattr(trainer, "export", lambda *a, **k: (_ for _ in ()).throw(
+    real_export = run_output.export
+    monkeypatch.setattr(run_output, "export", lambda *a, **k: (_ for _ in ()).throw(
         files.WriteError(run_paths(tmp_path).checkpoints_dir / "test-model.safetensors",
                          "the disk is full", needed=10, free=1)))
     with pytest.raises(files.WriteError) as info:
         run(tmp_path, export=True, max_train_steps=3)
     assert "kept as the resume point" in str(info.value) and "step-000003" in str(info.value)
-    monkeypatch.setattr(trainer, "export", real_export)
+    monkeypatch.setattr(run_output, "export", real_export)
     reporter = RecordingReporter()
     result, _ = run(tmp_path, reporter=reporter, export=True, resume_run=True, max_train_steps=3)
     assert reporter.steps == [] and result.steps == 3  # no step trained twice

@@ -1,0 +1,53 @@
+"""The training objective, as pure functions of tensors: noise, timestep weights, the
+DreamBooth loss. The loop calls these and nothing else for its maths; tests/test_maths.py pins
+them (and the loop) to the published formulas."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of each timestep: alpha_bar / (1 - alpha_bar)."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets,
+    min(SNR, gamma) / (SNR + 1) for v targets (the v loss already carries a factor SNR + 1)."""
+    clipped = torch.clamp(snr_values, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr_values + 1.0)
+    return clipped / snr_values
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, *, n_instance: int,
+                    prior_loss_weight: float, weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Loss = instance MSE + prior_loss_weight x class MSE; the first n_instance rows are instance
+    pictures, the rest class pictures. Returns (loss, instance loss, prior loss or None)."""
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    if weights is not None:
+        per_sample = per_sample * weights
+    instance = per_sample[:n_instance].mean()
+    if n_instance == per_sample.shape[0]:
+        return instance, instance, None
+    prior = per_sample[n_instance:].mean()
+    return instance + prior_loss_weight * prior, instance, prior
+
+
+def offset_noise(shape: tuple[int, ...], strength: float, generator: torch.Generator,
+                 dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise plus a per-(sample, channel) constant: lets the model learn overall
+    brightness (Guttenberg's offset noise)."""
+    noise = torch.randn(shape, generator=generator, dtype=dtype)
+    if strength:
+        noise = noise + strength * torch.randn(shape[:2] + (1,) * (len(shape) - 2),
+                                               generator=generator, dtype=dtype)
+    return noise
+
+
+def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator for one step: randomness depends only on (seed, step), never on history."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))

@@ -1,0 +1,229 @@
+"""What a run writes: resume points, intermediate and final models, samples; and which
+existing files are its own (may be replaced after a resume)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, FieldError, TrainingConfig
+from .run_types import Reporter, RunPaths
+from .tiny import Components
+
+def run_id_of(path: Path) -> str | None:
+    """The run id a model file of ours carries in its metadata (None: not ours, or unreadable)."""
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("dreambooth.run_id")
+    except Exception:  # a damaged or foreign file is simply not ours
+        return None
+
+
+def planned_outputs(config: TrainingConfig, total_steps: int) -> list[str]:
+    """The file names a run will write into the checkpoints folder: its intermediate saves
+    (``<name>_<step>``) and the final model."""
+    from .names import output_file_name
+
+    names = []
+    if config.save_every_n_steps:
+        names += [output_file_name(config.model_name, f"_{step}", config.export_format)
+                  for step in range(config.save_every_n_steps, total_steps,
+                                    config.save_every_n_steps)]
+    return names + [output_file_name(config.model_name, "", config.export_format)]
+
+
+class RunWriter:
+    """Writes what a run keeps — resume points and models — and knows which files are its own.
+
+    A model file of this run (its metadata carries the run id, e.g. an intermediate save written
+    before a crash) may be replaced; any other existing file only with ``overwrite``."""
+
+    def __init__(self, config: TrainingConfig, paths: RunPaths, components: Components,
+                 accelerator, unet, text_encoder, ema, optimizer, lr_scheduler,
+                 reporter: Reporter, run_id: str, pictures: tuple[int, int] = (0, 0)):
+        self.config, self.paths, self.components = config, paths, components
+        self.pictures = pictures  # instance and class pictures, for the file's metadata
+        self.accelerator, self.unet, self.text_encoder, self.ema = accelerator, unet, text_encoder, ema
+        self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
+        self.run_id = run_id
+
+    def trained_models(self) -> dict[str, torch.nn.Module]:
+        models = {"unet": self.accelerator.unwrap_model(self.unet)}
+        if self.config.train_text_encoder:
+            models["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
+        return models
+
+    def resume_point(self, step: int) -> Path:
+        from . import resume
+
+        models = self.trained_models()
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema is not None else None}
+        point = resume.save_resume_point(
+            self.paths.resume_dir, step, models, state, run_id=self.run_id,
+            limit=self.config.checkpoints_total_limit,
+            needed_bytes=resume.estimate_bytes(models, self.optimizer))
+        self.reporter.log(f"saved resume point at step {step}")
+        return point
+
+    def model(self, step: int, suffix: str = "") -> Path | None:
+        """Export the model; an intermediate save (``suffix``) whose name is taken by a file that
+        is not this run's is skipped with a warning (the final one raises OutputExistsError)."""
+        from .files import OutputExistsError
+        from .names import output_file_name
+
+        out = self.paths.checkpoints_dir / output_file_name(self.config.model_name, suffix,
+                                                            self.config.export_format)
+        replace = self.config.overwrite or run_id_of(out) == self.run_id
+        if out.exists() and not replace:
+            if not suffix:
+                raise OutputExistsError(out)
+            self.reporter.log(f"warning: {out.name} already exists and is not from this run; "
+                              "this intermediate save is skipped (turn on overwrite to replace it)")
+            return None
+        return export(self.config, self.paths, self.components, self.accelerator, self.unet,
+                      self.text_encoder, self.ema, step, self.reporter, suffix=suffix,
+                      overwrite=replace, run_id=self.run_id, pictures=self.pictures)
+
+    def rescue(self, step: int, failure: Exception, saved_step: int | None) -> Exception:
+        """After a failed write: keep the trained weights as a resume point (unless that was the
+        write that failed, or the newest point already holds this step) and say so in the error."""
+        from . import resume
+        from .files import WriteError, with_note
+
+        if step <= 0:
+            return failure
+        newest = resume.list_resume_points(self.paths.resume_dir)
+        if isinstance(failure, WriteError) and self.paths.resume_dir in failure.target.parents:
+            kept = (f"the newest complete resume point is {newest[-1].name}" if newest
+                    else "no resume point could be kept")
+            return with_note(failure, kept)
+        if saved_step == step and newest:
+            note = f"the trained weights of step {step} are kept in the resume point {newest[-1]}"
+        else:
+            try:
+                note = f"the trained weights are kept as the resume point {self.resume_point(step)}"
+            except (WriteError, OSError) as second:
+                return with_note(failure, f"the resume point could not be written either ({second})")
+        return with_note(failure, f"{note}; fix that, then resume the run (Resume in the tab, "
+                                  "--resume on the command line) to finish without training again")
+
+
+def resolve_base_model(config: TrainingConfig) -> Path:
+    path = Path(config.base_model).expanduser()
+    if not path.exists():
+        raise ConfigError([FieldError("base_model", f"{config.base_model} does not exist; pick a "
+                                      "checkpoint file or a diffusers folder")])
+    return path
+
+
+def make_samples(components: Components, config: TrainingConfig, paths: RunPaths, step: int,
+                 device, accelerator, unet, ema, reporter: Reporter | None = None) -> list[Path]:
+    from .sampling import generate_samples
+
+    def progress(done: int, total: int) -> None:
+        if reporter is not None:
+            reporter.detail(f"sampling step {step}: {done} / {total} pictures")
+
+    live = accelerator.unwrap_model(unet)
+    with ema_weights(live, ema):
+        return generate_samples(components, config, paths.samples_dir, step, device,
+                                progress=progress)
+
+
+@contextlib.contextmanager
+def ema_weights(unet, ema):
+    """Temporarily put the EMA weights in the UNet (samples and exports show what is saved)."""
+    if ema is None:
+        yield
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(unet.parameters())
+
+
+def export(config: TrainingConfig, paths: RunPaths, components: Components, accelerator, unet,
+           text_encoder, ema, step: int, reporter: Reporter, suffix: str = "", *,
+           overwrite: bool = False, run_id: str = "", pictures: tuple[int, int] = (0, 0)) -> Path:
+    """Write the model into the checkpoints folder: into the base file's own layout, or (a
+    diffusers folder as the base) as a new single file in the standard layout."""
+    from . import checkpoint
+    from . import export as export_module
+    from .files import ensure_folder
+    from .names import output_file_name
+
+    reporter.phase("saving")
+    ensure_folder(paths.checkpoints_dir)
+    out = paths.checkpoints_dir / output_file_name(config.model_name, suffix, config.export_format)
+    reporter.detail(f"writing {out.name}")
+    trained = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
+    metadata = export_metadata(config, step, *pictures)
+    if run_id:
+        metadata["dreambooth.run_id"] = run_id
+    live = accelerator.unwrap_model(unet)
+    base = resolve_base_model(config)
+    with ema_weights(live, ema):
+        if base.is_dir():
+            result = export_module.save_single_file(
+                components, out, kind=checkpoint.detect_kind(base).kind, dtype=config.export_dtype,
+                metadata=metadata, overwrite=overwrite, base_name=base.name)
+        else:
+            result = export_module.export_checkpoint(
+                base, components, out, trained=trained, dtype=config.export_dtype,
+                metadata=metadata, overwrite=overwrite)
+    reporter.log(f"saved {result}")
+    if suffix:  # an intermediate save: training goes on
+        reporter.phase("training")
+    return result
+
+
+def export_metadata(config: TrainingConfig, step: int, instance_pictures: int = 0,
+                    class_pictures: int = 0) -> dict[str, object]:
+    """What the exported file says about its training (``export.build_metadata`` adds the model
+    kind, the base model and its hash): our own ``dreambooth.*`` keys (plain names here), and the
+    ``ss_*`` keys kohya's sd-scripts write, which the WebUI's metadata viewer, Civitai and most
+    model managers read."""
+    concepts = [{"instance_prompt": c.instance_prompt, "class_prompt": c.class_prompt}
+                for c in config.concepts]
+    return {
+        "steps": str(step),
+        "learning_rate": str(config.learning_rate),
+        "resolution": config.resolution,
+        "concepts": concepts,
+        "config": config.to_json(),
+        "ss_training_comment": "DreamBooth: " + "; ".join(c["instance_prompt"] for c in concepts),
+        "ss_steps": str(step),
+        "ss_max_train_steps": str(step if not config.max_train_steps else config.max_train_steps),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_text_encoder_lr": str((config.text_encoder_lr or config.learning_rate)
+                                  if config.train_text_encoder else 0),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_optimizer": config.optimizer,
+        "ss_batch_size_per_device": str(config.train_batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_seed": str(config.seed),
+        "ss_clip_skip": str(config.clip_skip),
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_enable_bucket": str(bool(config.aspect_ratio_buckets)),
+        "ss_num_train_images": str(instance_pictures),
+        "ss_num_reg_images": str(class_pictures),
+        "ss_prior_loss_weight": str(config.prior_loss_weight if config.with_prior_preservation
+                                    else 0),
+        "ss_min_snr_gamma": str(config.min_snr_gamma or 0),
+        "ss_noise_offset": str(config.offset_noise or 0),
+        "ss_max_grad_norm": str(config.max_grad_norm or 0),
+        "ss_gradient_checkpointing": str(bool(config.gradient_checkpointing)),
+        "ss_cache_latents": str(bool(config.cache_latents)),
+    }
