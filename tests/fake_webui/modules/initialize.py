@@ -5,6 +5,10 @@ from __future__ import annotations
 def initialize() -> None:
     from modules import call_queue, sd_models, shared
 
+    from modules import interrogate
+
+    # modules/shared_init.py in the WebUI (A1111 and Forge alike)
+    shared.interrogator = interrogate.InterrogateModels("interrogate")
     sd_models.list_models()
     if shared.flavour != "forge":
         # A1111: changing the checkpoint setting reloads the model synchronously under queue_lock,

@@ -25,8 +25,14 @@ options_templates.update(options_section(("training", "Training", "training"), {
     "unload_models_when_training": OptionInfo(False, "Move VAE and CLIP to RAM when training if possible"),
 }))
 
+options_templates.update(options_section(("interrogate", "Interrogate"), {
+    "interrogate_keep_models_in_memory": OptionInfo(False, "Keep models in VRAM"),
+    "deepbooru_use_spaces": OptionInfo(True, "deepbooru: use spaces in tags"),
+}))
+
 opts = Options(options_templates, freeze_settings=cmd_opts.freeze_settings)
 state = State()
+interrogator = None  # the CLIP interrogator, made by initialize() (shared_init.py in the WebUI)
 
 
 class Shared(types.ModuleType):

@@ -19,3 +19,11 @@ def unload_all_models():
 
 def soft_empty_cache(force=False):
     return None
+
+
+loaded_for_interrogation: list = []  # fake only: what load_models_gpu() was given
+
+
+def load_models_gpu(models, memory_required=0):
+    """Forge puts the given models (ModelPatchers) on the GPU, moving others out if needed."""
+    loaded_for_interrogation.extend(models)
