@@ -124,6 +124,20 @@ class Host(Protocol):
     def set_webui_progress(self, job: str, step: int, total: int, text: str = "") -> None: ...
     def show_webui_preview(self, image: Any) -> None: ...
     def hold_generation(self, on_wait: Callable[[], None] | None = None) -> Any: ...
+    def interrogators(self) -> list[str]: ...
+    def interrogate(self, kind: str, image: Any) -> str: ...
+
+
+class InterrogatorError(ValueError):
+    """The WebUI's interrogator could not caption a picture (its console has the details).
+
+    A ValueError, so that the job runner shows the message as it is, without a traceback."""
+
+
+# The WebUI's interrogators, by the names the extension uses for them (captions.INTERROGATORS
+# describes them for people): "clip" is the WebUI's own "Interrogate CLIP" (a BLIP sentence and
+# CLIP's flavour words), "blip" the BLIP sentence alone, "deepbooru" its DeepDanbooru tags.
+INTERROGATOR_KINDS = ("clip", "blip", "deepbooru")
 
 
 class _FolderLayout:
@@ -448,6 +462,57 @@ class WebUIHost(_FolderLayout):
                 lock.release()
 
 
+    # --- interrogators (captions for the user's pictures) -----------------------------------
+    def interrogators(self) -> list[str]:
+        """What this WebUI can caption with. A1111 1.10 and Forge 2.0 both make
+        ``shared.interrogator`` at start-up (modules/shared_init.py) and have
+        ``modules.deepbooru.model``; a fork without one simply lists fewer."""
+        kinds = []
+        if getattr(_m("shared"), "interrogator", None) is not None:
+            kinds += ["clip", "blip"]
+        try:
+            if getattr(_m("deepbooru"), "model", None) is not None:
+                kinds.append("deepbooru")
+        except Exception:  # a fork without DeepBooru, or one whose import fails
+            pass
+        return kinds
+
+    def interrogate(self, kind: str, image: Any) -> str:
+        """The WebUI's caption for ``image`` (an RGB PIL image), under ``queue_lock`` for this one
+        picture only, as the WebUI's own /sdapi/v1/interrogate does: a generation waiting
+        meanwhile runs between two pictures, never alongside one (both need the GPU).
+
+        Each call loads and puts away the models the WebUI's own way (A1111 moves them back to
+        the CPU unless "Keep models in VRAM"; Forge's memory manager decides)."""
+        if kind not in self.interrogators():
+            raise InterrogatorError(f"this WebUI has no {kind!r} interrogator "
+                                    f"(it has: {', '.join(self.interrogators()) or 'none'})")
+
+        def run() -> str:
+            if kind == "deepbooru":
+                return _m("deepbooru").model.tag(image)
+            interrogator = _m("shared").interrogator
+            if kind == "clip":
+                return interrogator.interrogate(image)
+            interrogator.load()  # "blip": the sentence alone (the WebUI's Caption postprocessing)
+            try:
+                return interrogator.generate_caption(image)
+            finally:
+                interrogator.unload()
+
+        try:
+            text = self._under_lock(run)
+        except Exception as exc:
+            raise InterrogatorError(f"the WebUI's {kind} interrogator failed: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        # interrogate() does not raise: it prints the traceback and appends "<error>"
+        if text is None or "<error>" in str(text):
+            raise InterrogatorError(f"the WebUI's {kind} interrogator failed (its console shows "
+                                    "why; it downloads its models on first use, which needs the "
+                                    "internet once)")
+        return str(text)
+
+
 class StandaloneHost(_FolderLayout):
     """No WebUI: a models folder laid out like the WebUI's (``Stable-diffusion/``, ``VAE/``)."""
 
@@ -531,6 +596,12 @@ class StandaloneHost(_FolderLayout):
     @contextmanager
     def hold_generation(self, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
         yield False
+
+    def interrogators(self) -> list[str]:
+        return []  # the interrogators are the WebUI's: none without it
+
+    def interrogate(self, kind: str, image: Any) -> str:
+        raise InterrogatorError("captioning uses the WebUI's interrogators; there is no WebUI here")
 
 
 def webui_available() -> bool:
