@@ -1,4 +1,4 @@
-"""Command line: ``python -m dreambooth {train,ui,demo,convert,check,bench} ...``."""
+"""Command line: ``python -m dreambooth {train,ui,demo,convert,check,caption,bench} ...``."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +9,7 @@ COMMANDS = {
     "train": ("dreambooth.cli", "train_main", "train a model from a config JSON"),
     "demo": ("dreambooth.cli", "demo_main", "train the built-in tiny model on generated pictures"),
     "check": ("dreambooth.dataset_check", "check_main", "report on the pictures of a config"),
+    "caption": ("dreambooth.cli", "caption_main", "caption pictures with the WebUI's interrogators"),
     "convert": ("dreambooth.export", "convert_main", "single file <-> diffusers folder"),
     "ui": ("dreambooth.ui", "standalone_main", "serve the tab without the WebUI"),
     "bench": ("dreambooth.bench", "bench_main", "measure speed and memory"),

@@ -1,4 +1,4 @@
-"""Headless commands: ``train CONFIG.json`` and ``demo``.
+"""Headless commands: ``train CONFIG.json``, ``demo`` and ``caption``.
 
 Both run the same engine as the tab. ``train`` also runs under ``accelerate launch`` or
 ``torchrun`` on several processes; only rank 0 writes files. ``train`` checks its config exactly
@@ -149,3 +149,64 @@ def demo_main(argv: list[str]) -> int:
     print(f"  work folder:     {paths.work_dir}  (config, log, samples, class pictures)")
     print(f"  trained model:   {result.output_path}")
     return 0
+
+
+def caption_main(argv: list[str]) -> int:
+    """``python -m dreambooth caption [FOLDER ...] [--config CONFIG.json] ...``: caption files for
+    the pictures that have none, with the WebUI's interrogators. They exist only inside the
+    WebUI's process: anywhere else this says so and ends with exit code 2 (nothing written)."""
+    from . import captions, files
+    from .captions import CaptionError, CaptionFolder, CaptionRequest, InterrogatorError
+    from .webui import get_host
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dreambooth caption",
+        description="Write caption files for pictures that have none, with the WebUI's "
+                    "interrogators (needs the WebUI's process).")
+    parser.add_argument("folders", nargs="*", help="picture folders (default: the config's "
+                                                   "instance folders)")
+    parser.add_argument("--config", help="a TrainingConfig JSON: its instance folders, caption "
+                                         "extension, subfolder and background settings")
+    parser.add_argument("--interrogator", default=captions.DEFAULT_INTERROGATOR,
+                        choices=list(captions.INTERROGATORS),
+                        help="; ".join(f"{k}: {v}" for k, v in captions.INTERROGATORS.items()))
+    parser.add_argument("--prefix", default="", help="text every caption starts with, e.g. "
+                        f"'ohwx dog,'; {captions.INSTANCE} = the concept's instance prompt (--config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing caption files")
+    parser.add_argument("--extension", help="caption file extension (default: the config's, "
+                                            "else .txt)")
+    parser.add_argument("--recursive", action="store_true", help="pictures in subfolders too")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        config = TrainingConfig.load(args.config) if args.config else TrainingConfig()
+        request = captions.request_from_config(config, interrogator=args.interrogator,
+                                               prefix=args.prefix, overwrite=args.overwrite)
+        if args.folders:
+            request = replace(request, folders=tuple(CaptionFolder(Path(f).expanduser(), args.prefix)
+                                                     for f in args.folders))
+        request = replace(request, recursive=request.recursive or args.recursive,
+                          caption_extension=args.extension or request.caption_extension)
+        host = get_host()
+        tasks = captions.check(request, host.interrogators() if host.is_webui else [])
+        reporter = ConsoleReporter(quiet=args.quiet)
+        previous = signal.getsignal(signal.SIGINT)
+        reporter.stop_on_ctrl_c()  # first Ctrl+C: stop after the current picture
+        try:
+            summary = captions.caption_pictures(request, tasks, host.interrogate, reporter)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    except InterrogatorError as exc:  # the WebUI's own failure (its console has the traceback)
+        print(f"error: {exc}", file=sys.stderr)
+        return files.EXIT_ERROR
+    except files.WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return files.EXIT_WRITE_FAILED
+    except (CaptionError, ValueError) as exc:  # no WebUI, bad folder or config
+        print(f"error: {exc}", file=sys.stderr)
+        return files.EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the captions written so far are complete", file=sys.stderr)
+        return files.EXIT_INTERRUPTED
+    reporter.phase("cancelled" if summary.cancelled else "done")
+    return files.EXIT_CANCELLED if summary.cancelled else files.EXIT_OK

@@ -20,8 +20,8 @@ from .files import WriteError
 from .memory import give_memory_back
 from .trainer import Reporter, RunPaths, TrainResult, train
 
-PHASES = ("idle", "loading", "class_images", "caching", "training", "sampling", "saving", "done",
-          "cancelled", "failed")
+PHASES = ("idle", "loading", "class_images", "caching", "training", "sampling", "saving",
+          "captioning", "done", "cancelled", "failed")
 FINISHED = ("idle", "done", "cancelled", "failed")
 LOG_LINES = 300
 HISTORY = 2000
@@ -37,6 +37,7 @@ class Progress:
 
     job_id: int = 0
     model_name: str = ""
+    task: str = "training"  # what the job does: "training" (class pictures too), "captioning"
     phase: str = "idle"
     step: int = 0
     total: int = 0
@@ -169,21 +170,27 @@ class JobRunner:
     def start(self, config: TrainingConfig, paths: RunPaths, *,
               context: Callable[[], ContextManager] | None = None,
               work: Callable[..., TrainResult] | None = None,
+              task: str = "training", validate: bool = True,
               **train_kwargs) -> int:
         """Start ``train(config, paths, **train_kwargs)`` in a thread; returns the job id.
 
         ``context`` wraps the whole run; ``work`` replaces ``train`` with the same signature
-        (the tab's "Generate class pictures" and a reporter that mirrors progress into the WebUI
-        run through the same one-job slot)."""
-        config.check()  # field errors reach the caller before a thread exists
+        (the tab's "Generate class pictures" and captions, and a reporter that mirrors progress
+        into the WebUI, run through the same one-job slot: they all use the GPU). ``task`` names
+        the job for people; ``validate=False`` skips the training checks of the config (a
+        caption run needs no base model), its own checks being the caller's."""
+        if validate:
+            config.check()  # field errors reach the caller before a thread exists
         with self._lock:
             if self._thread is not None and self._thread.is_alive() and self._progress.running:
-                raise JobBusy(f"a training job ({self._progress.model_name}) is already running; "
+                running = self._progress
+                name = f" ({running.model_name})" if running.model_name else ""
+                raise JobBusy(f"a {running.task} job{name} is already running; "
                               "cancel it or wait for it to finish")
             job_id = self._progress.job_id + 1
             self._cancel.clear()
             self._log_lines.clear()
-            self._progress = Progress(job_id=job_id, model_name=config.model_name,
+            self._progress = Progress(job_id=job_id, model_name=config.model_name, task=task,
                                       phase="loading", started_at=time.time())
             self.result = None
             thread = threading.Thread(target=self._run, name=f"dreambooth-job-{job_id}",
@@ -239,7 +246,8 @@ class JobRunner:
             # The log belongs to the work folder only when this job got past its checks (the
             # trainer then wrote config.json): a refused config never touches an earlier run.
             config_file = paths.work_dir / "config.json"
-            if config_file.is_file() and config_file.stat().st_mtime >= self._progress.started_at - 1:
+            if self._progress.task == "training" and config_file.is_file() \
+                    and config_file.stat().st_mtime >= self._progress.started_at - 1:
                 with contextlib.suppress(Exception):
                     _write_log(paths.work_dir / "train.log", self.snapshot().log)
             # Last: whoever sees the job finished may start the next one at once.

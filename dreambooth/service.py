@@ -358,6 +358,37 @@ def start_class_pictures(config: TrainingConfig, host: Host, runner: JobRunner |
     return runner.start(resolved, paths, work=_hosted(host, make_class_pictures))
 
 
+def start_captions(config: TrainingConfig, host: Host, runner: JobRunner | None = None, *,
+                   interrogator: str, prefix: str = "", overwrite: bool = False) -> int:
+    """Caption the pictures of ``config``'s instance folders that have no caption file (all of
+    them with ``overwrite``) in the background, with the WebUI's ``interrogator``; in the same
+    one-job slot as training (both use the GPU), polled and cancelled like it. Raises
+    CaptionError (no WebUI, unknown interrogator, no folder, nothing to do) or JobBusy."""
+    from . import captions
+
+    runner = runner or default_runner()
+    request = captions.request_from_config(config, interrogator=interrogator, prefix=prefix,
+                                           overwrite=overwrite)
+    tasks = captions.check(request, host.interrogators())
+    if not any(overwrite or not t.exists for t in tasks):
+        raise captions.CaptionError(
+            f"nothing to caption: {len(tasks)} picture(s), all with a caption file "
+            "(turn on overwrite to replace them)" if tasks else
+            "nothing to caption: the instance folders hold no pictures")
+
+    def work(_config: TrainingConfig, _paths: RunPaths, *, reporter: Reporter, **_: Any) -> TrainResult:
+        # the plan is made again in the thread: files may have changed since the check
+        summary = captions.caption_pictures(request, captions.plan(request), host.interrogate,
+                                            reporter)
+        return TrainResult(None, len(summary.written), summary.total, summary.seconds,
+                           cancelled=summary.cancelled)
+
+    # no model name: the job has no work folder, and a page opened meanwhile keeps its form
+    job_config = replace(config, model_name="")
+    paths = RunPaths(work_dir=host.work_root(), checkpoints_dir=host.output_dir())
+    return runner.start(job_config, paths, work=work, task="captioning", validate=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
