@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import service
-from . import ui_poll
+from . import ui_captions, ui_poll
 from .ui_poll import LOG_TAIL, PollSessions
 from .ui_render import loss_plot_svg, message, progress_html, status_html
 from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, OPTIMIZERS, PRECISIONS, PRESETS,
@@ -618,6 +618,7 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                             concepts_out = gr.File(label="Exported concepts_list.json",
                                                    interactive=False, elem_id="dreambooth_concepts_out")
                         export_btn = gr.Button("Export concepts_list.json", elem_id="dreambooth_export_concepts")
+                        caption_panel = ui_captions.build_panel(gr, host)
 
                     with gr.Tab("Parameters", id="dreambooth_tab_parameters",
                                 elem_id="dreambooth_tab_parameters"):
@@ -660,6 +661,7 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                 with gr.Row(elem_id="dreambooth_output_row"):
                     output = gr.Textbox("", label="Output file", interactive=False,
                                         elem_id="dreambooth_output", scale=3)
+                training_log = gr.HTML("", elem_id="dreambooth_training_log_box")
                 with gr.Row():
                     load_btn = gr.Button("Load in txt2img", elem_id="dreambooth_load_txt2img")
                     open_btn = gr.Button("\U0001f4c2 Open folder", elem_id="dreambooth_open_folder")
@@ -675,7 +677,8 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
         form_inputs = fields + [extra_state]
 
         # --- live output: JS clicks #dreambooth_poll; queue=False never waits in gradio's queue
-        poll_outputs = [status, progress, plot, gallery, log, output, action_msg, previous]
+        poll_outputs = [status, progress, plot, gallery, log, output, training_log, action_msg,
+                        previous]
 
         def poll_page(request):
             session = str(getattr(request, "session_hash", None) or "")
@@ -803,6 +806,8 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
         make_class.click(lambda *a: [""] + on_make_class(*a), inputs=form_inputs,
                          outputs=[report, action_msg] + fields, queue=False)
         cancel.click(cancel_job, outputs=[action_msg], queue=False)
+        ui_captions.wire(caption_panel, form_inputs, lambda a: form_to_config(*_values(a))[0],
+                         [action_msg], host)
 
         def on_check(*args):
             values, extra = _values(args)

@@ -3,7 +3,9 @@ changed since that session's last poll (digests kept per session on the server),
 page opened during a run is filled with."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import tempfile
 import threading
@@ -13,7 +15,9 @@ from typing import Any
 from . import service
 from .config import ConfigError, TrainingConfig
 from .job import runner
-from .ui_render import gallery_items, loss_plot_svg, message, progress_html, status_html
+from .trainer import RunPaths
+from .ui_render import (gallery_items, loss_plot_svg, message, progress_html, status_html,
+                        training_log_html)
 from .webui import Host
 
 LOG_TAIL = 8  # lines shown: exactly the log box's height, so the newest line is always visible
@@ -30,12 +34,28 @@ def saved_samples(host: Host, model_name: str) -> list[str]:
     return [str(p) for p in sorted(folder.glob("*.png"))][-32:]
 
 
+@functools.lru_cache(maxsize=1)
+def tensorboard_installed() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def logs_dir(host: Host, snap: Any) -> Path | None:
+    """The training log folder of the process's last training job (None: no training job yet)."""
+    if not snap.job_id or snap.task != "training" or not snap.model_name:
+        return None
+    try:
+        return RunPaths(host.work_dir(snap.model_name), host.output_dir()).logs_dir
+    except ValueError:
+        return None
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha1(repr(value).encode()).hexdigest()
 
 
 def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
-    """One poll: (status, progress, plot, gallery, log, output path, message, previous runs, seen).
+    """One poll: (status, progress, plot, gallery, log, output path, training log folder,
+    message, previous runs, seen).
 
     ``seen`` (JSON in a hidden textbox: a gr.State input makes gradio 4's client warn at every
     poll) is this browser session's record of what it last got: unchanged parts go back as
@@ -62,6 +82,7 @@ def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
         "gallery": gallery_items(samples),
         "log": "\n".join(snap.log[-LOG_TAIL:]),
         "output": output,
+        "logs": training_log_html(logs_dir(host, snap), tensorboard_installed()),
     }
     out = []
     for key, value in parts.items():
@@ -121,7 +142,7 @@ def restore_form(host: Host) -> TrainingConfig | None:
     """The config of the running job, else of this process's last job: what a page opened (or
     reloaded) while it runs shows in its form. None when this process ran none."""
     snap = runner().snapshot()
-    if not snap.job_id or not snap.model_name:
+    if not snap.job_id or not snap.model_name or snap.task != "training":
         return None
     try:
         return service.run_config(host, snap.model_name)

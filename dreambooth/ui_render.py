@@ -11,7 +11,7 @@ from .eta import speed_text
 PHASE_TEXT = {"idle": "Idle", "loading": "Loading the model", "class_images": "Making class pictures",
               "caching": "Caching latents", "training": "Training",
               "sampling": "Making sample pictures", "saving": "Saving the checkpoint",
-              "done": "Done", "cancelled": "Cancelled", "failed": "Failed"}
+              "captioning": "Captioning pictures", "done": "Done", "cancelled": "Cancelled", "failed": "Failed"}
 
 
 def _clock(seconds: float | None) -> str:
@@ -47,7 +47,10 @@ def progress_html(snap) -> str:
     total = max(int(snap.total or 0), 0)
     step = max(min(int(snap.step or 0), total), 0) if total else 0
     fraction = step / total if total else (1.0 if snap.phase == "done" else 0.0)
-    unit = {"class_images": "class pictures", "caching": "pictures cached"}.get(snap.phase, "steps")
+    # a finished caption job still counts pictures (its phase is "done" like training's)
+    counted = "captioning" if getattr(snap, "task", "") == "captioning" else snap.phase
+    unit = {"class_images": "class pictures", "caching": "pictures cached",
+            "captioning": "pictures captioned"}.get(counted, "steps")
     text = f"{step} / {total} {unit}" if total else PHASE_TEXT.get(snap.phase, snap.phase)
     if snap.running and snap.detail:
         text += f" · {snap.detail}"
@@ -135,6 +138,18 @@ def gallery_items(paths: list[str]) -> list[tuple[str, str]]:
         caption = f"step {int(parts[1])}" if stem.startswith("step-") and parts[1].isdigit() else stem
         items.append((str(path), caption))
     return items
+
+
+def training_log_html(logs_dir: Path | None, tensorboard: bool) -> str:
+    """Where the run's training log is (RunPaths.logs_dir): train.jsonl always, TensorBoard's
+    files when it is installed — and the command that opens them."""
+    if logs_dir is None:
+        return "<div class='dreambooth-note' id='dreambooth_training_log'></div>"
+    where = html.escape(str(logs_dir))
+    how = (f"open with TensorBoard: <code>tensorboard --logdir \"{where}\"</code>" if tensorboard
+           else "TensorBoard files too once <code>tensorboard</code> is installed")
+    return (f"<div class='dreambooth-note' id='dreambooth_training_log'>Training log: "
+            f"<code>{where}</code> (train.jsonl; {how})</div>")
 
 
 def message(text: str, kind: str = "info") -> str:

@@ -145,10 +145,13 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
     assert "my-toy.safetensors" in titles  # refreshed without pressing 🔄
 
     # a page opened now (or reloaded) shows the finished run from the runner, not from the page
-    status, progress, plot, gallery, log, output, note, runs, seen = ui.poll("my-toy", {})
+    status, progress, plot, gallery, log, output, logs, note, runs, seen = ui.poll("my-toy", {})
     assert runs["choices"] == ["my-toy"]  # the previous-runs list follows the work folder
     assert "data-phase='done'" in status and "3 / 3 steps" in progress
     assert output.endswith("my-toy.safetensors") and gallery and "<polyline" in plot
+    # beside the result: where the training log is, and how to open it
+    logs_dir = host.work_dir("my-toy") / "logs"
+    assert f"Training log: <code>{logs_dir}</code>" in logs and "train.jsonl" in logs
 
     # a generation holds the lock: the button answers quickly and the switch happens afterwards
     lock = fake_webui.call_queue.queue_lock
@@ -172,9 +175,29 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
     assert loads and loads[-1].startswith("my-toy.safetensors")  # loaded once the lock was free
     while time.time() < deadline and idle_runner.snapshot().switch["state"] == "loading":
         time.sleep(0.05)
-    note = ui.poll("my-toy", seen)[6]  # the tab's message follows the switch
+    note = ui.poll("my-toy", seen)[7]  # the tab's message follows the switch
     assert "my-toy.safetensors is active in txt2img" in note
     assert str(fake_webui.shared.opts.data["sd_model_checkpoint"]).startswith("my-toy.safetensors")
+
+
+def test_the_training_log_folder_is_shown_with_how_to_open_it(tmp_path):
+    from dreambooth.job import Progress
+    from dreambooth.ui_poll import logs_dir
+    from dreambooth.ui_render import training_log_html
+    from dreambooth.webui import StandaloneHost
+
+    host = StandaloneHost(tmp_path / "models")
+    snap = Progress(job_id=3, model_name="my-toy", phase="training")
+    folder = logs_dir(host, snap)
+    assert folder == host.work_dir("my-toy") / "logs"  # RunPaths.logs_dir: the trainer writes there
+    with_tb = training_log_html(folder, tensorboard=True)
+    assert f'tensorboard --logdir "{folder}"' in with_tb and "train.jsonl" in with_tb
+    without = training_log_html(folder, tensorboard=False)
+    assert "--logdir" not in without and "once <code>tensorboard</code> is installed" in without
+    # nothing to show before a training job, nor for a caption job (it has no run folder)
+    assert logs_dir(host, Progress()) is None
+    assert logs_dir(host, Progress(job_id=4, task="captioning", phase="done")) is None
+    assert "Training log" not in training_log_html(None, tensorboard=True)
 
 
 def test_load_in_txt2img_on_forge_records_the_choice(fake_forge, tmp_path):
