@@ -23,6 +23,8 @@ ATTENTION = ("sdpa", "xformers", "default")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 EXPORT_FORMATS = ("safetensors", "ckpt")
 PREDICTION_TYPES = ("", "epsilon", "v_prediction")
+LATENT_SOURCES = ("mean", "sample")  # the VAE posterior's mean, or a fresh sample of it each step
+MASK_SOURCES = ("file", "alpha")  # <name>.mask.png beside the picture, or its alpha channel
 STEPS_PER_PICTURE = 100  # the seed's rule of thumb: steps = pictures x 100
 MAX_STEPS = 10_000_000
 MAX_SEED = 2 ** 32 - 1  # the WebUI's seed range
@@ -147,6 +149,9 @@ class TrainingConfig:
     keep_tokens: int = 0  # leading tags kept in place when shuffling / dropping
     tag_dropout: float = 0.0
     alpha_background: str = "white"
+    masked_training: bool = False  # weight the loss by a mask per picture (white = subject)
+    mask_source: str = "file"  # file: <name>.mask.png beside the picture; alpha: its alpha channel
+    mask_background_weight: float = 0.1  # loss weight where the mask is black (0: ignored)
     recursive: bool = False
     skip_bad_images: bool = False
     # --- training ----------------------------------------------------------------------------
@@ -170,6 +175,8 @@ class TrainingConfig:
     clip_skip: int = 1
     offset_noise: float = 0.0
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
+    min_snr_on_prior: bool = True  # False: class rows unweighted, as diffusers' example does
+    latents_from: str = "mean"  # mean: the VAE posterior's mean; sample: a sample of it
     use_ema: bool = False
     ema_decay: float = 0.9999
     seed: int = 1337
@@ -330,7 +337,8 @@ class TrainingConfig:
              "text_encoder_stop", "a fraction in (0, 1] or a whole step number")
         choices = {"optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS,
                    "mixed_precision": PRECISIONS, "attention": ATTENTION,
-                   "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS}
+                   "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
+                   "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, name, f"choose one of {', '.join(allowed)}")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
@@ -400,6 +408,7 @@ RANGES: dict[str, Range] = {
     "clip_skip": Range(1, 12),
     "offset_noise": Range(0, 1),
     "min_snr_gamma": Range(0, 1000, hint="0: off, 5 is the paper's value"),
+    "mask_background_weight": Range(0, 1, hint="0: the background is ignored, 1: no masking"),
     "ema_decay": Range(0, 1, high_open=True),
     "seed": Range(0, MAX_SEED),
     "save_every_n_steps": Range(0, MAX_STEPS),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio of each timestep: alpha_bar / (1 - alpha_bar)."""
     alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
@@ -21,13 +22,42 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     return clipped / snr_values
 
 
+def timestep_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str, *,
+                     n_instance: int, on_prior: bool = True) -> torch.Tensor | None:
+    """Per-row loss weights for a batch whose first ``n_instance`` rows are instance pictures:
+    min-SNR-gamma weights (None when gamma is 0). With ``on_prior`` False the class rows keep
+    weight 1, as diffusers' DreamBooth example computes its unweighted prior loss."""
+    if not gamma:
+        return None
+    weights = min_snr_weights(snr_values, gamma, prediction_type)
+    if not on_prior:
+        weights = torch.cat([weights[:n_instance], torch.ones_like(weights[n_instance:])])
+    return weights
+
+
+def mask_weights(masks: torch.Tensor, background: float) -> torch.Tensor:
+    """Loss weights per latent pixel from masks in [0, 1] (1 = subject): the background keeps
+    ``background`` (a floor, so the model still sees what surrounds the subject)."""
+    return background + (1.0 - background) * masks
+
+
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, *, n_instance: int,
-                    prior_loss_weight: float, weights: torch.Tensor | None = None
+                    prior_loss_weight: float, weights: torch.Tensor | None = None,
+                    pixel_weights: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss = instance MSE + prior_loss_weight x class MSE; the first n_instance rows are instance
-    pictures, the rest class pictures. Returns (loss, instance loss, prior loss or None)."""
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    pictures, the rest class pictures. ``weights`` scale each row (min-SNR); ``pixel_weights``
+    (rows, 1, h, w) weight each latent pixel (masked training): a row's loss is then the weighted
+    mean sum(w * err) / sum(w), so its scale does not depend on how much of the picture the
+    subject covers. Returns (loss, instance loss, prior loss or None)."""
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    dims = list(range(1, error.ndim))
+    if pixel_weights is None:
+        per_sample = error.mean(dim=dims)
+    else:
+        pixel_weights = pixel_weights.float().expand_as(error)
+        per_sample = ((error * pixel_weights).mean(dim=dims)
+                      / pixel_weights.mean(dim=dims).clamp_min(1e-8))
     if weights is not None:
         per_sample = per_sample * weights
     instance = per_sample[:n_instance].mean()
@@ -35,6 +65,15 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, *, n_instance: int
         return instance, instance, None
     prior = per_sample[n_instance:].mean()
     return instance + prior_loss_weight * prior, instance, prior
+
+
+def posterior_latents(mean: torch.Tensor, std: torch.Tensor | None,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """The VAE latents a step trains on: the posterior mean, or (``std`` and a generator given)
+    a sample mean + std x N(0, 1), as ``latent_dist.sample()`` draws it."""
+    if std is None or generator is None:
+        return mean
+    return mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
 
 
 def offset_noise(shape: tuple[int, ...], strength: float, generator: torch.Generator,

@@ -48,8 +48,9 @@ def eight_bit_problem(device) -> str | None:
 
 
 class EMA:
-    """Exponential moving average of the trained weights, with diffusers' warm-up
-    (decay_t = min(decay, (1 + t) / (10 + t))). diffusers' own EMAModel lives in
+    """Exponential moving average of the trained weights, with diffusers' EMAModel warm-up: at
+    optimizer step t the decay is 0 for t = 1 (the average starts as the weights) and
+    min(decay, (1 + s) / (10 + s)) with s = t - 1 after. diffusers' own EMAModel lives in
     diffusers.training_utils, which fails to import with the WebUI's transformers 4.30."""
 
     def __init__(self, parameters, decay: float):
@@ -59,8 +60,10 @@ class EMA:
         self._stored: list[torch.Tensor] | None = None
 
     def current_decay(self) -> float:
-        t = self.optimization_step
-        return min(self.decay, (1 + t) / (10 + t))
+        since = self.optimization_step - 1
+        if since <= 0:
+            return 0.0
+        return min(self.decay, (1 + since) / (10 + since))
 
     @torch.no_grad()
     def step(self, parameters) -> None:

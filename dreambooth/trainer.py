@@ -10,20 +10,24 @@ from __future__ import annotations
 import gc
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from . import data
 from .config import ConfigError, FieldError, TrainingConfig
 from .eta import RunExtras
 from .memory import give_memory_back
-from .objective import dreambooth_loss, min_snr_weights, offset_noise, snr, step_generator
+from .objective import (dreambooth_loss, mask_weights, min_snr_weights, offset_noise,
+                        posterior_latents, snr, step_generator, timestep_weights)
 from .optimizers import EMA, build_optimizer, eight_bit_problem, freeze_text_encoder
 from .run_output import RunWriter, make_samples, planned_outputs, resolve_base_model, run_id_of
 from .run_types import Cancelled, Reporter, RunPaths, TrainResult
 from .tiny import Components
+from .training_log import TrainingLog
 
 # What callers (the job runner, the CLI, the service, tests) import from here.
 __all__ = ["Cancelled", "Reporter", "RunPaths", "TrainResult", "train", "run_training",
@@ -76,19 +80,37 @@ def set_attention(unet, attention: str) -> None:
 # Data for the loop
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class Encoded:
+    """What training needs of one picture: its latents (the VAE posterior's mean, and its std
+    when latents are sampled), and its mask on the latent grid (masked training)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
 class LatentSource:
     """Latents for (picture, flip, bucket): from the cache when caching is exact, else encoded now."""
 
     def __init__(self, vae, config: TrainingConfig, device, dtype):
         self.vae, self.config, self.device, self.dtype = vae, config, device, dtype
-        self.cache: dict[tuple, torch.Tensor] | None = (
+        self.cache: dict[tuple, Encoded] | None = (
             {} if config.cache_latents and not data.has_random_augmentation(config) else None)
         self.scale = vae.config.scaling_factor
+        self.sampled = config.latents_from == "sample"
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        return (dist.mean * self.scale).float()  # mean, not a sample: cached latents stay exact
+    def encode(self, picture: data.Picture, flip: bool, bucket: tuple[int, int],
+               rng: random.Random | None) -> Encoded:
+        pixels, mask = data.picture_and_mask(picture, self.config, flip=flip, rng=rng,
+                                             bucket=bucket, mask=picture.mask)
+        dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
+        mean = (dist.mean * self.scale).float().cpu()[0]
+        std = (dist.std * self.scale).float().cpu()[0] if self.sampled else None
+        if mask is not None:  # the share of each latent pixel's 8 x 8 patch that is subject
+            mask = F.interpolate(mask[None], size=tuple(mean.shape[-2:]), mode="area")[0]
+        return Encoded(mean, std, mask)
 
     def fill_cache(self, items: list[tuple[data.Picture, bool, tuple[int, int]]],
                    should_stop: Callable[[], bool], progress: Callable[[int, int], None]) -> None:
@@ -96,8 +118,7 @@ class LatentSource:
         for done, (picture, flip, bucket) in enumerate(todo, 1):
             if should_stop():
                 raise Cancelled
-            pixels = data.picture_tensor(picture, self.config, flip=flip, bucket=bucket)
-            self.cache[self.key(picture, flip, bucket)] = self.encode(pixels[None]).cpu()[0]
+            self.cache[self.key(picture, flip, bucket)] = self.encode(picture, flip, bucket, None)
             progress(done, len(todo))
 
     @staticmethod
@@ -105,11 +126,25 @@ class LatentSource:
         return (str(picture.path), flip, bucket)
 
     def get(self, picture: data.Picture, flip: bool, bucket: tuple[int, int],
-            rng: random.Random) -> torch.Tensor:
+            rng: random.Random) -> Encoded:
         if self.cache is not None:
             return self.cache[self.key(picture, flip, bucket)]
-        pixels = data.picture_tensor(picture, self.config, flip=flip, rng=rng, bucket=bucket)
-        return self.encode(pixels[None]).cpu()[0]
+        return self.encode(picture, flip, bucket, rng)
+
+
+def batch_inputs(encoded: list[Encoded], generator: torch.Generator, background: float,
+                 device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The latents of a batch (a posterior sample when stds are kept, drawn from ``generator``)
+    and its per-pixel loss weights (None when no row has a mask; rows without one weigh 1)."""
+    means = torch.stack([e.mean for e in encoded])
+    stds = torch.stack([e.std for e in encoded]) if encoded[0].std is not None else None
+    latents = posterior_latents(means, stds, generator)
+    pixel_weights = None
+    if any(e.mask is not None for e in encoded):
+        masks = torch.stack([e.mask if e.mask is not None else torch.ones_like(means[i, :1])
+                             for i, e in enumerate(encoded)])
+        pixel_weights = mask_weights(masks, background).to(device)
+    return latents.to(device), pixel_weights
 
 
 def epoch_batches(instances: list[data.Picture], config: TrainingConfig, epoch: int,
@@ -420,15 +455,29 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
 
     def samples(final: bool = False) -> None:
         reporter.phase("sampling")
-        reporter.samples(timed("samples", lambda: make_samples(
-            components, config, paths, step, device, accelerator, unet, ema, reporter)))
+        made = timed("samples", lambda: make_samples(
+            components, config, paths, step, device, accelerator, unet, ema, reporter))
+        if training_log is not None:
+            training_log.samples(step, made)
+        reporter.samples(made)
         if not final:
             reporter.phase("training")
     saved_step = step if state is not None else None  # the newest resume point's step
+    training_log = None
     try:
+        if main:
+            training_log = TrainingLog(paths.logs_dir, settings=config.to_dict(),
+                                       resume_step=step if state is not None else None)
+            if training_log.tensorboard_note:
+                reporter.log(f"training log: {training_log.path} (no TensorBoard files: "
+                             f"{training_log.tensorboard_note})")
+            else:
+                reporter.log(f"training log: {training_log.path} and TensorBoard files "
+                             f"(tensorboard --logdir {paths.logs_dir})")
         batches = micro_batches(instances, config, step * accum, accelerator.process_index,
                                 accelerator.num_processes)
-        pending = torch.zeros((), device=device)
+        pending = torch.zeros(3, device=device)  # loss, instance loss, prior loss
+        last_step_at = time.time()
         for micro, batch in batches:
             if step >= total_steps:  # resumed from the last step: only the export is left
                 break
@@ -442,48 +491,69 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                 partners = [class_partner(classes, p.concept_index, micro, slot)
                             for slot, p in enumerate(chosen)]
                 rows += list(zip(partners, data.epoch_flips(len(partners), config, rng)))
-            model_input = torch.stack([latents.get(p, f, bucket, rng) for p, f in rows]).to(device)
+            encoded = [latents.get(p, f, bucket, rng) for p, f in rows]
             prompts = [data.prompt_variant(p.caption, config, rng) for p, _ in rows]
 
             gen = step_generator(config.seed, micro)
+            model_input, pixel_weights = batch_inputs(
+                encoded, step_generator(config.seed, micro, salt=1),
+                config.mask_background_weight, device)
             noise = offset_noise(tuple(model_input.shape), config.offset_noise, gen).to(device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
                                       (model_input.shape[0],), generator=gen).to(device)
             noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
             target = (noise_scheduler.get_velocity(model_input, noise, timesteps)
                       if prediction_type == "v_prediction" else noise)
-            weights = None
-            if config.min_snr_gamma:
-                weights = min_snr_weights(snr(alphas_cumprod, timesteps), config.min_snr_gamma,
-                                          prediction_type)
+            weights = timestep_weights(snr(alphas_cumprod, timesteps), config.min_snr_gamma,
+                                       prediction_type, n_instance=len(chosen),
+                                       on_prior=config.min_snr_on_prior)
             with accelerator.autocast():
                 hidden = embeddings(prompts, train_te)
                 pred = unet(noisy, timesteps, hidden).sample
-                loss, _, _ = dreambooth_loss(pred, target, n_instance=len(chosen),
-                                             prior_loss_weight=config.prior_loss_weight,
-                                             weights=weights)
+                loss, instance_loss, prior_loss = dreambooth_loss(
+                    pred, target, n_instance=len(chosen),
+                    prior_loss_weight=config.prior_loss_weight, weights=weights,
+                    pixel_weights=pixel_weights)
             accelerator.backward(loss / accum)
-            pending = pending + loss.detach() / accum
+            pending = pending + torch.stack([loss.detach(), instance_loss.detach(),
+                                             (prior_loss if prior_loss is not None
+                                              else instance_loss * 0).detach()]) / accum
             if (micro + 1) % accum:
                 continue
 
+            grad_norm = None
             if config.max_grad_norm:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            lrs = lr_scheduler.get_last_lr()  # what this step trains with (the log's "lr")
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if ema is not None:
                 ema.step(accelerator.unwrap_model(unet).parameters())
+            # The only host-device sync of the step: the figures for the progress and the log.
+            figures = (torch.cat([pending, grad_norm.detach().float().reshape(1)])
+                       if grad_norm is not None else pending).tolist()
+            pending = torch.zeros(3, device=device)
+            loss_value = figures[0]
+            losses.append(loss_value)
+            if training_log is not None:
+                now = time.time()
+                values = {"loss": loss_value, "lr": lrs[0],
+                          "step_seconds": round(now - last_step_at, 4)}
+                if config.with_prior_preservation:
+                    values.update(loss_instance=figures[1], loss_prior=figures[2])
+                if train_te and len(lrs) > 1:
+                    values["lr_text_encoder"] = lrs[1]
+                if grad_norm is not None:
+                    values["grad_norm"] = figures[3]
+                training_log.step(step, values)
+            last_step_at = time.time()
             if train_te and step >= te_stop:
                 train_te = False
                 freeze_text_encoder(text_encoder, optimizer)
                 reporter.log(f"text encoder frozen after step {step}")
-            # The only host-device sync of the step: the loss for the progress display.
-            loss_value = float(pending)
-            pending = torch.zeros((), device=device)
-            losses.append(loss_value)
             reporter.extra_time(extras.remaining(step))
             reporter.progress(step, total_steps, loss_value, lr_scheduler.get_last_lr()[0])
 
@@ -529,6 +599,8 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             raise
         raise writer.rescue(step, failure, saved_step) from failure
     finally:
+        if training_log is not None:
+            training_log.close()
         release(accelerator, components)
     seconds = time.time() - started
     stepping = time.time() - step_started - extras.spent  # samples, saves and export left out
