@@ -21,6 +21,10 @@ Decisions (documented in docs/pictures.md too):
   cropped. With buckets off every picture is a square at the resolution, as the seed describes.
 * **Random crop** zooms in by up to 10 % and picks a random window: on a square picture in a
   square bucket a pure offset would do nothing.
+* **Masks** (``masked_training``): ``photo.mask.png`` beside ``photo.jpg`` (white = subject), or
+  the picture's own alpha channel (``mask_source = "alpha"``). A mask goes through exactly the
+  resize, crop, rotation and flip of its picture (``picture_and_mask``), so it stays on the
+  subject in every bucket and augmentation. Mask files are never listed as pictures.
 * **Flips** are decided by the trainer (``epoch_flips``), never inside ``picture_tensor``, so that
   cached latents can hold a picture and its mirror and the flip still varies during training.
 """
@@ -67,6 +71,7 @@ UNDECODABLE_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS", "
 # pixel count is capped: 40 MP is 160 MB as RGBA, a 108 MP PNG would take about 1 GB.
 DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
 MAX_FULL_DECODE_PIXELS = 40_000_000
+MASK_SUFFIX = ".mask"  # photo.jpg -> photo.mask.png
 
 
 class DatasetError(ValueError):
@@ -82,6 +87,7 @@ class Picture:
     is_class: bool
     size: tuple[int, int]  # original (width, height), after EXIF orientation
     bucket: tuple[int, int]  # target (width, height)
+    mask: Path | None = None  # with masked_training: its mask file, or the picture (alpha)
 
 
 @dataclass
@@ -121,9 +127,46 @@ def list_pictures(folder: str | Path, *, recursive: bool = False) -> list[Path]:
         relative = path.relative_to(folder).parts
         if any(part.startswith(".") for part in relative):
             continue  # .thumbnails, .DS_Store, our own .tmp files
-        if path.suffix.lower() in extensions and path.is_file():
+        if path.suffix.lower() in extensions and not is_mask_file(path) and path.is_file():
             found.append(path)
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix().lower())
+
+
+def is_mask_file(path: Path) -> bool:
+    """``photo.mask.png``: the mask of ``photo.*``, not a picture of its own."""
+    return path.stem.lower().endswith(MASK_SUFFIX)
+
+
+def mask_path(picture: Path) -> Path:
+    return picture.with_name(picture.stem + MASK_SUFFIX + ".png")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def mask_for(picture: Path, source: str) -> Path | None:
+    """Where the mask of ``picture`` comes from: its mask file, or (``source == "alpha"``) the
+    picture itself when it has an alpha channel; None when it has no mask."""
+    if source == "alpha":
+        with Image.open(picture) as image:
+            return picture if has_alpha(image) else None
+    found = mask_path(picture)
+    return found if found.is_file() else None
+
+
+def open_mask(path: Path, source: str, size: tuple[int, int]) -> Image.Image:
+    """The mask as greyscale ("L", 255 = subject) at ``size`` (the decoded picture's size):
+    EXIF orientation applied like the picture's, a mask file of another size stretched to it."""
+    with Image.open(path) as image:
+        check_decode_size(image)
+        image.load()
+        oriented = ImageOps.exif_transpose(image)
+    if source == "alpha":
+        mask = oriented.convert("RGBA").getchannel("A")
+    else:
+        mask = oriented.convert("L") if oriented.mode != "L" else oriented
+    return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
 
 
 def background_color(name: str) -> tuple[int, int, int]:
@@ -158,8 +201,7 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
             array = array * 255.0
         image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
         mode = "L"
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         base = Image.new("RGBA", rgba.size, background + (255,))
         return Image.alpha_composite(base, rgba).convert("RGB")
@@ -612,7 +654,19 @@ def collect_pictures(config: TrainingConfig, *, include_class: bool = True,
             caption = caption_for(path, concept.instance_prompt,
                                   caption_extension=config.caption_extension,
                                   prefer_caption_file=native)
-            pictures.append(Picture(path, caption, index, False, size, bucket_for(size, config)))
+            mask = None
+            if config.masked_training:
+                try:
+                    mask = mask_for(path, config.mask_source)
+                    if mask is not None:  # decoded now: a broken mask must not stop step 900
+                        open_mask(mask, config.mask_source, size)
+                except Exception as exc:
+                    source = path if config.mask_source == "alpha" else mask_path(path)
+                    bad.append((f"{where}.instance_data_dir",
+                                BadPicture(source, f"mask: {_reason(exc)}")))
+                    continue
+            pictures.append(Picture(path, caption, index, False, size, bucket_for(size, config),
+                                    mask))
         if include_class and config.with_prior_preservation:
             pictures += _class_pictures(config, index, bad)
     if bad:
@@ -693,10 +747,19 @@ def epoch_flips(count: int, config: TrainingConfig, rng: random.Random) -> list[
 def picture_tensor(picture: Picture, config: TrainingConfig, *, flip: bool = False,
                    rng: random.Random | None = None,
                    bucket: tuple[int, int] | None = None) -> "torch.Tensor":
+    """The picture as float32 (3, H, W) in [-1, 1]; see :func:`picture_and_mask`."""
+    return picture_and_mask(picture, config, flip=flip, rng=rng, bucket=bucket)[0]
+
+
+def picture_and_mask(picture: Picture, config: TrainingConfig, *, flip: bool = False,
+                     rng: random.Random | None = None, bucket: tuple[int, int] | None = None,
+                     mask: Path | None = None) -> tuple["torch.Tensor", "torch.Tensor | None"]:
     """The picture as float32 (3, H, W) in [-1, 1] at ``bucket or picture.bucket``: resized to
     cover the bucket and cropped (center, or random with config.random_crop and an ``rng``), then
     rotated / brightness / contrast jittered when configured and an ``rng`` is given. The same rng
-    state gives the same tensor. ``flip`` mirrors it (the trainer decides flips)."""
+    state gives the same tensor. ``flip`` mirrors it (the trainer decides flips). With ``mask``
+    (see :func:`mask_for`) also the mask as float32 (1, H, W) in [0, 1], through the same resize,
+    crop, rotation and flip; else None."""
     import torch
 
     width, height = bucket or picture.bucket
@@ -713,14 +776,17 @@ def picture_tensor(picture: Picture, config: TrainingConfig, *, flip: bool = Fal
     cover = max(box_w / src_w, box_h / src_h) * (1.0 + zoom)
     # One resample only: the decoder skips what the cover size does not need, _cover does the rest.
     image = _decode(picture.path, background_color(config.alpha_background), cover)
-    image = _cover(image, box_w, box_h, zoom)
-    left, top = _crop_origin(image.size, (box_w, box_h), rng if config.random_crop else None)
-    image = image.crop((left, top, left + box_w, top + box_h))
+    layers = [image]
+    if mask is not None:
+        layers.append(open_mask(mask, config.mask_source, image.size))
+    layers = [_cover(layer, box_w, box_h, zoom) for layer in layers]
+    left, top = _crop_origin(layers[0].size, (box_w, box_h), rng if config.random_crop else None)
+    layers = [layer.crop((left, top, left + box_w, top + box_h)) for layer in layers]
     if angle:
-        image = image.rotate(angle, resample=Image.Resampling.BICUBIC)
         left, top = (box_w - width) // 2, (box_h - height) // 2
-        image = image.crop((left, top, left + width, top + height))
-    array = np.asarray(image, dtype=np.float32) / 255.0
+        layers = [layer.rotate(angle, resample=Image.Resampling.BICUBIC)
+                  .crop((left, top, left + width, top + height)) for layer in layers]
+    array = np.asarray(layers[0], dtype=np.float32) / 255.0
     if rng is not None and config.brightness_jitter > 0:
         array = array * (1.0 + rng.uniform(-config.brightness_jitter, config.brightness_jitter))
     if rng is not None and config.contrast_jitter > 0:
@@ -729,7 +795,13 @@ def picture_tensor(picture: Picture, config: TrainingConfig, *, flip: bool = Fal
                                                     config.contrast_jitter)) + mean
     array = np.clip(array, 0.0, 1.0) * 2.0 - 1.0
     tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    return tensor.flip(-1).contiguous() if flip else tensor
+    mask_tensor = None
+    if mask is not None:
+        mask_tensor = torch.from_numpy(np.asarray(layers[1], dtype=np.float32) / 255.0)[None]
+    if flip:
+        tensor = tensor.flip(-1).contiguous()
+        mask_tensor = mask_tensor.flip(-1).contiguous() if mask_tensor is not None else None
+    return tensor, mask_tensor
 
 
 def _cover(image: Image.Image, width: int, height: int, zoom: float) -> Image.Image:

@@ -19,8 +19,8 @@ from PIL import Image
 
 from .config import ConfigError, TrainingConfig
 from .data import (FILEWORDS, DatasetError, background_color, bucket_for, caption_for, file_hash,
-                   guess_identifier, identifier_report, list_pictures, prompt_token_limit,
-                   read_caption, scan_folder, token_length)
+                   guess_identifier, identifier_report, list_pictures, mask_for, open_mask,
+                   oriented_size, prompt_token_limit, read_caption, scan_folder, token_length)
 
 # Short-side ranges for the size distribution (px).
 SIZE_RANGES = ((0, 256, "< 256"), (256, 512, "256-511"), (512, 768, "512-767"),
@@ -53,6 +53,11 @@ class FolderReport:
     captions_empty: list[str] = field(default_factory=list)
     prompts_too_long: list[str] = field(default_factory=list)  # "name: N tokens"
     camera_pictures: list[str] = field(default_factory=list)  # class folder: real photos?
+    masks_used: bool = False  # masked training is on (instance folders)
+    masks_found: int = 0
+    masks_missing: list[str] = field(default_factory=list)  # trained on the whole picture
+    masks_empty: list[str] = field(default_factory=list)  # all black: only the background weight
+    masks_bad: list[str] = field(default_factory=list)  # "name (reason)": unreadable, other size
 
 
 @dataclass
@@ -145,7 +150,12 @@ def _folder_lines(report: FolderReport) -> list[str]:
         ("caption empty", report.captions_empty),
         ("prompt too long", report.prompts_too_long),
         ("taken by a camera", report.camera_pictures),
+        ("no mask (whole picture trained)", report.masks_missing),
+        ("mask all black", report.masks_empty),
+        ("mask unusable", report.masks_bad),
     ]
+    if report.masks_used:
+        lines.append(f"    masks: {report.masks_found} of {report.pictures}")
     if report.captions_found or report.captions_used:
         lines.append(f"    caption files: {report.captions_found} of {report.pictures}"
                      + ("" if report.captions_used else " (not used: no [filewords] in the "
@@ -154,6 +164,28 @@ def _folder_lines(report: FolderReport) -> list[str]:
         if items:
             lines.append(f"    {title}: {_names(items)}")
     return lines
+
+
+def _check_mask(report: FolderReport, picture: Path, name: str, size: tuple[int, int],
+                source: str) -> None:
+    """Whether the picture has a usable mask (see data.mask_for), recorded in the report."""
+    try:
+        found = mask_for(picture, source)
+        if found is None:
+            report.masks_missing.append(name)
+            return
+        mask = open_mask(found, source, size)
+        with Image.open(found) as image:
+            own_size = oriented_size(image)
+    except Exception as exc:  # an unreadable mask file
+        report.masks_bad.append(f"{name} ({type(exc).__name__}: {exc})")
+        return
+    report.masks_found += 1
+    if own_size != size:
+        report.masks_bad.append(f"{found.name} ({own_size[0]}x{own_size[1]}, the picture is "
+                                f"{size[0]}x{size[1]}: stretched to fit)")
+    if mask.getextrema()[1] == 0:
+        report.masks_empty.append(found.name)
 
 
 def _size_range(short_side: int) -> str:
@@ -176,13 +208,14 @@ def _has_camera_exif(path: Path) -> bool:
 
 def check_folder(folder_value: str, field_name: str, config: TrainingConfig, template: str,
                  *, tokenizer=None, recursive: bool = False, captions_used: bool = False,
-                 limit: int | None = None, hashes: dict[str, list[str]] | None = None
-                 ) -> FolderReport:
+                 limit: int | None = None, hashes: dict[str, list[str]] | None = None,
+                 masks_used: bool = False) -> FolderReport:
     """Everything the report says about one folder. ``hashes`` collects file hashes across
     folders (content hash -> "field: name") to find the same picture in two places."""
     folder = Path(folder_value).expanduser()
     report = FolderReport(field_name, str(folder), exists=bool(folder_value) and folder.is_dir())
     report.captions_used = captions_used
+    report.masks_used = masks_used
     if not report.exists:
         return report
     paths = list_pictures(folder, recursive=recursive)
@@ -224,6 +257,8 @@ def check_folder(folder_value: str, field_name: str, config: TrainingConfig, tem
                 report.captions_not_utf8.append(caption.path.name)
             if not caption.text:
                 report.captions_empty.append(caption.path.name)
+        if masks_used:
+            _check_mask(report, path, name, (width, height), config.mask_source)
         if limit_tokens is not None:
             prompt = caption_for(path, template, caption_extension=config.caption_extension,
                                  prefer_caption_file=native and captions_used)
@@ -258,7 +293,7 @@ def check_dataset(config: TrainingConfig, tokenizer=None) -> DatasetReport:
         instance = check_folder(concept.instance_data_dir, f"{where}.instance_data_dir", config,
                                 concept.instance_prompt, tokenizer=tokenizer,
                                 recursive=config.recursive, captions_used=uses_captions,
-                                hashes=hashes)
+                                hashes=hashes, masks_used=config.masked_training)
         item = ConceptReport(index, concept.instance_prompt, concept.class_prompt, instance)
         report.concepts.append(item)
         report.instance_pictures += instance.pictures
@@ -339,6 +374,24 @@ def _folder_findings(report: DatasetReport, folder: FolderReport, config: Traini
                                f"re-save them as UTF-8: {_names(folder.captions_not_utf8)}")
     if folder.captions_empty and folder.captions_used:
         report.warnings.append(f"{name}: empty caption file(s): {_names(folder.captions_empty)}")
+    if folder.masks_used and folder.pictures:
+        if not folder.masks_found:
+            place = ("no picture has an alpha channel" if config.mask_source == "alpha"
+                     else "no <name>.mask.png beside the pictures")
+            report.warnings.append(f"{name}: masked training is on but {place}: every picture "
+                                   "is trained whole")
+        elif folder.masks_missing:
+            report.warnings.append(f"{name}: {len(folder.masks_missing)} picture(s) have no mask "
+                                   f"(trained whole): {_names(folder.masks_missing)}")
+        if folder.masks_empty:
+            report.warnings.append(f"{name}: all-black mask(s), only the background weight "
+                                   f"{config.mask_background_weight} trains them: "
+                                   f"{_names(folder.masks_empty)}")
+        if folder.masks_bad:
+            problems = [b for b in folder.masks_bad if "stretched" not in b]
+            text = f"{name}: mask(s) {_names(folder.masks_bad)}"
+            (report.errors if problems else report.warnings).append(
+                text + ("; re-save them as PNG" if problems else ""))
     if folder.prompts_too_long:
         report.warnings.append(f"{name}: prompts longer than the text encoder's 75 tokens are cut "
                                f"off: {_names(folder.prompts_too_long)}")
