@@ -32,9 +32,9 @@ from . import service
 from . import ui_captions, ui_poll
 from .ui_poll import LOG_TAIL, PollSessions
 from .ui_render import loss_plot_svg, message, progress_html, status_html
-from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, OPTIMIZERS, PRECISIONS, PRESETS,
-                     SCHEDULERS, ConfigError, FieldError, TrainingConfig, read_concepts_list,
-                     write_concepts_list)
+from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, LATENT_SOURCES, MASK_SOURCES,
+                     OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULERS, ConfigError, FieldError,
+                     TrainingConfig, read_concepts_list, write_concepts_list)
 from .job import JobBusy, runner
 from .webui import Host, StandaloneHost, get_host, sanitize_model_name, tool_button_class
 
@@ -134,6 +134,11 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("tag_dropout", "Tag dropout", "chance to drop each tag, 0 = off"),
         ("alpha_background", "Transparent background becomes", "white (default), black or a "
                                                                "#rrggbb colour"),
+        ("masked_training", "Masked training", "the loss follows a mask per picture "
+                                               "(photo.mask.png beside photo.jpg, white = subject)"),
+        ("mask_source", "Masks from", "file: photo.mask.png; alpha: the picture's transparency"),
+        ("mask_background_weight", "Background weight", "loss weight outside the mask; 0 = "
+                                                        "background ignored"),
         ("recursive", "Read subfolders", "pictures in subfolders of the instance folder too"),
         ("skip_bad_images", "Skip unreadable pictures", "off: stop with the list of bad files"),
     ]),
@@ -147,6 +152,10 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("max_grad_norm", "Gradient clipping", "max gradient norm, 0 = no clipping"),
         ("offset_noise", "Offset noise", "0.05-0.1 helps very dark or bright pictures; 0 = off"),
         ("min_snr_gamma", "Min-SNR gamma", "5 is the paper's value: steadier training; 0 = off"),
+        ("min_snr_on_prior", "Min-SNR on class pictures too", "off: the class loss unweighted, "
+                                                              "as diffusers' example"),
+        ("latents_from", "Latents from", "mean: the VAE's mean (exact cache); sample: a fresh "
+                                         "sample each step, as diffusers' example"),
         ("use_ema", "EMA of the weights", "exports a moving average: smoother, needs memory for "
                                           "a copy of the UNet"),
         ("ema_decay", "EMA decay", ""),
@@ -166,6 +175,7 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
     "attention": ATTENTION, "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
+    "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES,
 }
 
 CONCEPT_FIELDS: list[tuple[str, str, str]] = [
