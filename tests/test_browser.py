@@ -23,9 +23,9 @@ def server(tmp_path):
     put_base_checkpoint(models / "Stable-diffusion")
     pictures(tmp_path / "pics", count=3)
     config = {"base_model": BASE_NAME, "model_name": "browser-toy", "resolution": 64,
-              "with_prior_preservation": False, "max_train_steps": 40, "learning_rate": 1e-4,
+              "with_prior_preservation": False, "max_train_steps": 120, "learning_rate": 1e-4,
               "optimizer": "adamw", "mixed_precision": "no", "gradient_checkpointing": False,
-              "checkpoint_every_n_steps": 0, "sample_every_n_steps": 20, "sample_steps": 2}
+              "checkpoint_every_n_steps": 0, "sample_every_n_steps": 40, "sample_steps": 2}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with served(["-m", "dreambooth", "ui", "--models-dir", str(models),
                  "--config", str(tmp_path / "config.json")], "dreambooth/v1/status",
@@ -110,10 +110,10 @@ def test_train_progress_samples_and_cancel_in_a_real_browser(server):
                     break
                 time.sleep(0.2)
             assert phase(page) == "done", page.inner_text("#dreambooth_log")
-            assert len(steps) >= 2 and max(steps) == 40, f"the progress bar did not move: {steps}"
+            assert len(steps) >= 2 and max(steps) == 120, f"the progress bar did not move: {steps}"
             page.wait_for_selector("#dreambooth_gallery img", timeout=15_000)
             assert page.locator("#dreambooth_loss_plot polyline").count() >= 2
-            assert "40 / 40 steps" in page.inner_text("#dreambooth_progress")
+            assert "120 / 120 steps" in page.inner_text("#dreambooth_progress")
             output = field(page, "dreambooth_output")
             page.wait_for_function(
                 "() => { const e = document.querySelector('#dreambooth_output textarea, "

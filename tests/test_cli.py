@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth import checkpoint, tiny
+from dreambooth.training_log import read_log
 from dreambooth.__main__ import main as cli_main
 
 from trainer_fixtures import picture_folders
@@ -86,7 +87,13 @@ def test_two_processes_train_together_and_only_rank_0_writes(tmp_path):
     assert proc.stdout.count("trained 2/2 steps") == 1
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
                      if p.is_file() and p not in before)
-    assert written == ["models/Stable-diffusion/cli-model.safetensors",
-                       "models/dreambooth/cli-model/config.json",
-                       "models/dreambooth/cli-model/samples/step-000002-0.png"]  # the final sample
+    tensorboard = [w for w in written if "/logs/tensorboard/" in w]
+    assert tensorboard and all("events.out.tfevents" in w or w.endswith("hparams.yml")
+                               for w in tensorboard)
+    assert [w for w in written if w not in tensorboard] == [
+        "models/Stable-diffusion/cli-model.safetensors",
+        "models/dreambooth/cli-model/config.json",
+        "models/dreambooth/cli-model/logs/train.jsonl",
+        "models/dreambooth/cli-model/samples/step-000002-0.png"]  # the final sample
+    assert len(read_log(tmp_path / "models/dreambooth/cli-model/logs/train.jsonl")) == 3
     checkpoint.load_components(tmp_path / "models" / "Stable-diffusion" / "cli-model.safetensors")
