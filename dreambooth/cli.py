@@ -156,7 +156,7 @@ def caption_main(argv: list[str]) -> int:
     the pictures that have none, with the WebUI's interrogators. They exist only inside the
     WebUI's process: anywhere else this says so and ends with exit code 2 (nothing written)."""
     from . import captions, files
-    from .captions import CaptionError, CaptionFolder, CaptionRequest, InterrogatorError
+    from .captions import CaptionError, CaptionFolder, InterrogatorError
     from .webui import get_host
 
     parser = argparse.ArgumentParser(

@@ -19,7 +19,7 @@ from PIL import Image
 
 from .config import ConfigError, TrainingConfig
 from .data import (FILEWORDS, DatasetError, background_color, bucket_for, caption_for, file_hash,
-                   guess_identifier, identifier_report, list_pictures, mask_for, open_mask,
+                   guess_identifier, has_alpha, identifier_report, list_pictures, mask_for, open_mask,
                    oriented_size, prompt_token_limit, read_caption, scan_folder, token_length)
 
 # Short-side ranges for the size distribution (px).
@@ -194,7 +194,7 @@ def _size_range(short_side: int) -> str:
 
 def _is_transparent(path: Path) -> bool:
     with Image.open(path) as image:  # the header is enough
-        return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        return has_alpha(image)
 
 
 def _has_camera_exif(path: Path) -> bool:

@@ -34,7 +34,8 @@ from .config import Concept, ConfigError, FieldError, TrainingConfig
 from .job import JobRunner, runner as default_runner
 from .names import output_file_name, sanitize_model_name
 from .resume import list_resume_points, point_step, read_state
-from .trainer import Reporter, RunPaths, TrainResult, planned_outputs, run_id_of, train
+from .run_output import planned_outputs, run_id_of
+from .trainer import Reporter, RunPaths, TrainResult, train
 from .webui import CheckpointEntry, Host, without_hash
 
 
@@ -169,7 +170,7 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
                 errors.append(FieldError(f"concepts[{index}].instance_data_dir",
                                          f"{folder} holds no pictures (PNG, JPEG, WebP ...)"))
     if config.optimizer in ("adamw8bit", "lion8bit", "lion"):
-        from .trainer import eight_bit_problem
+        from .optimizers import eight_bit_problem
 
         problem = eight_bit_problem(_device())
         if problem:

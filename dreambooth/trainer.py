@@ -21,19 +21,17 @@ from . import data
 from .config import ConfigError, FieldError, TrainingConfig
 from .eta import RunExtras
 from .memory import give_memory_back
-from .objective import (dreambooth_loss, mask_weights, min_snr_weights, offset_noise,
-                        posterior_latents, snr, step_generator, timestep_weights)
+from .objective import (dreambooth_loss, mask_weights, offset_noise, posterior_latents, snr,
+                        step_generator, timestep_weights)
 from .optimizers import EMA, build_optimizer, eight_bit_problem, freeze_text_encoder
-from .run_output import RunWriter, make_samples, planned_outputs, resolve_base_model, run_id_of
+from .run_output import RunWriter, make_samples, resolve_base_model
 from .run_types import Cancelled, Reporter, RunPaths, TrainResult
 from .tiny import Components
 from .training_log import TrainingLog
 
-# What callers (the job runner, the CLI, the service, tests) import from here.
+# Re-exported: the job runner, the CLI, the demo and the tests take these from here.
 __all__ = ["Cancelled", "Reporter", "RunPaths", "TrainResult", "train", "run_training",
-           "load_model", "encode_prompts", "build_optimizer", "eight_bit_problem",
-           "planned_outputs", "run_id_of", "dreambooth_loss", "min_snr_weights", "offset_noise",
-           "snr"]
+           "load_model", "encode_prompts"]
 
 
 def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int,
@@ -145,6 +143,20 @@ def batch_inputs(encoded: list[Encoded], generator: torch.Generator, background:
                              for i, e in enumerate(encoded)])
         pixel_weights = mask_weights(masks, background).to(device)
     return latents.to(device), pixel_weights
+
+
+def step_record(figures: list[float], lrs: list[float], seconds: float, *, prior: bool,
+                text_encoder: bool) -> dict[str, float]:
+    """One step's line of the training log. ``figures``: loss, instance loss, prior loss and,
+    when clipping computed it, the gradient norm; ``lrs``: the groups' lrs the step used."""
+    record = {"loss": figures[0], "lr": lrs[0], "step_seconds": round(seconds, 4)}
+    if prior:
+        record.update(loss_instance=figures[1], loss_prior=figures[2])
+    if text_encoder:
+        record["lr_text_encoder"] = lrs[1]
+    if len(figures) > 3:
+        record["grad_norm"] = figures[3]
+    return record
 
 
 def epoch_batches(instances: list[data.Picture], config: TrainingConfig, epoch: int,
@@ -515,9 +527,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                     prior_loss_weight=config.prior_loss_weight, weights=weights,
                     pixel_weights=pixel_weights)
             accelerator.backward(loss / accum)
-            pending = pending + torch.stack([loss.detach(), instance_loss.detach(),
-                                             (prior_loss if prior_loss is not None
-                                              else instance_loss * 0).detach()]) / accum
+            if prior_loss is None:
+                prior_loss = torch.zeros_like(instance_loss)
+            pending = pending + torch.stack([loss, instance_loss, prior_loss]).detach() / accum
             if (micro + 1) % accum:
                 continue
 
@@ -539,17 +551,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             loss_value = figures[0]
             losses.append(loss_value)
             if training_log is not None:
-                now = time.time()
-                values = {"loss": loss_value, "lr": lrs[0],
-                          "step_seconds": round(now - last_step_at, 4)}
-                if config.with_prior_preservation:
-                    values.update(loss_instance=figures[1], loss_prior=figures[2])
-                if train_te and len(lrs) > 1:
-                    values["lr_text_encoder"] = lrs[1]
-                if grad_norm is not None:
-                    values["grad_norm"] = figures[3]
-                training_log.step(step, values)
-            last_step_at = time.time()
+                training_log.step(step, step_record(
+                    figures, lrs, time.time() - last_step_at,
+                    prior=config.with_prior_preservation, text_encoder=train_te))
             if train_te and step >= te_stop:
                 train_te = False
                 freeze_text_encoder(text_encoder, optimizer)
@@ -569,6 +573,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                     and step < total_steps:
                 timed("resume", lambda: writer.resume_point(step))
                 saved_step = step
+            last_step_at = time.time()  # a step's time leaves its saves and samples out
             if step >= total_steps:
                 break
         accelerator.wait_for_everyone()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import tempfile
 import threading
@@ -15,7 +14,8 @@ from typing import Any
 from . import service
 from .config import ConfigError, TrainingConfig
 from .job import runner
-from .trainer import RunPaths
+from .run_types import RunPaths
+from .training_log import tensorboard_problem
 from .ui_render import (gallery_items, loss_plot_svg, message, progress_html, status_html,
                         training_log_html)
 from .webui import Host
@@ -36,7 +36,7 @@ def saved_samples(host: Host, model_name: str) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def tensorboard_installed() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None
+    return tensorboard_problem() is None
 
 
 def logs_dir(host: Host, snap: Any) -> Path | None:

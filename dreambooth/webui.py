@@ -134,12 +134,6 @@ class InterrogatorError(ValueError):
     A ValueError, so that the job runner shows the message as it is, without a traceback."""
 
 
-# The WebUI's interrogators, by the names the extension uses for them (captions.INTERROGATORS
-# describes them for people): "clip" is the WebUI's own "Interrogate CLIP" (a BLIP sentence and
-# CLIP's flavour words), "blip" the BLIP sentence alone, "deepbooru" its DeepDanbooru tags.
-INTERROGATOR_KINDS = ("clip", "blip", "deepbooru")
-
-
 class _FolderLayout:
     """Folder rules shared by both hosts (subclasses give models_dir, checkpoints_dir, setting)."""
 

@@ -8,8 +8,9 @@ import torch
 
 from dreambooth import resume, trainer
 from dreambooth.config import ConfigError, TrainingConfig
-from dreambooth.trainer import (build_optimizer, dreambooth_loss, min_snr_weights, offset_noise,
-                                snr, train)
+from dreambooth.objective import dreambooth_loss, min_snr_weights, offset_noise, snr
+from dreambooth.optimizers import build_optimizer
+from dreambooth.trainer import train
 
 from trainer_fixtures import (RecordingReporter, base_config, flat, run_paths, tiny_components)
 
