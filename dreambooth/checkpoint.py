@@ -1,9 +1,12 @@
-"""Single-file Stable Diffusion checkpoints (the WebUI's LDM layout): reading, detecting the
-model kind, loading into diffusers components.
+"""Single-file Stable Diffusion checkpoints (the WebUI's LDM layout): reading tensors and
+loading them into diffusers components.
 
-Loading uses diffusers' own single-file conversion, fully offline, with configs bundled under
-``dreambooth/configs/`` and patched from the checkpoint's tensor shapes (so one code path loads a
-real SD1.5 file and the tiny test model alike). Writing lives in :mod:`dreambooth.export`.
+What a checkpoint *is* (its kind, prediction type, zero terminal SNR) is decided in
+:mod:`dreambooth.detect`; its names are re-exported here so ``checkpoint.detect_kind`` and
+``from .checkpoint import ModelKind`` keep working. Loading uses diffusers' own single-file
+conversion, fully offline, with configs bundled under ``dreambooth/configs/`` and patched from the
+checkpoint's tensor shapes (so one code path loads a real SD1.5 file and the tiny test model
+alike). Writing lives in :mod:`dreambooth.export`.
 """
 from __future__ import annotations
 
@@ -14,23 +17,25 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
+# Detection moved to .detect; these names stay importable from here for existing callers.
+from .detect import (CONFIG_ROOT, KEY_SD1_TEXT, KEY_SD2_TEXT, KEY_SDXL_TEXT1,  # noqa: F401
+                     KEY_SDXL_TEXT2, KEY_UNET_IN, KEY_V_PRED, KEY_VAE, KEY_ZTSNR, KINDS,
+                     LORA_MARKERS, READABLE_SUFFIXES, UNET_PREFIX, VAE_PREFIX, CheckpointError,
+                     ModelKind, _damaged, _kind_from_folder, _refuse_non_checkpoint,
+                     _refused_pickle, _require_file, _suffix, _torch_load, _with_kind,
+                     _yaml_prediction, describe, detect_kind, kind_from_shapes, read_metadata,
+                     read_shapes)
 from .tiny import Components
 
-KINDS = ("sd1", "sd2", "sd2-v", "sdxl")
-CONFIG_ROOT = Path(__file__).parent / "configs"
 V2_V_YAML = CONFIG_ROOT / "v2-inference-v.yaml"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-READABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 # Where each text encoder lives in the LDM layout, per model kind.
 TEXT_PREFIXES = {
     ("sd1", "text_encoder"): "cond_stage_model.transformer.",
@@ -43,13 +48,6 @@ TEXT_PREFIXES = {
 WEIGHT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.", "model_ema.")
 COMPONENT_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
-KEY_UNET_IN = UNET_PREFIX + "input_blocks.0.0.weight"
-KEY_VAE = VAE_PREFIX + "encoder.conv_in.weight"
-KEY_SD1_TEXT = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-KEY_SD2_TEXT = "cond_stage_model.model.token_embedding.weight"
-KEY_SDXL_TEXT1 = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
-KEY_SDXL_TEXT2 = "conditioner.embedders.1.model.token_embedding.weight"
-
 ARCHITECTURES = {  # modelspec.architecture values (Stability's model spec, shown by the WebUI)
     "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
     "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
@@ -59,39 +57,6 @@ IMPLEMENTATIONS = {
     "sd2-v": "https://github.com/Stability-AI/stablediffusion",
     "sdxl": "https://github.com/Stability-AI/generative-models"}
 RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read, trained or written; the message says which file and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelKind:
-    """What a checkpoint is: one of KINDS, its prediction type and what it holds."""
-
-    kind: str
-    prediction_type: str = "epsilon"
-    inpainting: bool = False
-    has_ema: bool = False
-    has_vae: bool = True
-    source: str = "single_file"  # or "diffusers"
-
-    @property
-    def family(self) -> str:
-        """The layout family: sd2-v shares sd2's layout."""
-        return "sd2" if self.kind == "sd2-v" else self.kind
-
-    @property
-    def config_dir(self) -> Path:
-        return CONFIG_ROOT / self.kind
-
-    @property
-    def text_encoders(self) -> tuple[str, ...]:
-        return ("text_encoder", "text_encoder_2") if self.kind == "sdxl" else ("text_encoder",)
-
-    @property
-    def components(self) -> tuple[str, ...]:
-        return ("unet", "vae") + self.text_encoders
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,56 +71,6 @@ def file_hash(path: str | os.PathLike) -> dict[str, str]:
             digest.update(block)
     full = digest.hexdigest()
     return {"sha256": full, "short": full[:10]}
-
-
-def _suffix(path: Path, fmt: str | None = None) -> str:
-    return fmt or path.suffix.lower()
-
-
-def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file. Check the path, or refresh the checkpoint list.")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a single-file checkpoint")
-    if path.suffix.lower() not in READABLE_SUFFIXES:
-        raise CheckpointError(
-            f"{path}: unsupported file type {path.suffix!r}; use a .safetensors or .ckpt checkpoint")
-
-
-def _damaged(path: Path, exc: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is damaged or incomplete ({type(exc).__name__}: {exc}). If it was downloaded, "
-        "download it again; a half-written or truncated file cannot be used.")
-
-
-def _refused_pickle(exc: BaseException) -> bool:
-    """torch's safe loader (weights_only=True) refuses a pickle that asks for code with an
-    UnpicklingError (recognised by name: the extension never imports the pickle module)."""
-    return any(cls.__name__ == "UnpicklingError" for cls in type(exc).__mro__)
-
-
-def _torch_load(path: Path) -> dict:
-    """A .ckpt/.pt/.bin state dict through torch's safe loader only (tensors and plain
-    containers; anything that would run code is refused)."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if _refused_pickle(exc):
-            # Name what the file asks for; torch's own message suggests turning the safe
-            # loader off, which is never repeated to the user.
-            found = re.search(r"GLOBAL ([\w.]+\.[\w]+)", str(exc))
-            what = f" (it asks for {found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"{path} is a pickle that would run code when loaded{what}; it is refused for "
-                "safety. Use a .safetensors version of the model.") from exc
-        if isinstance(exc, (RuntimeError, EOFError, OSError, ValueError)):
-            raise _damaged(path, exc) from exc
-        raise
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    return obj
 
 
 def read_state_dict(path: str | os.PathLike, fmt: str | None = None) -> dict[str, torch.Tensor]:
@@ -173,31 +88,6 @@ def read_state_dict(path: str | os.PathLike, fmt: str | None = None) -> dict[str
     state = _torch_load(path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     return _own_storage(tensors)
-
-
-def read_shapes(path: str | os.PathLike, fmt: str | None = None) -> dict[str, tuple[int, ...]]:
-    """Key -> shape, reading only the header of a .safetensors file."""
-    path = Path(path)
-    if fmt is None:
-        _require_file(path)
-    if _suffix(path, fmt) != ".safetensors":
-        return {k: tuple(v.shape) for k, v in read_state_dict(path, fmt).items()}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        size = path.stat().st_size
-    except Exception as exc:
-        raise _damaged(path, exc) from exc
-    # safe_open checks the header only; a file cut inside the data is caught by its size.
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if size < 8 + header_len + end:
-        raise _damaged(path, EOFError(f"{size} bytes, header says {8 + header_len + end}"))
-    return shapes
 
 
 def export_size_estimate(base: str | os.PathLike, dtype: str) -> int | None:
@@ -250,140 +140,6 @@ def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             state[key] = tensor.clone()
         seen.add(state[key].untyped_storage().data_ptr())
     return state
-
-
-# --------------------------------------------------------------------------------------------
-# Detecting the model kind
-
-LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", ".alpha", "hada_w", "lokr_w", "lora_te",
-                "lora_unet")
-
-
-def _yaml_prediction(path: Path | None) -> str | None:
-    """The WebUI convention: a .yaml next to the checkpoint names its config (v-param or not)."""
-    if path is None:
-        return None
-    yaml_path = path.with_suffix(".yaml")
-    if not yaml_path.is_file():
-        return None
-    text = yaml_path.read_text(encoding="utf-8", errors="replace")
-    return "v_prediction" if re.search(r"parameterization:\s*[\"']?v[\"']?\s*(#.*)?$", text, re.M) \
-        else "epsilon"
-
-
-def _refuse_non_checkpoint(keys: Iterable[str], name: str) -> None:
-    keys = list(keys)
-    if not keys:
-        raise CheckpointError(f"{name} holds no tensors; it is not a Stable Diffusion checkpoint")
-    if any(marker in key for key in keys for marker in LORA_MARKERS):
-        raise CheckpointError(
-            f"{name} is a LoRA/LyCORIS file, not a full model. Pick a full checkpoint from "
-            "models/Stable-diffusion as the base model; LoRA files go in models/Lora.")
-    if any(k in ("emb_params", "string_to_param", "clip_l", "clip_g") for k in keys) and len(keys) < 5:
-        raise CheckpointError(
-            f"{name} is a textual-inversion embedding, not a full model; pick a checkpoint from "
-            "models/Stable-diffusion as the base model.")
-    if KEY_UNET_IN not in keys:
-        if "encoder.conv_in.weight" in keys or "decoder.conv_in.weight" in keys:
-            raise CheckpointError(
-                f"{name} is a VAE on its own. Pick it as the VAE, and a full checkpoint as the base.")
-        if any(k.startswith(("down_blocks.", "unet.", "transformer_blocks.")) for k in keys):
-            raise CheckpointError(
-                f"{name} is in diffusers layout, not a WebUI single-file checkpoint; point at the "
-                "diffusers folder instead, or convert it with `python -m dreambooth convert`.")
-        raise CheckpointError(
-            f"{name} is not a Stable Diffusion checkpoint (no UNet weights "
-            f"'{UNET_PREFIX}*'). Supported: SD1.x, SD2.x, SDXL base single files.")
-
-
-def kind_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint", *,
-                     prediction_type: str | None = None, yaml_path: Path | None = None) -> ModelKind:
-    """Detect the kind from key names and shapes (no tensor data needed)."""
-    _refuse_non_checkpoint(shapes.keys(), name)
-    in_channels = shapes[KEY_UNET_IN][1]
-    if in_channels == 9:
-        raise CheckpointError(
-            f"{name} is an inpainting model (9-channel UNet input); DreamBooth training needs the "
-            "normal (non-inpainting) version of the model.")
-    if in_channels != 4:
-        raise CheckpointError(
-            f"{name} has a {in_channels}-channel UNet input (depth, instruct-pix2pix or similar); "
-            "only text-to-image models with 4 latent channels can be trained.")
-    if KEY_SDXL_TEXT1 in shapes and KEY_SDXL_TEXT2 in shapes:
-        family = "sdxl"
-    elif any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
-        raise CheckpointError(f"{name} is an SDXL refiner; train the SDXL base model instead.")
-    elif KEY_SD2_TEXT in shapes:
-        family = "sd2"
-    elif KEY_SD1_TEXT in shapes:
-        family = "sd1"
-    else:
-        raise CheckpointError(
-            f"{name} has a UNet but no text encoder this extension knows (SD1.x CLIP, SD2.x "
-            "OpenCLIP, SDXL's two encoders): an unknown or unsupported architecture (SD3, Flux, "
-            "ControlNet...). Supported: SD1.x, SD2.x, SDXL base.")
-    prediction = prediction_type or _yaml_prediction(yaml_path)
-    if prediction is None:
-        # SD2.x 768 models are v-prediction but the weights do not say so: the WebUI convention
-        # is the .yaml; without one, trust the usual "768"/"-v" in the file name.
-        v_name = family == "sd2" and re.search(r"768|[-_]v\b|[-_]v[-_.]", name.lower())
-        prediction = "v_prediction" if v_name else "epsilon"
-    if prediction in ("v", "v-prediction"):
-        prediction = "v_prediction"
-    if prediction not in ("epsilon", "v_prediction"):
-        raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction!r}")
-    kind = "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
-    has_ema = sum(k.startswith("model_ema.") for k in shapes) > 100
-    return ModelKind(kind=kind, prediction_type=prediction, has_ema=has_ema,
-                     has_vae=KEY_VAE in shapes)
-
-
-def _kind_from_folder(folder: Path, prediction_type: str | None) -> ModelKind:
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        text = json.loads((folder / "text_encoder" / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder} is not a diffusers model folder ({exc})") from exc
-    if unet.get("in_channels", 4) != 4:
-        raise CheckpointError(f"{folder}: {unet['in_channels']}-channel UNet (inpainting or "
-                              "similar); only 4-channel text-to-image models can be trained")
-    if unet.get("addition_embed_type") == "text_time":
-        family = "sdxl"
-    elif text.get("hidden_act") == "gelu":
-        family = "sd2"
-    else:
-        family = "sd1"
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
-    prediction = prediction_type or sched.get("prediction_type", "epsilon")
-    kind = "sd2-v" if family == "sd2" and prediction == "v_prediction" else family
-    return ModelKind(kind=kind, prediction_type=prediction, source="diffusers")
-
-
-def detect_kind(path_or_state_dict, *, prediction_type: str | None = None) -> ModelKind:
-    """The kind of a single file, a diffusers folder or a state dict; refuses what cannot be trained."""
-    if isinstance(path_or_state_dict, Mapping):
-        shapes = {k: tuple(v.shape) for k, v in path_or_state_dict.items()
-                  if isinstance(v, torch.Tensor)}
-        return kind_from_shapes(shapes, "state dict", prediction_type=prediction_type)
-    path = Path(path_or_state_dict)
-    if path.is_dir():
-        return _kind_from_folder(path, prediction_type)
-    return kind_from_shapes(read_shapes(path), path.name, prediction_type=prediction_type,
-                            yaml_path=path)
-
-
-def _with_kind(found: ModelKind, kind: str | None) -> ModelKind:
-    """Apply a --kind override (only between layouts that really are the same)."""
-    if kind is None or kind == found.kind:
-        return found
-    if kind not in KINDS:
-        raise CheckpointError(f"kind must be one of {KINDS}, not {kind!r}")
-    family = "sd2" if kind == "sd2-v" else kind
-    if family != found.family:
-        raise CheckpointError(f"the checkpoint is {found.kind}; it cannot be read as {kind}")
-    return replace(found, kind=kind,
-                   prediction_type="v_prediction" if kind == "sd2-v" else "epsilon")
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +284,8 @@ def config_folder(path: str | os.PathLike, dest: str | os.PathLike, *,
     """Write the config-only diffusers folder that loads the single file `path` (for tests/tools)."""
     path = Path(path)
     shapes = read_shapes(path)
-    kind = kind_from_shapes(shapes, path.name, prediction_type=prediction_type, yaml_path=path)
+    kind = kind_from_shapes(shapes, path.name, prediction_type=prediction_type, yaml_path=path,
+                            metadata=read_metadata(path))
     return write_config_folder(derive_configs(shapes, kind), kind, Path(dest))
 
 
@@ -649,8 +406,10 @@ def load_components(path: str | os.PathLike, *, prediction_type: str | None = No
     if path.is_dir():
         return _load_folder(path, prediction_type=prediction_type, vae_path=vae_path, kind=kind)
     state = read_state_dict(path)
+    # the header's metadata too: a file may say it is v-prediction only there (kohya, modelspec)
     found = _with_kind(kind_from_shapes({k: tuple(v.shape) for k, v in state.items()}, path.name,
-                                        prediction_type=prediction_type, yaml_path=path), kind)
+                                        prediction_type=prediction_type, yaml_path=path,
+                                        metadata=read_metadata(path)), kind)
     if use_ema and not found.has_ema:
         raise CheckpointError(f"{path.name} has no EMA weights (model_ema.*); load it without use_ema")
     vae_state = _read_vae(Path(vae_path)) if vae_path else None
