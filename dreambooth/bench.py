@@ -551,7 +551,8 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
         del components
         gc.collect()
         t = time.perf_counter()
-        components, prediction_type = load_model(config)
+        components, kind = load_model(config)
+        prediction_type = kind.prediction_type
         phases["load"] = _r(time.perf_counter() - t)
     memory["by_phase"]["model"] = memory_peaks(cuda)
     if options["compile"]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "sgd")
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor", "sgd")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
               "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -125,6 +125,7 @@ class TrainingConfig:
     model_name: str = ""  # output name: <models>/Stable-diffusion/<model_name>.safetensors
     vae_path: str = ""  # a separate VAE (the seed's --pretrained_vae_name_or_path)
     prediction_type: str = ""  # "" = from the checkpoint; or epsilon / v_prediction
+    zero_terminal_snr: bool = False  # rescaled zero-terminal-SNR schedule (on too when the file says)
     base_use_ema: bool = False  # train from the base file's EMA weights when it has them
     models_dir: str = ""  # "" = the WebUI's models folder (or ./models standalone)
     # --- concepts ----------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class TrainingConfig:
     class_guidance_scale: float = 7.5
     class_clip_skip: int = 1  # the seed advises 2 for anime/NovelAI-family models
     # --- pictures ----------------------------------------------------------------------------
-    resolution: int = 512
+    resolution: int = 0  # 0: the model's own (512 SD1.x/2.x, 768 SD2.x v, 1024 SDXL)
     aspect_ratio_buckets: bool = False  # suits native training; poor with DreamBooth
     random_crop: bool = False  # False: center crop
     hflip: bool = False
@@ -172,6 +173,8 @@ class TrainingConfig:
     train_text_encoder: bool = False
     text_encoder_lr: float = 0.0  # 0: the UNet's learning rate
     text_encoder_stop: float = 1.0  # <= 1: fraction of the steps; > 1: a step number
+    text_encoder_2_lr: float = 0.0  # SDXL's second encoder; 0: as the first
+    text_encoder_2_stop: float = 1.0  # as text_encoder_stop; 0: the second encoder stays frozen
     clip_skip: int = 1
     offset_noise: float = 0.0
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
@@ -186,6 +189,7 @@ class TrainingConfig:
     attention: str = "sdpa"
     allow_tf32: bool = True
     cache_latents: bool = True
+    vae_fp16_safe: bool = False  # the VAE does not overflow in fp16 (SDXL's stock VAE does)
     cache_text_embeddings: bool = True  # only while the text encoder is frozen
     # --- saving ------------------------------------------------------------------------------
     save_every_n_steps: int = 0  # 0: only at the end (the seed's save_interval)
@@ -290,13 +294,24 @@ class TrainingConfig:
         """max_train_steps, or the seed's rule of thumb when it is 0."""
         return self.max_train_steps or max(1, instance_pictures * STEPS_PER_PICTURE)
 
-    def text_encoder_stop_step(self, total_steps: int) -> int:
-        """The step after which the text encoder is frozen (total_steps: never)."""
+    def text_encoder_stop_step(self, total_steps: int, index: int = 0) -> int:
+        """The step after which text encoder ``index`` (SDXL has two) is frozen (total_steps:
+        never; 0: not trained at all)."""
         if not self.train_text_encoder:
             return 0
-        if self.text_encoder_stop <= 1:
-            return int(math.ceil(self.text_encoder_stop * total_steps))
-        return min(total_steps, int(self.text_encoder_stop))
+        stop = self.text_encoder_stop if index == 0 else self.text_encoder_2_stop
+        if stop <= 1:
+            return int(math.ceil(stop * total_steps))
+        return min(total_steps, int(stop))
+
+    def text_encoder_learning_rate(self, index: int = 0) -> float:
+        """The learning rate of text encoder ``index``: its own, else the first's, else the UNet's."""
+        own = self.text_encoder_2_lr if index > 0 else 0.0
+        return own or self.text_encoder_lr or self.learning_rate
+
+    def with_resolution(self, default: int) -> "TrainingConfig":
+        """This config with ``resolution`` 0 ("the model's own") set to the model's ``default``."""
+        return self if self.resolution else dataclasses.replace(self, resolution=default)
 
     def validate(self) -> list[FieldError]:
         """Errors that need no file system: types, ranges, choices, combinations."""
@@ -331,6 +346,10 @@ class TrainingConfig:
                 problem = RANGES["num_class_images"].problem(concept.num_class_images)
                 need(not problem, f"concepts[{i}].num_class_images", problem or "")
         need(self.resolution % 8 == 0, "resolution", "must be a multiple of 8 (e.g. 512)")
+        need(self.resolution == 0 or self.resolution >= 64, "resolution",
+             f"must be 0 (the model's own) or at least 64, not {self.resolution}")
+        need(self.text_encoder_2_stop <= 1 or float(self.text_encoder_2_stop).is_integer(),
+             "text_encoder_2_stop", "0, a fraction in (0, 1] or a whole step number")
         need(self.sample_size % 8 == 0, "sample_size",
              "must be 0 (training resolution) or a multiple of 8")
         need(self.text_encoder_stop <= 1 or float(self.text_encoder_stop).is_integer(),
@@ -384,7 +403,7 @@ RANGES: dict[str, Range] = {
     "class_sample_steps": Range(1, 1000),
     "class_guidance_scale": Range(0, 50),
     "class_clip_skip": Range(1, 12),
-    "resolution": Range(64, 4096, hint="a multiple of 8, e.g. 512 for SD 1.x"),
+    "resolution": Range(0, 4096, hint="0: the model's own; else a multiple of 8, e.g. 512"),
     "rotation_degrees": Range(0, 45),
     "brightness_jitter": Range(0, 1, high_open=True),
     "contrast_jitter": Range(0, 1, high_open=True),
@@ -405,6 +424,8 @@ RANGES: dict[str, Range] = {
     "text_encoder_lr": Range(0, 10, hint="0: the UNet's learning rate"),
     "text_encoder_stop": Range(0, MAX_STEPS, low_open=True,
                                hint="a fraction in (0, 1] or a whole step number"),
+    "text_encoder_2_lr": Range(0, 10, hint="0: as the first text encoder"),
+    "text_encoder_2_stop": Range(0, MAX_STEPS, hint="0: frozen; a fraction or a step number"),
     "clip_skip": Range(1, 12),
     "offset_noise": Range(0, 1),
     "min_snr_gamma": Range(0, 1000, hint="0: off, 5 is the paper's value"),

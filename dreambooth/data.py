@@ -754,6 +754,25 @@ def picture_tensor(picture: Picture, config: TrainingConfig, *, flip: bool = Fal
 def picture_and_mask(picture: Picture, config: TrainingConfig, *, flip: bool = False,
                      rng: random.Random | None = None, bucket: tuple[int, int] | None = None,
                      mask: Path | None = None) -> tuple["torch.Tensor", "torch.Tensor | None"]:
+    """The picture and its mask; see :func:`picture_view`."""
+    view = picture_view(picture, config, flip=flip, rng=rng, bucket=bucket, mask=mask)
+    return view.pixels, view.mask
+
+
+@dataclass
+class View:
+    """A picture as training sees it: pixels (3, H, W) in [-1, 1], its mask (1, H, W) in [0, 1]
+    or None, and where the crop's top-left corner lies in the resized picture, (top, left) in
+    pixels, mirrored with the picture (SDXL is conditioned on it)."""
+
+    pixels: "torch.Tensor"
+    mask: "torch.Tensor | None"
+    crop_top_left: tuple[int, int]
+
+
+def picture_view(picture: Picture, config: TrainingConfig, *, flip: bool = False,
+                 rng: random.Random | None = None, bucket: tuple[int, int] | None = None,
+                 mask: Path | None = None) -> View:
     """The picture as float32 (3, H, W) in [-1, 1] at ``bucket or picture.bucket``: resized to
     cover the bucket and cropped (center, or random with config.random_crop and an ``rng``), then
     rotated / brightness / contrast jittered when configured and an ``rng`` is given. The same rng
@@ -781,7 +800,10 @@ def picture_and_mask(picture: Picture, config: TrainingConfig, *, flip: bool = F
         layers.append(open_mask(mask, config.mask_source, image.size))
     layers = [_cover(layer, box_w, box_h, zoom) for layer in layers]
     left, top = _crop_origin(layers[0].size, (box_w, box_h), rng if config.random_crop else None)
+    resized_width = layers[0].width
     layers = [layer.crop((left, top, left + box_w, top + box_h)) for layer in layers]
+    # The corner of the final width x height window (inside the rotated box when rotating).
+    corner = (top + (box_h - height) // 2, left + (box_w - width) // 2)
     if angle:
         left, top = (box_w - width) // 2, (box_h - height) // 2
         layers = [layer.rotate(angle, resample=Image.Resampling.BICUBIC)
@@ -801,7 +823,8 @@ def picture_and_mask(picture: Picture, config: TrainingConfig, *, flip: bool = F
     if flip:
         tensor = tensor.flip(-1).contiguous()
         mask_tensor = mask_tensor.flip(-1).contiguous() if mask_tensor is not None else None
-    return tensor, mask_tensor
+        corner = (corner[0], resized_width - corner[1] - width)
+    return View(tensor, mask_tensor, corner)
 
 
 def _cover(image: Image.Image, width: int, height: int, zoom: float) -> Image.Image:

@@ -280,6 +280,13 @@ def check_dataset(config: TrainingConfig, tokenizer=None) -> DatasetReport:
     report = DatasetReport()
     report.errors += [str(error) for error in config.validate()]
     report.warnings += config.warnings()
+    from .families import with_model_resolution
+
+    config = with_model_resolution(config)
+    if not config.resolution:  # no base model to ask: SD1.x's 512 px, said in the report
+        config = config.with_resolution(512)
+        report.warnings.append("resolution 0 (the model's own): no base model to ask, checked "
+                               "at 512 px")
     try:
         background_color(config.alpha_background)
     except DatasetError as exc:

@@ -36,6 +36,7 @@ from .checkpoint import (ARCHITECTURES, DTYPES, IMPLEMENTATIONS, KINDS, RESOLUTI
                          WEIGHT_PREFIXES, CheckpointError, ModelKind, _require_file, _with_kind,
                          derive_configs, file_hash, kind_from_shapes, load_components,
                          normalize_text_keys, read_shapes, read_state_dict, read_subset)
+from .detect import read_metadata
 from .memory import TrimEvery
 from .tiny import Components
 
@@ -336,6 +337,8 @@ def build_metadata(kind: ModelKind, out: Path, *, base: Path | None = None, dtyp
     meta["ss_base_model_version"] = BASE_MODEL_VERSIONS[kind.kind]
     meta["ss_v2"] = str(kind.family == "sd2")
     meta["ss_v_parameterization"] = str(kind.prediction_type == "v_prediction")
+    if kind.zero_terminal_snr:  # what kohya writes; detect.py reads it back
+        meta["ss_zero_terminal_snr"] = "True"
     for key, value in extra.items():
         name = key if "." in key or key.startswith("ss_") else f"dreambooth.{key}"
         meta[name] = value if isinstance(value, str) else json.dumps(value, default=str)
@@ -464,7 +467,7 @@ def export_checkpoint(base_path: str | os.PathLike, components: Components,
     fmt = _check_output(out, base, overwrite)
     base_shapes = read_shapes(base)
     found = _with_kind(kind_from_shapes(base_shapes, base.name, prediction_type=prediction_type,
-                                        yaml_path=base), kind)
+                                        yaml_path=base, metadata=read_metadata(base)), kind)
     names = _names(trained, found)
     base_hash = file_hash(base)
     meta = build_metadata(found, out, base=base, dtype=dtype, trained=names, extra=metadata,
@@ -682,8 +685,10 @@ def save_single_file(components: Components, path: str | os.PathLike, *, kind: s
     if (kind == "sdxl") != (getattr(components, "text_encoder_2", None) is not None):
         raise CheckpointError(f"these components do not make a {kind} model")
     fmt = _check_output(out, None, overwrite)
+    schedule = components.noise_scheduler.config
     found = ModelKind(kind=kind, prediction_type="v_prediction" if kind == "sd2-v" else
-                      getattr(components.noise_scheduler.config, "prediction_type", "epsilon"))
+                      getattr(schedule, "prediction_type", "epsilon"),
+                      zero_terminal_snr=bool(getattr(schedule, "rescale_betas_zero_snr", False)))
     state = components_to_ldm(components, found, DTYPES[dtype])
     if found.family != "sdxl":
         state.update(schedule_buffers(components.noise_scheduler))

@@ -6,12 +6,21 @@ import torch
 from .config import ConfigError, FieldError, TrainingConfig
 
 def build_optimizer(name: str, param_groups: list[dict], config: TrainingConfig, device):
-    """AdamW, 8-bit AdamW, Lion (32/8-bit), Prodigy or SGD over the given parameter groups."""
+    """AdamW, 8-bit AdamW, Lion (32/8-bit), Prodigy, Adafactor or SGD over the parameter groups."""
     betas = (config.adam_beta1, config.adam_beta2)
     if name == "adamw":
         extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(param_groups, betas=betas, eps=config.adam_epsilon,
                                  weight_decay=config.weight_decay, **extra)
+    if name == "adafactor":
+        # transformers' Adafactor with a fixed lr: relative_step and scale_parameter off, so the
+        # schedule's lr is the one used (warmup_init needs relative_step). Its factored second
+        # moments take far less memory than AdamW's two full copies.
+        from transformers.optimization import Adafactor
+
+        return Adafactor(param_groups, lr=config.learning_rate, relative_step=False,
+                         scale_parameter=False, warmup_init=False,
+                         weight_decay=config.weight_decay)
     if name == "sgd":
         return torch.optim.SGD(param_groups, momentum=0.9, weight_decay=config.weight_decay)
     if name == "prodigy":
@@ -100,7 +109,8 @@ class EMA:
 
 
 def freeze_text_encoder(text_encoder, optimizer) -> None:
-    """Stop training the text encoder and free its optimizer state."""
+    """Stop training a text encoder and free its optimizer state (its group is left empty, so
+    the groups still match a resume point's)."""
     te_params = set(text_encoder.parameters())
     for group in optimizer.param_groups:
         if any(p in te_params for p in group["params"]):

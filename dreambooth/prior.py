@@ -153,6 +153,12 @@ def generate_class_pictures(config: TrainingConfig, pipeline, *,
         else:
             log(f"this diffusers version cannot apply CLIP skip {config.class_clip_skip}; class "
                 "pictures are made without it")
+    scheduler = getattr(pipeline, "scheduler", None)
+    if scheduler is not None and _pipeline_accepts(pipeline, "guidance_rescale"):
+        from .schedules import guidance_rescale
+
+        if guidance_rescale(scheduler):  # a zero-terminal-SNR model: CFG rescaled
+            extra["guidance_rescale"] = guidance_rescale(scheduler)
     done = 0
     batch_size = max(1, config.class_batch_size)
     for index, missing in needed:

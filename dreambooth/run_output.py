@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, FieldError, TrainingConfig
+from .schedules import is_zero_terminal_snr
 from .run_types import Reporter, RunPaths
 from .tiny import Components
 
@@ -44,19 +45,17 @@ class RunWriter:
     before a crash) may be replaced; any other existing file only with ``overwrite``."""
 
     def __init__(self, config: TrainingConfig, paths: RunPaths, components: Components,
-                 accelerator, unet, text_encoder, ema, optimizer, lr_scheduler,
+                 accelerator, trained: dict[str, torch.nn.Module], ema, optimizer, lr_scheduler,
                  reporter: Reporter, run_id: str, pictures: tuple[int, int] = (0, 0)):
         self.config, self.paths, self.components = config, paths, components
         self.pictures = pictures  # instance and class pictures, for the file's metadata
-        self.accelerator, self.unet, self.text_encoder, self.ema = accelerator, unet, text_encoder, ema
+        # The trained models by component name ("unet", "text_encoder", ...), as prepared.
+        self.accelerator, self.trained, self.ema = accelerator, trained, ema
         self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
         self.run_id = run_id
 
     def trained_models(self) -> dict[str, torch.nn.Module]:
-        models = {"unet": self.accelerator.unwrap_model(self.unet)}
-        if self.config.train_text_encoder:
-            models["text_encoder"] = self.accelerator.unwrap_model(self.text_encoder)
-        return models
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.trained.items()}
 
     def resume_point(self, step: int) -> Path:
         from . import resume
@@ -87,8 +86,8 @@ class RunWriter:
             self.reporter.log(f"warning: {out.name} already exists and is not from this run; "
                               "this intermediate save is skipped (turn on overwrite to replace it)")
             return None
-        return export(self.config, self.paths, self.components, self.accelerator, self.unet,
-                      self.text_encoder, self.ema, step, self.reporter, suffix=suffix,
+        return export(self.config, self.paths, self.components, self.accelerator,
+                      self.trained_models(), self.ema, step, self.reporter, suffix=suffix,
                       overwrite=replace, run_id=self.run_id, pictures=self.pictures)
 
     def rescue(self, step: int, failure: Exception, saved_step: int | None) -> Exception:
@@ -151,11 +150,13 @@ def ema_weights(unet, ema):
         ema.restore(unet.parameters())
 
 
-def export(config: TrainingConfig, paths: RunPaths, components: Components, accelerator, unet,
-           text_encoder, ema, step: int, reporter: Reporter, suffix: str = "", *,
-           overwrite: bool = False, run_id: str = "", pictures: tuple[int, int] = (0, 0)) -> Path:
+def export(config: TrainingConfig, paths: RunPaths, components: Components, accelerator,
+           trained: dict[str, torch.nn.Module], ema, step: int, reporter: Reporter,
+           suffix: str = "", *, overwrite: bool = False, run_id: str = "",
+           pictures: tuple[int, int] = (0, 0)) -> Path:
     """Write the model into the checkpoints folder: into the base file's own layout, or (a
-    diffusers folder as the base) as a new single file in the standard layout."""
+    diffusers folder as the base) as a new single file in the standard layout. ``trained``: the
+    trained models by component name (their weights are the components', trained in place)."""
     from . import checkpoint
     from . import export as export_module
     from .files import ensure_folder
@@ -165,11 +166,12 @@ def export(config: TrainingConfig, paths: RunPaths, components: Components, acce
     ensure_folder(paths.checkpoints_dir)
     out = paths.checkpoints_dir / output_file_name(config.model_name, suffix, config.export_format)
     reporter.detail(f"writing {out.name}")
-    trained = ("unet", "text_encoder") if config.train_text_encoder else ("unet",)
     metadata = export_metadata(config, step, *pictures)
+    if is_zero_terminal_snr(components.noise_scheduler):  # the schedule it was trained with
+        metadata["ss_zero_terminal_snr"] = "True"
     if run_id:
         metadata["dreambooth.run_id"] = run_id
-    live = accelerator.unwrap_model(unet)
+    live = trained["unet"]
     base = resolve_base_model(config)
     with ema_weights(live, ema):
         if base.is_dir():
@@ -178,8 +180,9 @@ def export(config: TrainingConfig, paths: RunPaths, components: Components, acce
                 metadata=metadata, overwrite=overwrite, base_name=base.name)
         else:
             result = export_module.export_checkpoint(
-                base, components, out, trained=trained, dtype=config.export_dtype,
-                metadata=metadata, overwrite=overwrite)
+                base, components, out, trained=tuple(trained), dtype=config.export_dtype,
+                metadata=metadata, overwrite=overwrite,
+                prediction_type=components.noise_scheduler.config.prediction_type)
     reporter.log(f"saved {result}")
     if suffix:  # an intermediate save: training goes on
         reporter.phase("training")

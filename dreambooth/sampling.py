@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from .config import TrainingConfig
+from .schedules import guidance_rescale
 from .files import write_bytes
 from .tiny import Components
 
@@ -53,7 +54,8 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
     half = next(components.text_encoder.parameters()).dtype in (torch.float16, torch.bfloat16)
     autocast = (torch.autocast(device.type, dtype=next(components.text_encoder.parameters()).dtype)
                 if half and device.type == "cuda" else contextlib.nullcontext())
-    models = (components.unet, components.vae, components.text_encoder)
+    models = components.modules()
+    rescale = guidance_rescale(pipe.scheduler)  # zero terminal SNR: CFG rescaled
     was_training = [m.training for m in models]
     paths = []
     with on_device(models, device), torch.no_grad(), autocast:
@@ -66,7 +68,7 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
             image = pipe(prompt, negative_prompt=config.sample_negative_prompt or None,
                          num_inference_steps=config.sample_steps,
                          guidance_scale=config.sample_guidance_scale, height=size, width=size,
-                         generator=generator,
+                         generator=generator, guidance_rescale=rescale,
                          clip_skip=config.clip_skip - 1 if config.clip_skip > 1 else None).images[0]
             path = out_dir / f"step-{step:06d}-{index}.png"
             buffer = io.BytesIO()

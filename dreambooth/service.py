@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Concept, ConfigError, FieldError, TrainingConfig
+from .families import base_family, for_kind, with_model_resolution
 from .job import JobRunner, runner as default_runner
 from .names import output_file_name, sanitize_model_name
 from .resume import list_resume_points, point_step, read_state
@@ -142,7 +143,7 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
         errors.append(FieldError("base_model", f"{config.base_model!r} is neither a file nor a "
                                  "checkpoint in the list; pick one (press 🔄 after adding files)"))
     elif base is not None:
-        resolved = replace(resolved, base_model=str(base))
+        resolved = with_model_resolution(replace(resolved, base_model=str(base)))
     if config.vae_path.strip():
         vae = resolve_vae(config.vae_path, host)
         if vae is None:
@@ -316,12 +317,13 @@ def make_class_pictures(config: TrainingConfig, paths: RunPaths, *, reporter: Re
 
     started = time.time()
     reporter.phase("loading")
-    components, _kind = checkpoint.load_components(Path(config.base_model),
-                                                   use_ema=config.base_use_ema,
-                                                   vae_path=config.vae_path or None)
+    components, kind = checkpoint.load_components(Path(config.base_model),
+                                                  use_ema=config.base_use_ema,
+                                                  vae_path=config.vae_path or None)
+    config = config.with_resolution(for_kind(kind.kind).default_resolution(kind.prediction_type))
     device = _device()
     dtype = torch.float16 if device.type == "cuda" and config.mixed_precision != "no" else torch.float32
-    for model in (components.unet, components.vae, components.text_encoder):
+    for model in components.modules():
         model.to(device, dtype)
     pipe = components.pipeline()
     reporter.phase("class_images")
@@ -336,7 +338,7 @@ def make_class_pictures(config: TrainingConfig, paths: RunPaths, *, reporter: Re
         counts = prior.generate_class_pictures(config, pipe, progress=progress,
                                                should_stop=reporter.should_stop, log=reporter.log)
     finally:
-        for model in (components.unet, components.vae, components.text_encoder):
+        for model in components.modules():
             model.to("cpu")
         del pipe
         if torch.cuda.is_available():
@@ -579,20 +581,13 @@ def describe_model(host: Host, base: str) -> str:
     if path is None:
         return "" if not (base or "").strip() else f"{base}: not found"
     try:
-        from .checkpoint import detect_kind
+        from .detect import describe, detect_kind
 
         kind = detect_kind(path)
     except Exception as exc:  # CheckpointError and unreadable files: say why, do not raise
         return f"{path.name}: cannot be trained ({exc})"
-    parts = [{"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (768, v)", "sdxl": "SDXL"}.get(
-        kind.kind, kind.kind), f"{kind.prediction_type} prediction"]
-    if kind.inpainting:
-        parts.append("inpainting")
-    if kind.has_ema:
-        parts.append("has EMA weights")
-    if not kind.has_vae:
-        parts.append("no VAE inside: choose one")
-    return f"{path.name}: " + ", ".join(parts)
+    size = for_kind(kind.kind).default_resolution(kind.prediction_type)
+    return f"{path.name}: {describe(kind)}; trains at {size} px unless you set a resolution"
 
 
 def count_pictures(config: TrainingConfig) -> int:
@@ -622,8 +617,9 @@ def step_estimate(config: TrainingConfig) -> str:
 
 
 def memory_estimate(config: TrainingConfig) -> str | None:
-    """A rough GPU memory figure for SD1.x (None without a GPU). From the seed: 512 px, fp16,
-    8-bit Adam and gradient checkpointing peak near 12 GB with the text encoder trained."""
+    """A rough GPU memory figure for the base model's family (None without a GPU). From the
+    seed for SD1.x: 512 px, fp16, 8-bit Adam and gradient checkpointing peak near 12 GB with the
+    text encoder trained; the benchmarks measure the real figure."""
     try:
         import torch
 
@@ -632,13 +628,16 @@ def memory_estimate(config: TrainingConfig) -> str | None:
         gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     except Exception:
         return None
-    gb = 7.5
-    gb += 0 if config.optimizer.endswith("8bit") else 2.5
-    gb += 1.5 if config.train_text_encoder else 0
-    gb += 0 if config.gradient_checkpointing else 4.0
-    gb += 0 if config.mixed_precision != "no" else 3.0
-    gb *= max(config.resolution / 512, 0.5) ** 2 * (1 + 0.35 * (config.train_batch_size - 1))
-    return f"≈{gb:.0f} GB of the GPU's {gpu_gb:.0f} GB (rough, SD 1.x)"
+    found = base_family(config)
+    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
+                                                                             "epsilon")
+    gb = family.memory_estimate_gb(
+        train_text_encoder=config.train_text_encoder, eight_bit=config.optimizer.endswith("8bit")
+        or config.optimizer == "adafactor", gradient_checkpointing=config.gradient_checkpointing,
+        half=config.mixed_precision != "no", batch=config.train_batch_size,
+        resolution=config.resolution or family.default_resolution(prediction),
+        prediction_type=prediction)
+    return f"≈{gb:.0f} GB of the GPU's {gpu_gb:.0f} GB (rough, {family.title})"
 
 
 def status() -> dict[str, Any]:

@@ -33,23 +33,19 @@ class Components:
     text_encoder_2: "torch.nn.Module | None" = None
     tokenizer_2: object = None
 
+    def modules(self) -> list["torch.nn.Module"]:
+        """The UNet, the VAE and every text encoder."""
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2)
+                if m is not None]
+
     def pipeline(self, scheduler=None):
-        """A StableDiffusionPipeline over these components (for samples and class pictures)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        """The family's diffusers pipeline over these components (samples and class pictures),
+        sampling with DDIM over the noise schedule unless ``scheduler`` is given."""
+        from .families import of_components
+        from .schedules import sampling_scheduler
 
-        sched = scheduler or DDIMScheduler.from_config(self.noise_scheduler.config,
-                                                      set_alpha_to_one=False)
-        if self.text_encoder_2 is not None:
-            from diffusers import StableDiffusionXLPipeline
-
-            return StableDiffusionXLPipeline(
-                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
-                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
-                scheduler=sched)
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=sched, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        return of_components(self).pipeline(self, scheduler or sampling_scheduler(
+            self.noise_scheduler))
 
 
 def unet_config(size: str = "tiny") -> dict:

@@ -7,6 +7,7 @@ uninterrupted one would have.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import random
 import time
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import data
+from . import data, families
 from .config import ConfigError, FieldError, TrainingConfig
 from .eta import RunExtras
 from .memory import give_memory_back
@@ -26,25 +27,13 @@ from .objective import (dreambooth_loss, mask_weights, offset_noise, posterior_l
 from .optimizers import EMA, build_optimizer, eight_bit_problem, freeze_text_encoder
 from .run_output import RunWriter, make_samples, resolve_base_model
 from .run_types import Cancelled, Reporter, RunPaths, TrainResult
+from .schedules import noise_schedule
 from .tiny import Components
 from .training_log import TrainingLog
 
 # Re-exported: the job runner, the CLI, the demo and the tests take these from here.
 __all__ = ["Cancelled", "Reporter", "RunPaths", "TrainResult", "train", "run_training",
-           "load_model", "encode_prompts"]
-
-
-def encode_prompts(text_encoder, tokenizer, prompts: list[str], clip_skip: int,
-                   device) -> torch.Tensor:
-    """CLIP embeddings as the WebUI makes them: with clip_skip > 1, the hidden state that many
-    layers from the end, passed through the final layer norm."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
-    if clip_skip <= 1:
-        return text_encoder(ids)[0]
-    out = text_encoder(ids, output_hidden_states=True)
-    hidden = out.hidden_states[-clip_skip]
-    return text_encoder.text_model.final_layer_norm(hidden)
+           "load_model"]
 
 
 
@@ -81,18 +70,21 @@ def set_attention(unet, attention: str) -> None:
 @dataclass
 class Encoded:
     """What training needs of one picture: its latents (the VAE posterior's mean, and its std
-    when latents are sampled), and its mask on the latent grid (masked training)."""
+    when latents are sampled), its mask on the latent grid (masked training), and what the
+    family conditions on besides the prompt (SDXL: size and crop)."""
 
     mean: torch.Tensor
     std: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    conditioning: torch.Tensor | None = None
 
 
 class LatentSource:
     """Latents for (picture, flip, bucket): from the cache when caching is exact, else encoded now."""
 
-    def __init__(self, vae, config: TrainingConfig, device, dtype):
+    def __init__(self, vae, config: TrainingConfig, device, dtype, family: families.Family):
         self.vae, self.config, self.device, self.dtype = vae, config, device, dtype
+        self.family = family
         self.cache: dict[tuple, Encoded] | None = (
             {} if config.cache_latents and not data.has_random_augmentation(config) else None)
         self.scale = vae.config.scaling_factor
@@ -101,14 +93,18 @@ class LatentSource:
     @torch.no_grad()
     def encode(self, picture: data.Picture, flip: bool, bucket: tuple[int, int],
                rng: random.Random | None) -> Encoded:
-        pixels, mask = data.picture_and_mask(picture, self.config, flip=flip, rng=rng,
-                                             bucket=bucket, mask=picture.mask)
-        dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
+        view = data.picture_view(picture, self.config, flip=flip, rng=rng, bucket=bucket,
+                                 mask=picture.mask)
+        dist = self.vae.encode(view.pixels[None].to(self.device, self.dtype)).latent_dist
         mean = (dist.mean * self.scale).float().cpu()[0]
         std = (dist.std * self.scale).float().cpu()[0] if self.sampled else None
+        mask = view.mask
         if mask is not None:  # the share of each latent pixel's 8 x 8 patch that is subject
             mask = F.interpolate(mask[None], size=tuple(mean.shape[-2:]), mode="area")[0]
-        return Encoded(mean, std, mask)
+        width, height = picture.size
+        conditioning = self.family.picture_conditioning(
+            (height, width), view.crop_top_left, tuple(view.pixels.shape[-2:]))
+        return Encoded(mean, std, mask, conditioning)
 
     def fill_cache(self, items: list[tuple[data.Picture, bool, tuple[int, int]]],
                    should_stop: Callable[[], bool], progress: Callable[[int, int], None]) -> None:
@@ -131,9 +127,10 @@ class LatentSource:
 
 
 def batch_inputs(encoded: list[Encoded], generator: torch.Generator, background: float,
-                 device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The latents of a batch (a posterior sample when stds are kept, drawn from ``generator``)
-    and its per-pixel loss weights (None when no row has a mask; rows without one weigh 1)."""
+                 device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The latents of a batch (a posterior sample when stds are kept, drawn from ``generator``),
+    its per-pixel loss weights (None when no row has a mask; rows without one weigh 1) and its
+    pictures' extra conditioning (None for families without)."""
     means = torch.stack([e.mean for e in encoded])
     stds = torch.stack([e.std for e in encoded]) if encoded[0].std is not None else None
     latents = posterior_latents(means, stds, generator)
@@ -142,18 +139,21 @@ def batch_inputs(encoded: list[Encoded], generator: torch.Generator, background:
         masks = torch.stack([e.mask if e.mask is not None else torch.ones_like(means[i, :1])
                              for i, e in enumerate(encoded)])
         pixel_weights = mask_weights(masks, background).to(device)
-    return latents.to(device), pixel_weights
+    conditioning = (torch.stack([e.conditioning for e in encoded]).to(device)
+                    if encoded[0].conditioning is not None else None)
+    return latents.to(device), pixel_weights, conditioning
 
 
-def step_record(figures: list[float], lrs: list[float], seconds: float, *, prior: bool,
-                text_encoder: bool) -> dict[str, float]:
+def step_record(figures: list[float], lr: float, seconds: float, *, prior: bool,
+                text_encoder_lrs: dict[str, float]) -> dict[str, float]:
     """One step's line of the training log. ``figures``: loss, instance loss, prior loss and,
-    when clipping computed it, the gradient norm; ``lrs``: the groups' lrs the step used."""
-    record = {"loss": figures[0], "lr": lrs[0], "step_seconds": round(seconds, 4)}
+    when clipping computed it, the gradient norm; ``lr``: the UNet's lr the step used;
+    ``text_encoder_lrs``: the lr of each text encoder that trained in the step, by name."""
+    record = {"loss": figures[0], "lr": lr, "step_seconds": round(seconds, 4)}
     if prior:
         record.update(loss_instance=figures[1], loss_prior=figures[2])
-    if text_encoder:
-        record["lr_text_encoder"] = lrs[1]
+    for name, value in text_encoder_lrs.items():
+        record[f"lr_{name}"] = value
     if len(figures) > 3:
         record["grad_norm"] = figures[3]
     return record
@@ -211,14 +211,14 @@ def new_accelerator(precision: str):
 
 
 
-def load_model(config: TrainingConfig) -> tuple[Components, str]:
-    """Components and prediction type of the base model."""
+def load_model(config: TrainingConfig):
+    """Components of the base model and what it is (its ``ModelKind``: prediction type, zero
+    terminal SNR ...)."""
     from . import checkpoint
 
-    components, kind = checkpoint.load_components(
+    return checkpoint.load_components(
         resolve_base_model(config), prediction_type=config.prediction_type or None,
         use_ema=config.base_use_ema, vae_path=config.vae_path or None)
-    return components, kind.prediction_type
 
 
 def train(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter | None = None,
@@ -295,27 +295,37 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                  + f", precision {precision}")
 
     reporter.phase("loading")
+    zero_terminal_snr = config.zero_terminal_snr
     if components is None:
-        components, prediction_type = load_model(config)
-    if getattr(components, "text_encoder_2", None) is not None:
-        raise ConfigError([FieldError("base_model", "SDXL checkpoints load and convert, but this "
-                                      "version trains SD1.x and SD2.x only; pick an SD1.x/2.x model")])
+        components, kind = load_model(config)
+        prediction_type = kind.prediction_type
+        zero_terminal_snr = zero_terminal_snr or getattr(kind, "zero_terminal_snr", False)
+    family = families.of_components(components)
     prediction_type = config.prediction_type or prediction_type or "epsilon"
-    unet, vae, text_encoder, tokenizer = (components.unet, components.vae,
-                                          components.text_encoder, components.tokenizer)
-    noise_scheduler = components.noise_scheduler
-    if noise_scheduler.config.prediction_type != prediction_type:
-        noise_scheduler = type(noise_scheduler).from_config(noise_scheduler.config,
-                                                            prediction_type=prediction_type)
+    if not config.resolution:  # "the model's own": known now that the model is
+        config = config.with_resolution(family.default_resolution(prediction_type))
+        instances = data.collect_pictures(config, include_class=False)
+    reporter.log(f"{family.title}, {prediction_type} prediction"
+                 + (", zero terminal SNR" if zero_terminal_snr else "")
+                 + f", {config.resolution} px")
+    unet, vae = components.unet, components.vae
+    encoders = family.encoder_modules(components)  # [(name, module)], in prompt order
+    # Samples, class pictures and new single files use the schedule training uses.
+    noise_scheduler = components.noise_scheduler = noise_schedule(
+        components.noise_scheduler, prediction_type, zero_terminal_snr)
     weight_dtype = frozen_dtype(precision, device)
+    # The stock SDXL VAE overflows in half precision: its latents are encoded in fp32.
+    vae_dtype = (torch.float32 if family.vae_needs_fp32 and not config.vae_fp16_safe
+                 else weight_dtype)
 
     if config.with_prior_preservation:
         reporter.phase("class_images")
         from . import prior
 
         if main:
-            vae.to(device, weight_dtype)
-            text_encoder.to(device, weight_dtype)
+            vae.to(device, torch.float32 if vae_dtype == torch.float32 else weight_dtype)
+            for _, encoder in encoders:
+                encoder.to(device, weight_dtype)
             unet.to(device, weight_dtype)
             pipe = components.pipeline()
             pipe.set_progress_bar_config(disable=True)
@@ -339,30 +349,35 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     if config.train_batch_size > len(instances):
         raise ConfigError([FieldError("train_batch_size", f"is {config.train_batch_size} but there "
                                       f"are only {len(instances)} instance pictures")])
-    for line in data.prompt_warnings(pictures, tokenizer):
+    for line in data.prompt_warnings(pictures, components.tokenizer):
         reporter.log(f"warning: {line}")
     total_steps = config.total_steps(len(instances))
-    te_stop = config.text_encoder_stop_step(total_steps)
+    # The text encoders trained, each with its own lr and the step it is frozen after.
+    trained_te = [(name, module, config.text_encoder_learning_rate(i),
+                   config.text_encoder_stop_step(total_steps, i))
+                  for i, (name, module) in enumerate(encoders)]
+    trained_te = [entry for entry in trained_te if entry[3] > 0]
 
     # Models: only what is trained keeps fp32 weights (the optimizer's master copy).
     unet.to(device, torch.float32).train()
     unet.requires_grad_(True)
-    vae.requires_grad_(False).to(device, weight_dtype).eval()
-    text_encoder.requires_grad_(False)
-    if config.train_text_encoder:
-        text_encoder.to(device, torch.float32).train().requires_grad_(True)
-    else:
-        text_encoder.to(device, weight_dtype).eval()
+    vae.requires_grad_(False).to(device, vae_dtype).eval()
+    for name, encoder in encoders:
+        encoder.requires_grad_(False)
+        if any(name == t[0] for t in trained_te):
+            encoder.to(device, torch.float32).train().requires_grad_(True)
+        else:
+            encoder.to(device, weight_dtype).eval()
     set_attention(unet, config.attention)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        for _, encoder, _, _ in trained_te:
+            encoder.gradient_checkpointing_enable()
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
 
-    # Caches, so the VAE (and the frozen text encoder) can leave the GPU during training.
-    latents = LatentSource(vae, config, device, weight_dtype)
+    # Caches, so the VAE (and the frozen text encoders) can leave the GPU during training.
+    latents = LatentSource(vae, config, device, vae_dtype, family)
     if latents.cache is not None:
         reporter.phase("caching")
         flips = data.cache_flips(config)
@@ -377,36 +392,35 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         reporter.log("latents are encoded at every step: random crop, rotation or jitter change "
                      "the picture each time")
     text_cache = None
-    if config.cache_text_embeddings and not config.train_text_encoder \
+    if config.cache_text_embeddings and not trained_te \
             and not (config.shuffle_tags or config.tag_dropout):
-        # Prompts are fixed: encode each once, then the text encoder leaves the GPU.
+        # Prompts are fixed: encode each once, then the text encoders leave the GPU.
         text_cache = {}
         unique = list(dict.fromkeys(p.caption for p in pictures))
         with torch.no_grad():
             for i in range(0, len(unique), 16):
                 chunk = unique[i:i + 16]
-                encoded = encode_prompts(text_encoder, tokenizer, chunk, config.clip_skip, device)
-                text_cache.update({p: e.cpu() for p, e in zip(chunk, encoded)})
-        text_encoder.to("cpu")
+                rows = family.encode(components, chunk, config.clip_skip, device).rows()
+                text_cache.update(zip(chunk, rows))
+        for _, encoder in encoders:
+            encoder.to("cpu")
         reporter.log(f"cached {len(text_cache)} text embeddings")
-    elif config.cache_text_embeddings and not config.train_text_encoder:
+    elif config.cache_text_embeddings and not trained_te:
         reporter.log("text embeddings are encoded at every step: tag shuffle or dropout change "
                      "the prompts each time")
 
-    def embeddings(prompts: list[str], train_te: bool) -> torch.Tensor:
-        if train_te:
-            return encode_prompts(text_encoder, tokenizer, prompts, config.clip_skip, device)
+    def conditioning(prompts: list[str]) -> families.Conditioning:
+        if training_te:  # through the (wrapped) trained encoders, with gradients
+            return family.encode(encoding, prompts, config.clip_skip, device)
         if text_cache is not None:
-            return torch.stack([text_cache[p] for p in prompts]).to(device)
+            return families.Conditioning.stack([text_cache[p] for p in prompts], device)
         with torch.no_grad():
-            return encode_prompts(text_encoder, tokenizer, prompts, config.clip_skip, device)
+            return family.encode(encoding, prompts, config.clip_skip, device)
 
     # Optimizer and learning-rate schedule (stepped once per optimizer step).
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
                "lr": config.learning_rate}]
-    if config.train_text_encoder:
-        groups.append({"params": list(text_encoder.parameters()),
-                       "lr": config.text_encoder_lr or config.learning_rate})
+    groups += [{"params": list(module.parameters()), "lr": lr} for _, module, lr, _ in trained_te]
     optimizer = build_optimizer(config.optimizer, groups, config, device)
     schedule = config.lr_scheduler
     if schedule == "constant" and config.lr_warmup_steps:  # diffusers' "constant" ignores warmup
@@ -415,27 +429,29 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                                  num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
-    if config.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+    prepared = accelerator.prepare(unet, *[module for _, module, _, _ in trained_te], optimizer)
+    unet, optimizer = prepared[0], prepared[-1]
+    # The trained models as the loop and the writer use them (wrapped for several processes).
+    trained = {"unet": unet, **{t[0]: m for t, m in zip(trained_te, prepared[1:-1])}}
+    encoding = dataclasses.replace(components, **{n: m for n, m in trained.items() if n != "unet"})
     ema = EMA(accelerator.unwrap_model(unet).parameters(), config.ema_decay) if config.use_ema else None
 
     step, state, run_id = 0, None, resume_points.new_run_id()
     if resume:
         points = resume_points.list_resume_points(paths.resume_dir)
         if points:
-            models = {"unet": accelerator.unwrap_model(unet)}
-            if config.train_text_encoder:
-                models["text_encoder"] = accelerator.unwrap_model(text_encoder)
+            models = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
             saved, state = resume_points.load_resume_point(points[-1], models)
             step, run_id = int(saved["step"]), str(saved.get("run_id") or run_id)
             reporter.log(f"resumed from {points[-1].name} (step {step})")
         else:
             reporter.log("no resume checkpoint found: starting from step 0")
-    train_te = config.train_text_encoder and step < te_stop
-    if config.train_text_encoder and not train_te:
-        freeze_text_encoder(text_encoder, optimizer)
+    # Text encoders still training (name -> its optimizer group and the step it stops after).
+    training_te = {name: (group, stop) for group, (name, _, _, stop) in enumerate(trained_te, 1)
+                   if step < stop}
+    for name, module, _, _ in trained_te:
+        if name not in training_te:
+            freeze_text_encoder(module, optimizer)
     if state is not None:  # after the freeze, so the parameter groups match the saved ones
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -450,7 +466,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     losses: list[float] = []
     output_path = None
     step_started = time.time()
-    writer = RunWriter(config, paths, components, accelerator, unet, text_encoder, ema, optimizer,
+    writer = RunWriter(config, paths, components, accelerator, trained, ema, optimizer,
                        lr_scheduler, reporter, run_id, pictures=(len(instances), len(classes)))
     base_file = Path(config.base_model).expanduser()
     extras = RunExtras(total_steps=total_steps, sample_every=config.sample_every_n_steps,
@@ -507,7 +523,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             prompts = [data.prompt_variant(p.caption, config, rng) for p, _ in rows]
 
             gen = step_generator(config.seed, micro)
-            model_input, pixel_weights = batch_inputs(
+            model_input, pixel_weights, picture_conditioning = batch_inputs(
                 encoded, step_generator(config.seed, micro, salt=1),
                 config.mask_background_weight, device)
             noise = offset_noise(tuple(model_input.shape), config.offset_noise, gen).to(device)
@@ -520,8 +536,8 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                                        prediction_type, n_instance=len(chosen),
                                        on_prior=config.min_snr_on_prior)
             with accelerator.autocast():
-                hidden = embeddings(prompts, train_te)
-                pred = unet(noisy, timesteps, hidden).sample
+                inputs = family.unet_inputs(conditioning(prompts), picture_conditioning)
+                pred = unet(noisy, timesteps, **inputs).sample
                 loss, instance_loss, prior_loss = dreambooth_loss(
                     pred, target, n_instance=len(chosen),
                     prior_loss_weight=config.prior_loss_weight, weights=weights,
@@ -538,6 +554,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             lrs = lr_scheduler.get_last_lr()  # what this step trains with (the log's "lr")
+            te_lrs = {name: lrs[group] for name, (group, _) in training_te.items()}
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -552,12 +569,13 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             losses.append(loss_value)
             if training_log is not None:
                 training_log.step(step, step_record(
-                    figures, lrs, time.time() - last_step_at,
-                    prior=config.with_prior_preservation, text_encoder=train_te))
-            if train_te and step >= te_stop:
-                train_te = False
-                freeze_text_encoder(text_encoder, optimizer)
-                reporter.log(f"text encoder frozen after step {step}")
+                    figures, lrs[0], time.time() - last_step_at,
+                    prior=config.with_prior_preservation, text_encoder_lrs=te_lrs))
+            for name, (_, stop) in list(training_te.items()):
+                if step >= stop:
+                    del training_te[name]
+                    freeze_text_encoder(trained[name], optimizer)
+                    reporter.log(f"{name.replace('_', ' ')} frozen after step {step}")
             reporter.extra_time(extras.remaining(step))
             reporter.progress(step, total_steps, loss_value, lr_scheduler.get_last_lr()[0])
 
@@ -618,7 +636,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
 def release(accelerator, components: Components) -> None:
     """Free what the run put on the GPU: the WebUI needs the memory back."""
     accelerator.free_memory()
-    for model in (components.unet, components.vae, components.text_encoder):
+    for model in components.modules():
         model.to("cpu")
     gc.collect()
     if torch.cuda.is_available():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth import data
+from dreambooth import data, families
 from dreambooth.config import Concept, TrainingConfig
 from dreambooth.dataset_check import check_dataset
 from dreambooth.objective import dreambooth_loss, mask_weights, posterior_latents
@@ -136,7 +136,7 @@ def test_background_weight_changes_training(tmp_path):
 def test_masks_are_cached_with_the_latents_and_work_without_the_cache(tmp_path):
     config = masked_config(tmp_path, hflip=True)
     components = tiny_components()
-    source = LatentSource(components.vae, config, "cpu", torch.float32)
+    source = LatentSource(components.vae, config, "cpu", torch.float32, families.for_kind("sd1"))
     pictures = data.collect_pictures(config, include_class=False)
     items = [(p, f, p.bucket) for p in pictures for f in (False, True)]
     source.fill_cache(items, lambda: False, lambda *_: None)
@@ -204,7 +204,7 @@ def test_posterior_sample_is_mean_plus_std_times_normal():
 def test_sampled_latents_keep_the_std_in_the_cache_and_change_training(tmp_path):
     config = masked_config(tmp_path, masked_training=False, latents_from="sample")
     components = tiny_components()
-    source = LatentSource(components.vae, config, "cpu", torch.float32)
+    source = LatentSource(components.vae, config, "cpu", torch.float32, families.for_kind("sd1"))
     picture = data.collect_pictures(config, include_class=False)[0]
     source.fill_cache([(picture, False, picture.bucket)], lambda: False, lambda *_: None)
     cached = source.cache[source.key(picture, False, picture.bucket)]

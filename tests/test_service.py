@@ -65,7 +65,9 @@ def test_step_estimate_follows_the_rule_of_thumb(tmp_path, host):
 
 
 def test_model_kind_is_described(host):
-    assert service.describe_model(host, BASE_NAME) == f"{BASE_NAME}: SD 1.x, epsilon prediction"
+    assert service.describe_model(host, BASE_NAME) == (
+        f"{BASE_NAME}: SD 1.x, epsilon prediction (metadata); trains at 512 px unless you set a "
+        "resolution")
     assert "not found" in service.describe_model(host, "nothing-here")
 
 

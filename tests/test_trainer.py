@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dreambooth import resume, trainer
+from dreambooth import families, resume, trainer
 from dreambooth.config import ConfigError, TrainingConfig
 from dreambooth.objective import dreambooth_loss, min_snr_weights, offset_noise, snr
 from dreambooth.optimizers import build_optimizer
@@ -121,8 +121,8 @@ def test_loss_on_fixed_noise_decreases_with_training(tmp_path):
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, 1000, (len(latents),), generator=gen)
             noisy = components.noise_scheduler.add_noise(latents, noise, t)
-            emb = trainer.encode_prompts(components.text_encoder, components.tokenizer,
-                                         [p.caption for p in pictures], 1, "cpu")
+            emb = families.encode_clip(components.text_encoder, components.tokenizer,
+                                       [p.caption for p in pictures], 1, "cpu")
             return torch.nn.functional.mse_loss(components.unet(noisy, t, emb).sample, noise).item()
 
     before = fixed_loss()
@@ -185,17 +185,17 @@ def test_caption_options_change_the_prompts(tmp_path, monkeypatch):
         picture.with_suffix(".txt").write_text(f"zwx toy, red, disc, table {i}, photo")
     concepts = [dict(instance_data_dir=config.concepts[0].instance_data_dir,
                      instance_prompt="[filewords]")]
-    real = trainer.encode_prompts
+    real = families.SD1.encode
     prompts: dict[str, list[str]] = {}
     for label, overrides in {"plain": {}, "shuffle": {"shuffle_tags": True},
                              "dropout": {"tag_dropout": 0.5}}.items():
         seen: list[str] = []
 
-        def spy(te, tok, batch, clip_skip, device, seen=seen):
+        def spy(family, components, batch, clip_skip, device, seen=seen):
             seen.extend(batch)
-            return real(te, tok, batch, clip_skip, device)
+            return real(family, components, batch, clip_skip, device)
 
-        monkeypatch.setattr(trainer, "encode_prompts", spy)
+        monkeypatch.setattr(families.SD1, "encode", spy)
         run(tmp_path, with_prior_preservation=False, cache_text_embeddings=False,
             concepts=TrainingConfig.from_dict({"concepts": concepts}).concepts, **overrides)
         prompts[label] = seen
@@ -416,13 +416,6 @@ def test_an_existing_output_is_refused_before_training(tmp_path):
     assert (paths.checkpoints_dir / "test-model.safetensors").read_bytes() == b"precious"
 
 
-def test_sdxl_is_refused_with_a_clear_message(tmp_path):
-    from dreambooth.tiny import build_variant
-
-    with pytest.raises(ConfigError, match="base_model: SDXL checkpoints load and convert"):
-        run(tmp_path, components=build_variant("sdxl"))
-
-
 def test_sd2_v_prediction_model_trains(tmp_path):
     from dreambooth.tiny import build_variant
 
@@ -435,13 +428,13 @@ def test_sd2_v_prediction_model_trains(tmp_path):
 
 
 def test_text_embedding_cache_encodes_each_prompt_once(tmp_path, monkeypatch):
-    real = trainer.encode_prompts
+    real = families.SD1.encode
     counts = {}
     for cached in (True, False):
         calls = []
-        monkeypatch.setattr(trainer, "encode_prompts",
-                            lambda te, tok, batch, cs, dev, calls=calls: calls.append(list(batch))
-                            or real(te, tok, batch, cs, dev))
+        monkeypatch.setattr(families.SD1, "encode",
+                            lambda fam, comps, batch, cs, dev, calls=calls: calls.append(list(batch))
+                            or real(fam, comps, batch, cs, dev))
         reporter = RecordingReporter()
         components = tiny_components()
         run(tmp_path, reporter=reporter, components=components, cache_text_embeddings=cached,
