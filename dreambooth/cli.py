@@ -136,15 +136,19 @@ def demo_main(argv: list[str]) -> int:
                                                  "prior preservation, samples, export.")
     parser.add_argument("--models-dir", default="models", help="where to write (default ./models)")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                        help="the tiny model's family: sd1 (default) or sdxl (two text "
+                             "encoders, size/crop conditioning, SGM layout)")
     args = parser.parse_args(argv)
     from . import demo
 
     started = time.time()
     result, paths = demo.run(Path(args.models_dir), steps=args.steps,
-                             reporter=ConsoleReporter())
+                             reporter=ConsoleReporter(), family=args.family)
     print()
     print(f"demo finished in {time.time() - started:.1f} s")
-    print(f"  base model (tiny, built in code): {demo.base_path(Path(args.models_dir))}")
+    print(f"  base model (tiny, built in code): "
+          f"{demo.base_path(Path(args.models_dir), args.family)}")
     print(f"  pictures:        {demo.pictures_dir(Path(args.models_dir))}")
     print(f"  work folder:     {paths.work_dir}  (config, log, samples, class pictures)")
     print(f"  trained model:   {result.output_path}")

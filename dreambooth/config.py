@@ -360,6 +360,8 @@ class TrainingConfig:
                    "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, name, f"choose one of {', '.join(allowed)}")
+        need(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "zero_terminal_snr",
+             "needs v-prediction: set prediction_type to v_prediction, or turn it off")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
              "leave empty (from the checkpoint) or choose epsilon / v_prediction")
         if self.model_name:

@@ -1,8 +1,9 @@
 """The built-in demo: the whole path on the tiny model, on the CPU, in about a minute.
 
-It builds a tiny Stable-Diffusion-shaped checkpoint, draws a handful of pictures of a "zwx toy"
-(a red disc on varied backgrounds), then trains with prior preservation exactly as the tab would:
-class pictures, latent cache, training, samples, export of a ``.safetensors`` checkpoint.
+It builds a tiny Stable-Diffusion-shaped checkpoint (SD1, or SDXL with ``family="sdxl"``: two
+text encoders, size and crop conditioning, the SGM file layout), draws a handful of pictures of a
+"zwx toy" (a red disc on varied backgrounds), then trains with prior preservation exactly as the
+tab would: class pictures, latent cache, training, samples, export of a ``.safetensors`` file.
 """
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ from .config import Concept, TrainingConfig
 from .trainer import Reporter, RunPaths, TrainResult, train
 
 DEMO_NAME = "dreambooth-demo"
+FAMILIES = ("sd1", "sdxl")
 
 
-def base_path(models_dir: Path) -> Path:
-    return models_dir / "Stable-diffusion" / "tiny-sd-base.safetensors"
+def base_path(models_dir: Path, family: str = "sd1") -> Path:
+    name = "tiny-sd-base" if family == "sd1" else f"tiny-{family}-base"
+    return models_dir / "Stable-diffusion" / f"{name}.safetensors"
+
+
+def demo_name(family: str = "sd1") -> str:
+    return DEMO_NAME if family == "sd1" else f"{DEMO_NAME}-{family}"
 
 
 def pictures_dir(models_dir: Path) -> Path:
@@ -43,10 +50,11 @@ def draw_pictures(folder: Path, count: int = 6, size: int = 96, seed: int = 0) -
     return paths
 
 
-def demo_config(models_dir: Path, steps: int) -> TrainingConfig:
+def demo_config(models_dir: Path, steps: int, family: str = "sd1") -> TrainingConfig:
     pictures = pictures_dir(models_dir)
     return TrainingConfig(
-        base_model=str(base_path(models_dir)), model_name=DEMO_NAME, models_dir=str(models_dir),
+        base_model=str(base_path(models_dir, family)), model_name=demo_name(family),
+        models_dir=str(models_dir), train_text_encoder=family == "sdxl",
         concepts=[Concept(instance_data_dir=str(pictures), instance_prompt="photo of zwx toy",
                           class_data_dir=str(models_dir / "dreambooth" / "demo-class-toy"),
                           class_prompt="photo of a toy", sample_prompt="photo of zwx toy on a table")],
@@ -56,16 +64,20 @@ def demo_config(models_dir: Path, steps: int) -> TrainingConfig:
         checkpoint_every_n_steps=max(steps // 2, 1), overwrite=True, seed=1337)
 
 
-def run(models_dir: Path, steps: int = 60, reporter: Reporter | None = None
-        ) -> tuple[TrainResult, RunPaths]:
+def run(models_dir: Path, steps: int = 60, reporter: Reporter | None = None,
+        family: str = "sd1") -> tuple[TrainResult, RunPaths]:
+    """The demo on the tiny model of ``family`` (sd1, or sdxl: both text encoders trained)."""
     from . import tiny
     from .cli import run_paths
 
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     models_dir = Path(models_dir)
-    if not base_path(models_dir).exists():
-        base_path(models_dir).parent.mkdir(parents=True, exist_ok=True)
-        tiny.save_checkpoint(base_path(models_dir), size="tiny", seed=0)
+    base = base_path(models_dir, family)
+    if not base.exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tiny.save_checkpoint(base, size="tiny", seed=0, kind=family)
     draw_pictures(pictures_dir(models_dir))
-    config = demo_config(models_dir, steps)
+    config = demo_config(models_dir, steps, family)
     paths = run_paths(config)
     return train(config, paths, reporter=reporter), paths

@@ -19,7 +19,10 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     clipped = torch.clamp(snr_values, max=gamma)
     if prediction_type == "v_prediction":
         return clipped / (snr_values + 1.0)
-    return clipped / snr_values
+    # A zero-terminal-SNR schedule's last timestep has SNR 0: the weight's limit there is 1
+    # (SNR below gamma weighs SNR / SNR), not 0 / 0.
+    return torch.where(snr_values > 0, clipped / snr_values.clamp_min(1e-30),
+                       torch.ones_like(snr_values))
 
 
 def timestep_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str, *,

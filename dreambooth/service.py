@@ -144,6 +144,11 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
                                  "checkpoint in the list; pick one (press 🔄 after adding files)"))
     elif base is not None:
         resolved = with_model_resolution(replace(resolved, base_model=str(base)))
+        found = base_family(resolved) if config.zero_terminal_snr else None
+        if found and found[1].prediction_type != "v_prediction" and not config.prediction_type:
+            errors.append(FieldError("zero_terminal_snr", f"needs v-prediction, and {base.name} is "
+                                     "an epsilon model: set prediction_type to v_prediction (a "
+                                     "new objective to learn), or turn it off"))
     if config.vae_path.strip():
         vae = resolve_vae(config.vae_path, host)
         if vae is None:

@@ -44,6 +44,15 @@ def frozen_dtype(mixed_precision: str, device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def latent_dtype(family: families.Family, config: TrainingConfig,
+                 weight_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's precision for encoding latents: the frozen parts' one, except fp32 for a
+    family whose stock VAE overflows in half precision (SDXL's) unless the VAE is fp16-safe."""
+    if family.vae_needs_fp32 and not config.vae_fp16_safe:
+        return torch.float32
+    return weight_dtype
+
+
 def set_attention(unet, attention: str) -> None:
     if attention == "xformers":
         try:
@@ -302,6 +311,11 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         zero_terminal_snr = zero_terminal_snr or getattr(kind, "zero_terminal_snr", False)
     family = families.of_components(components)
     prediction_type = config.prediction_type or prediction_type or "epsilon"
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        # At SNR 0 an epsilon model sees pure noise and must give back the noise: it learns
+        # nothing there, and DDIM's x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by zero.
+        raise ConfigError([FieldError("zero_terminal_snr", "needs v-prediction (Lin et al. 2023): "
+                                      "set prediction_type to v_prediction, or turn it off")])
     if not config.resolution:  # "the model's own": known now that the model is
         config = config.with_resolution(family.default_resolution(prediction_type))
         instances = data.collect_pictures(config, include_class=False)
@@ -314,9 +328,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     noise_scheduler = components.noise_scheduler = noise_schedule(
         components.noise_scheduler, prediction_type, zero_terminal_snr)
     weight_dtype = frozen_dtype(precision, device)
-    # The stock SDXL VAE overflows in half precision: its latents are encoded in fp32.
-    vae_dtype = (torch.float32 if family.vae_needs_fp32 and not config.vae_fp16_safe
-                 else weight_dtype)
+    vae_dtype = latent_dtype(family, config, weight_dtype)
 
     if config.with_prior_preservation:
         reporter.phase("class_images")
@@ -372,7 +384,11 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for _, encoder, _, _ in trained_te:
-            encoder.gradient_checkpointing_enable()
+            try:  # transformers >= 4.35 takes the kwargs; torch wants use_reentrant said
+                encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            except TypeError:  # the WebUI's transformers 4.30
+                encoder.gradient_checkpointing_enable()
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
 

@@ -27,3 +27,20 @@ def test_demo_runs_the_whole_path(tmp_path):
                                                        base.unet.state_dict().values()))
     assert changed and kind.kind == "sd1"
     assert checkpoint.file_hash(base_file) == base_hash  # the base model is never modified
+
+
+def test_demo_on_the_tiny_sdxl_model(tmp_path, capsys):
+    """`python -m dreambooth demo --family sdxl`: the same path on the SDXL-shaped model."""
+    from dreambooth.__main__ import main
+
+    assert main(["demo", "--family", "sdxl", "--steps", "3", "--models-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    output = tmp_path / "Stable-diffusion" / "dreambooth-demo-sdxl.safetensors"
+    assert str(output) in out and "SDXL" in out
+    trained, kind = checkpoint.load_components(output)
+    base, _ = checkpoint.load_components(demo.base_path(tmp_path, "sdxl"))
+    assert kind.kind == "sdxl"
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        pairs = zip(getattr(trained, name).state_dict().values(),
+                    getattr(base, name).state_dict().values())
+        assert any(not (a == b).all() for a, b in pairs), f"{name} was not trained"

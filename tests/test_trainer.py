@@ -79,7 +79,7 @@ def test_adamw8bit_keeps_its_state_in_8_bits():
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
 
 
-@pytest.mark.parametrize("name", ["lion8bit", "lion", "prodigy", "sgd"])
+@pytest.mark.parametrize("name", ["lion8bit", "lion", "prodigy", "adafactor", "sgd"])
 def test_every_optimizer_builds_and_steps(name):
     config = TrainingConfig(optimizer=name)
     layer = torch.nn.Linear(256, 64)
