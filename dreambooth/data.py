@@ -378,7 +378,8 @@ def prompt_token_limit(tokenizer) -> int:
 
 
 def prompt_warnings(pictures: Iterable[Picture], tokenizer) -> list[str]:
-    """One line per distinct prompt longer than the text encoder reads (the rest is cut off)."""
+    """One line per distinct prompt longer than one 75-token chunk (diffusers' pipelines cut
+    what the training reads in chunks)."""
     limit = prompt_token_limit(tokenizer)
     by_prompt: dict[str, list[Picture]] = defaultdict(list)
     for picture in pictures:
@@ -389,9 +390,9 @@ def prompt_warnings(pictures: Iterable[Picture], tokenizer) -> list[str]:
         if length > limit:
             names = ", ".join(p.path.name for p in group[:3]) + (" ..." if len(group) > 3 else "")
             kind = "class" if group[0].is_class else "instance"
-            lines.append(f"concepts[{group[0].concept_index}] {kind} prompt is {length} tokens, "
-                         f"the text encoder reads only {limit} (the rest is ignored): "
-                         f"{prompt!r} ({names})")
+            lines.append(f"concepts[{group[0].concept_index}] {kind} prompt is {length} tokens: "
+                         f"trained in chunks of {limit} as the WebUI reads it (preview samples "
+                         f"and class pictures read only the first {limit}): {prompt!r} ({names})")
     return lines
 
 

@@ -148,7 +148,7 @@ def _folder_lines(report: FolderReport) -> list[str]:
         ("caption missing", report.captions_missing if report.captions_used else []),
         ("caption not UTF-8 (read as Windows-1252)", report.captions_not_utf8),
         ("caption empty", report.captions_empty),
-        ("prompt too long", report.prompts_too_long),
+        ("prompt over 75 tokens (read in chunks)", report.prompts_too_long),
         ("taken by a camera", report.camera_pictures),
         ("no mask (whole picture trained)", report.masks_missing),
         ("mask all black", report.masks_empty),
@@ -400,8 +400,9 @@ def _folder_findings(report: DatasetReport, folder: FolderReport, config: Traini
             (report.errors if problems else report.warnings).append(
                 text + ("; re-save them as PNG" if problems else ""))
     if folder.prompts_too_long:
-        report.warnings.append(f"{name}: prompts longer than the text encoder's 75 tokens are cut "
-                               f"off: {_names(folder.prompts_too_long)}")
+        report.warnings.append(f"{name}: prompts longer than 75 tokens are trained in chunks of "
+                               "75 as the WebUI reads them; preview samples read only the first "
+                               f"75: {_names(folder.prompts_too_long)}")
     if is_class:
         for path in list_pictures(folder.folder)[:LIST_LIMIT * 10]:
             if _has_camera_exif(path):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data, families
+from .families.base import CHUNK_TOKENS, chunk_count
 from .config import ConfigError, FieldError, TrainingConfig
 from .eta import RunExtras
 from .memory import give_memory_back
@@ -413,11 +414,18 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         # Prompts are fixed: encode each once, then the text encoders leave the GPU.
         text_cache = {}
         unique = list(dict.fromkeys(p.caption for p in pictures))
+        tokens = CHUNK_TOKENS + 2
+        chunks = {p: chunk_count(components.tokenizer, p) for p in unique}
         with torch.no_grad():
             for i in range(0, len(unique), 16):
                 chunk = unique[i:i + 16]
                 rows = family.encode(components, chunk, config.clip_skip, device).rows()
-                text_cache.update(zip(chunk, rows))
+                for prompt, row in zip(chunk, rows):  # each kept at its own number of chunks
+                    row.hidden = row.hidden[:chunks[prompt] * tokens]
+                    text_cache[prompt] = row
+            # an empty chunk fills up the shorter prompts of a batch with a long one
+            empty_chunk = (family.encode(components, [""], config.clip_skip, device).rows()[0]
+                           if max(chunks.values()) > 1 else None)
         for _, encoder in encoders:
             encoder.to("cpu")
         reporter.log(f"cached {len(text_cache)} text embeddings")
@@ -429,7 +437,8 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         if training_te:  # through the (wrapped) trained encoders, with gradients
             return family.encode(encoding, prompts, config.clip_skip, device)
         if text_cache is not None:
-            return families.Conditioning.stack([text_cache[p] for p in prompts], device)
+            return families.Conditioning.stack([text_cache[p] for p in prompts], device,
+                                               empty=empty_chunk)
         with torch.no_grad():
             return family.encode(encoding, prompts, config.clip_skip, device)
 

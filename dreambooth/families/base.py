@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import math
+
 import torch
+
+# The WebUI reads a prompt in chunks of 75 tokens (each with its start and end markers, 77 in all)
+# and concatenates the chunks' hidden states; a chunk that would split near a comma ends at the
+# comma instead when the comma is at most this many tokens back (its comma_padding_backtrack).
+CHUNK_TOKENS = 75
+COMMA_BACKTRACK = 20
 
 
 @dataclass
@@ -30,9 +38,19 @@ class Conditioning:
                 for h, p in zip(self.hidden, pooled)]
 
     @staticmethod
-    def stack(rows: Sequence["Conditioning"], device) -> "Conditioning":
-        """The batch of cached rows, on ``device``."""
-        hidden = torch.stack([r.hidden for r in rows]).to(device)
+    def stack(rows: Sequence["Conditioning"], device,
+              empty: "Conditioning | None" = None) -> "Conditioning":
+        """The batch of cached rows, on ``device``. Rows of fewer 77-token chunks than the
+        longest are filled up with ``empty``'s chunk (the encoding of an empty chunk), as a
+        batch encoded together would be."""
+        longest = max(r.hidden.shape[0] for r in rows)
+        hidden = []
+        for row in rows:
+            missing = (longest - row.hidden.shape[0]) // max(1, empty.hidden.shape[0]) if empty \
+                is not None else 0
+            hidden.append(torch.cat([row.hidden] + [empty.hidden] * missing) if missing
+                          else row.hidden)
+        hidden = torch.stack(hidden).to(device)
         pooled = (torch.stack([r.pooled for r in rows]).to(device)
                   if rows[0].pooled is not None else None)
         return Conditioning(hidden, pooled)
@@ -100,14 +118,59 @@ class Family:
         return gb * scale * (1 + 0.35 * (batch - 1))
 
 
+def _chunks(tokens: list[int], comma: int | None) -> list[list[int]]:
+    """A prompt's tokens in chunks of at most 75, cut after a comma when one is near the end."""
+    chunks, current = [], []
+    for token in tokens:
+        current.append(token)
+        if len(current) == CHUNK_TOKENS:
+            cut = next((i for i in range(len(current) - 1, len(current) - 1 - COMMA_BACKTRACK, -1)
+                        if comma is not None and current[i] == comma), None)
+            if cut is not None and cut < len(current) - 1:
+                chunks.append(current[:cut + 1])
+                current = current[cut + 1:]
+            else:
+                chunks.append(current)
+                current = []
+    if current or not chunks:
+        chunks.append(current)
+    return chunks
+
+
+def prompt_chunks(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids (batch, chunks, 77): each prompt in chunks of 75 as the WebUI reads it, each
+    chunk with its start and end markers and padded; every prompt of the batch gets as many
+    chunks as the longest (the others end in empty chunks). A prompt of up to 75 tokens is one
+    chunk, exactly what the tokenizer gives with padding to 77 and truncation."""
+    comma = tokenizer.get_vocab().get(",</w>")
+    split = [_chunks(tokenizer(p, add_special_tokens=False, verbose=False).input_ids, comma) for p in prompts]
+    count = max(len(c) for c in split)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rows = []
+    for chunks in split:
+        chunks = chunks + [[]] * (count - len(chunks))
+        rows.append([[bos] + c + [eos] + [pad] * (CHUNK_TOKENS - len(c)) for c in chunks])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def chunk_count(tokenizer, prompt: str) -> int:
+    """How many chunks of 75 tokens the WebUI reads ``prompt`` in."""
+    return prompt_chunks(tokenizer, [prompt]).shape[1]
+
+
 def encode_clip(text_encoder, tokenizer, prompts: list[str], clip_skip: int,
                 device) -> torch.Tensor:
     """CLIP embeddings as the WebUI makes them for SD1.x/2.x: with clip_skip > 1, the hidden
-    state that many layers from the end, passed through the final layer norm."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(device)
-    if clip_skip <= 1:
-        return text_encoder(ids)[0]
-    out = text_encoder(ids, output_hidden_states=True)
-    hidden = out.hidden_states[-clip_skip]
-    return text_encoder.text_model.final_layer_norm(hidden)
+    state that many layers from the end, passed through the final layer norm; a prompt longer
+    than 75 tokens in chunks of 75 whose hidden states are concatenated."""
+    ids = prompt_chunks(tokenizer, prompts).to(device)
+    model = getattr(text_encoder, "module", text_encoder)  # under DDP, the model inside
+    hidden = []
+    for chunk in range(ids.shape[1]):
+        if clip_skip <= 1:
+            hidden.append(text_encoder(ids[:, chunk])[0])
+            continue
+        out = text_encoder(ids[:, chunk], output_hidden_states=True)
+        hidden.append(model.text_model.final_layer_norm(out.hidden_states[-clip_skip]))
+    return torch.cat(hidden, dim=1)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import Conditioning, Family
+from .base import Conditioning, Family, prompt_chunks
 
 
 class SDXL(Family):
@@ -27,15 +27,20 @@ class SDXL(Family):
     def encode(self, components, prompts: list[str], clip_skip: int, device) -> Conditioning:
         """As diffusers' StableDiffusionXLPipeline.encode_prompt: each encoder's hidden state
         ``clip_skip`` layers before the last (1: the penultimate, which SDXL was trained on; no
-        final layer norm), concatenated, and the second encoder's pooled projection."""
+        final layer norm), concatenated, and the second encoder's pooled projection. A prompt
+        longer than 75 tokens is read in chunks of 75 as the WebUI does: the chunks' hidden
+        states one after the other, the pooled projection of the first chunk."""
         hidden, pooled = [], None
         for tokenizer, encoder in ((components.tokenizer, components.text_encoder),
                                    (components.tokenizer_2, components.text_encoder_2)):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-(max(clip_skip, 1) + 1)])
-            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+            ids = prompt_chunks(tokenizer, prompts).to(device)
+            chunks = []
+            for chunk in range(ids.shape[1]):
+                out = encoder(ids[:, chunk], output_hidden_states=True)
+                chunks.append(out.hidden_states[-(max(clip_skip, 1) + 1)])
+                if chunk == 0:
+                    pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+            hidden.append(torch.cat(chunks, dim=1))
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
     def picture_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
