@@ -43,7 +43,9 @@ FIGURE_KEYS = ("ok", "error", "device", "dtype", "warmup_steps", "measured_steps
                "pictures_per_step", "steps_per_s", "pictures_per_s", "step_s", "phases_s",
                "memory_mb", "export_bytes", "final_loss", "compile", "repeats")
 # Options a run is defined by (argparse dests), in the order tables and JSON show them.
-OPTION_KEYS = ("size", "resolution", "batch_size", "steps", "warmup", "precision", "optimizer",
+SIZES = ("tiny", "sd15", "sdxl-tiny", "sdxl")
+OPTION_KEYS = ("size", "sdxl_depth", "resolution", "batch_size", "steps", "warmup", "precision",
+               "optimizer",
                "gradient_checkpointing", "attention", "cache", "train_text_encoder", "prior",
                "compile", "export", "class_pictures", "sample_steps", "threads", "seed")
 
@@ -81,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dreambooth bench",
         description="Measure speed and memory of a real training run on a model built in code.")
-    p.add_argument("--size", choices=("tiny", "sd15"), default="tiny",
-                   help="tiny: seconds on a CPU; sd15: SD1.5's real architecture, random weights")
+    p.add_argument("--size", choices=SIZES, default="tiny",
+                   help="tiny: seconds on a CPU; sd15: SD1.5's real architecture, random weights; "
+                        "sdxl-tiny: the tiny SDXL-shaped model; sdxl: SDXL base's real "
+                        "architecture (see --sdxl-depth)")
+    p.add_argument("--sdxl-depth", type=int, default=10,
+                   help="transformer layers of SDXL's lowest level (10 in SDXL; fewer makes the "
+                        "largest SDXL-shaped model a small machine holds)")
     p.add_argument("--resolution", type=int, default=64, help="training resolution in pixels")
     p.add_argument("--batch-size", type=int, default=1, help="instance pictures per step")
     p.add_argument("--steps", type=int, default=5, help="measured optimizer steps")
@@ -480,6 +487,18 @@ def empty_figures() -> dict[str, Any]:
     return figures
 
 
+def build_model(options: dict[str, Any]):
+    """The benchmark's model: built in code, random weights, the size asked for."""
+    from . import tiny
+
+    if options["size"] == "sdxl-tiny":
+        return tiny.build_variant("sdxl", seed=options["seed"])
+    if options["size"] == "sdxl":
+        return tiny.build_variant("sdxl", seed=options["seed"], full_size=True,
+                                  deep_layers=options.get("sdxl_depth", 10))
+    return tiny.build_components(options["size"], seed=options["seed"])
+
+
 def run_once(options: dict[str, Any], work_dir: Path, quiet: bool = False) -> dict[str, Any]:
     """One benchmark run in this process; returns {"options", "figures", "environment"}."""
     import torch
@@ -524,7 +543,6 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
 
     import torch
 
-    from . import tiny
     from .trainer import RunPaths, load_model, train
 
     inst, cls = prepare_folders(work_dir, options)
@@ -537,7 +555,7 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
     reset_peaks(cuda)
 
     t = time.perf_counter()
-    components = tiny.build_components(options["size"], seed=options["seed"])
+    components = build_model(options)
     phases["build"] = _r(time.perf_counter() - t)
     prediction_type = "epsilon"
     if options["export"]:
@@ -546,7 +564,8 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
         from .export import save_single_file
 
         t = time.perf_counter()
-        save_single_file(components, Path(config.base_model), dtype="fp16", overwrite=True)
+        save_single_file(components, Path(config.base_model), dtype="fp16", overwrite=True,
+                         kind="sdxl" if options["size"].startswith("sdxl") else "sd1")
         phases["write_base"] = _r(time.perf_counter() - t)
         del components
         gc.collect()

@@ -151,14 +151,33 @@ def variant_configs(kind: str = "sd2") -> dict:
     raise ValueError(f"kind must be one of {VARIANTS}, not {kind!r}")
 
 
-def build_variant(kind: str = "sd2", seed: int = 0, cache_dir: Path | None = None) -> Components:
-    """A tiny model of the given kind with random weights (same seed, same weights)."""
+def full_sdxl_configs(deep_layers: int = 10) -> dict:
+    """SDXL base's real architecture (the bundled configs: 2.6 B UNet parameters, CLIP ViT-L and
+    OpenCLIP bigG), with ``deep_layers`` transformer layers in the lowest level (10 in SDXL; fewer
+    makes the largest SDXL-shaped model that fits a small machine)."""
+    import json
+
+    root = Path(__file__).parent / "configs" / "sdxl"
+    configs = {name: {k: v for k, v in json.loads((root / name / "config.json").read_text()).items()
+                      if not k.startswith("_") and k not in ("architectures", "transformers_version",
+                                                             "torch_dtype", "model_type")}
+               for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    configs["unet"]["transformer_layers_per_block"] = [1, 2, deep_layers]
+    return configs
+
+
+def build_variant(kind: str = "sd2", seed: int = 0, cache_dir: Path | None = None, *,
+                  full_size: bool = False, deep_layers: int = 10) -> Components:
+    """A tiny model of the given kind with random weights (same seed, same weights); with
+    ``full_size`` (SDXL only) the real architecture, see :func:`full_sdxl_configs`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .tokenizer import OPENCLIP_PAD, SD1_PAD, load_clip_tokenizer
 
-    configs = variant_configs(kind)
+    if full_size and kind != "sdxl":
+        raise ValueError("full_size is for SDXL; SD1.5's real size is build_components('sd15')")
+    configs = full_sdxl_configs(deep_layers) if full_size else variant_configs(kind)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

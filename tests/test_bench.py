@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from dreambooth import bench
+from dreambooth import bench, tiny
 
 # Short but complete: class pictures generated (1 denoising step), export on, so every phase runs.
 FAST = ["--size", "tiny", "--resolution", "64", "--steps", "2", "--warmup", "1",
@@ -220,3 +220,19 @@ def test_repeat_without_a_matrix_repeats_the_single_run(monkeypatch, tmp_path):
     assert set(run["figures"]) == set(bench.FIGURE_KEYS)
     assert set(run["figures"]["phases_s"]) == set(bench.PHASES)
     assert run["environment"]["versions"]["torch"] and "load" in run["environment"]
+
+
+def test_the_sdxl_shaped_model_benchmarks_through_the_same_engine(tmp_path):
+    """--size sdxl-tiny: the whole path (base file in the SGM layout, load, class pictures,
+    training, export) on the SDXL-shaped model; --size sdxl is the real architecture."""
+    out = tmp_path / "xl.json"
+    argv = [a if a != "tiny" else "sdxl-tiny" for a in FAST] + ["--optimizer", "adafactor",
+                                                                 "--json", str(out)]
+    assert bench.bench_main(argv) == 0
+    [run] = json.loads(out.read_text())["runs"]
+    assert run["figures"]["ok"] is True and run["figures"]["export_bytes"] > 0
+    assert run["command"].startswith("python -m dreambooth bench --size sdxl-tiny")
+    assert run["options"]["optimizer"] == "adafactor"
+    configs = tiny.full_sdxl_configs(deep_layers=4)
+    assert configs["unet"]["cross_attention_dim"] == 2048
+    assert configs["unet"]["transformer_layers_per_block"] == [1, 2, 4]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import random
 
 import pytest
 import torch
@@ -92,12 +93,12 @@ def test_size_and_crop_conditioning_follow_the_picture(tmp_path):
     assert source.encode(picture, False, (48, 64), None).conditioning.tolist() == [
         60, 100, 0, 29, 64, 48]
     # a random crop moves the corner with the window it picks
-    crops = {tuple(source.encode(picture, False, (64, 64), __import__("random").Random(seed))
+    crops = {tuple(source.encode(picture, False, (64, 64), random.Random(seed))
                    .conditioning.tolist()) for seed in range(8)}
     assert len(crops) == 1  # random_crop is off: the rng does not move it
     config.random_crop = True
     source = LatentSource(tiny_sdxl().vae, config, "cpu", torch.float32, SDXL)
-    crops = {tuple(source.encode(picture, False, (64, 64), __import__("random").Random(seed))
+    crops = {tuple(source.encode(picture, False, (64, 64), random.Random(seed))
                    .conditioning.tolist()[2:4]) for seed in range(8)}
     assert len(crops) > 1
 
