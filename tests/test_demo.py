@@ -40,6 +40,8 @@ def test_demo_on_the_tiny_sdxl_model(tmp_path, capsys):
     trained, kind = checkpoint.load_components(output)
     base, _ = checkpoint.load_components(demo.base_path(tmp_path, "sdxl"))
     assert kind.kind == "sdxl"
+    # the class pictures were made by the SDXL pipeline from the tiny SDXL model
+    assert len(list((tmp_path / "dreambooth" / "demo-class-toy").glob("*.png"))) == 4
     for name in ("unet", "text_encoder", "text_encoder_2"):
         pairs = zip(getattr(trained, name).state_dict().values(),
                     getattr(base, name).state_dict().values())

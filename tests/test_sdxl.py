@@ -342,3 +342,68 @@ def test_samples_use_the_zero_snr_sampler(tmp_path, monkeypatch):
     calls.clear()
     run(tmp_path / "plain", sample_steps=2, max_train_steps=1)
     assert calls and calls[0][1] is False and calls[0][2] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and the API on an SDXL base
+# ---------------------------------------------------------------------------------------------
+
+def test_the_command_line_trains_an_sdxl_base(tmp_path, capsys):
+    from dreambooth.__main__ import main
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    base = save_checkpoint(models / "Stable-diffusion" / "xl-base.safetensors", kind="sdxl")
+    config = base_config(tmp_path, base_model=str(base), model_name="xl-cli",
+                         models_dir=str(models), max_train_steps=2, sample_steps=0)
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    assert main(["train", str(path)]) == 0
+    out = models / "Stable-diffusion" / "xl-cli.safetensors"
+    printed = capsys.readouterr().out
+    assert "trained 2/2 steps" in printed and str(out) in printed
+    assert detect_kind(out).kind == "sdxl"
+
+
+def test_the_api_trains_an_sdxl_base(tmp_path):
+    import time
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from dreambooth import api
+    from dreambooth.job import runner
+    from dreambooth.webui import StandaloneHost
+    from ui_fixtures import quick_config
+
+    host = StandaloneHost(tmp_path / "models")
+    host.checkpoints_dir().mkdir(parents=True, exist_ok=True)
+    save_checkpoint(host.checkpoints_dir() / "xl-base.safetensors", kind="sdxl")
+    app = FastAPI()
+    api.mount(app, host=host, credentials={})
+    client = TestClient(app, base_url="http://127.0.0.1:7860")
+    body = quick_config(tmp_path, base="xl-base.safetensors", name="xl-api", steps=2).to_dict()
+    body.pop("models_dir")
+    try:
+        assert client.post(f"{api.PREFIX}/train", json=body).status_code == 200
+        deadline = time.time() + 120
+        while (status := client.get(f"{api.PREFIX}/status").json())["phase"] not in (
+                "done", "failed") and time.time() < deadline:
+            time.sleep(0.2)
+        assert status["phase"] == "done", status["log"][-10:]
+        assert any("SDXL, epsilon prediction, 64 px" in line for line in status["log"])
+    finally:
+        runner().cancel()
+        runner().wait(120)
+    titles = [c["title"] for c in client.get(f"{api.PREFIX}/models").json()["checkpoints"]]
+    assert "xl-api.safetensors" in titles
+    assert detect_kind(host.checkpoints_dir() / "xl-api.safetensors").kind == "sdxl"
+
+
+def test_the_memory_estimate_knows_the_family():
+    estimate = dict(train_text_encoder=False, eight_bit=True, gradient_checkpointing=True,
+                    half=True, batch=1)
+    sd1 = families.for_kind("sd1").memory_estimate_gb(resolution=512, **estimate)
+    xl = SDXL.memory_estimate_gb(resolution=1024, **estimate)
+    assert xl > 2 * sd1
+    assert SDXL.memory_estimate_gb(resolution=512, **estimate) < xl  # smaller pictures, less
