@@ -32,9 +32,10 @@ from . import service
 from . import ui_captions, ui_poll
 from .ui_poll import LOG_TAIL, PollSessions
 from .ui_render import loss_plot_svg, message, progress_html, status_html
-from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, LATENT_SOURCES, MASK_SOURCES,
-                     OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULERS, ConfigError, FieldError,
-                     TrainingConfig, read_concepts_list, write_concepts_list)
+from .config import (PRESETS, ConfigError, FieldError, TrainingConfig, read_concepts_list,
+                     write_concepts_list)
+# The form's tables (every option of TrainingConfig, grouped, with labels and info)
+from .ui_fields import CHOICES, CONCEPT_FIELDS, CONCEPT_LAYOUT, GROUPS, MODEL_FIELDS, NOT_IN_FORM
 from .job import JobBusy, runner
 from .webui import Host, StandaloneHost, get_host, sanitize_model_name, tool_button_class
 
@@ -53,145 +54,6 @@ _TIMERS_STOPPED = threading.Event()
 def current_host() -> Host:
     return _HOST if _HOST is not None else get_host()
 
-
-# ---------------------------------------------------------------------------------------------
-# Every option of TrainingConfig, grouped, with the info text the WebUI shows under a field.
-# A test checks that nothing of TrainingConfig is left out.
-# ---------------------------------------------------------------------------------------------
-MODEL_FIELDS = ("base_model", "vae_path", "prediction_type", "base_use_ema", "model_name")
-NOT_IN_FORM = ("concepts", "models_dir")  # concepts have their own rows; folders come from the host
-
-GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
-    ("basics", "Basics", [
-        ("max_train_steps", "Training steps", "0 = instance pictures × 100 (the rule of thumb)"),
-        ("learning_rate", "Learning rate", "1e-6 is the classic DreamBooth value; higher learns "
-                                           "faster and overfits sooner"),
-        ("lr_scheduler", "Learning-rate schedule", "how the rate changes over the run"),
-        ("lr_warmup_steps", "Warmup steps", "steps to ramp the rate up from 0"),
-        ("train_batch_size", "Batch size", "pictures per step; more needs more GPU memory"),
-        ("resolution", "Resolution", "training size in pixels (multiple of 8): 512 for SD 1.x, "
-                                     "768 for SD 2.x-v, 1024 for SDXL"),
-        ("seed", "Seed", "same seed and settings give the same model"),
-        ("optimizer", "Optimizer", "adamw8bit: 8-bit Adam (bitsandbytes), far less memory; "
-                                   "prodigy needs no learning rate tuning (set it to 1.0)"),
-        ("save_every_n_steps", "Save a checkpoint every N steps", "0 = only at the end; "
-                                                                  "extra files get -step suffixes"),
-        ("checkpoint_every_n_steps", "Resume point every N steps", "0 = none; resume continues "
-                                                                  "from the latest one"),
-        ("sample_every_n_steps", "Sample pictures every N steps", "0 = only at the end"),
-        ("sample_prompts", "Sample prompts (one per line)", "empty: each concept's sample prompt, "
-                                                            "else its instance prompt"),
-    ]),
-    ("memory", "Memory & speed", [
-        ("mixed_precision", "Mixed precision", "fp16: half the memory on NVIDIA GPUs; bf16 on "
-                                               "Ampere and newer; no: full precision (CPU)"),
-        ("gradient_checkpointing", "Gradient checkpointing", "recomputes activations: much less "
-                                                             "memory, ~20% slower"),
-        ("gradient_accumulation_steps", "Gradient accumulation", "steps added up before an "
-                                                                 "update: a larger batch for free"),
-        ("attention", "Attention", "sdpa (PyTorch's fused attention) or xformers when installed"),
-        ("allow_tf32", "Allow TF32", "faster matrix maths on Ampere and newer GPUs"),
-        ("cache_latents", "Cache latents", "encode every picture once; the VAE then leaves "
-                                           "the GPU"),
-        ("cache_text_embeddings", "Cache text embeddings", "while the text encoder is frozen, "
-                                                           "encode prompts once"),
-    ]),
-    ("text_encoder", "Text encoder", [
-        ("train_text_encoder", "Train the text encoder", "better likeness for people; more "
-                                                         "memory (~1.5 GB)"),
-        ("text_encoder_lr", "Text encoder learning rate", "0 = the UNet's rate"),
-        ("text_encoder_stop", "Stop training it at", "a fraction of the steps (0.3 = first 30%) "
-                                                     "or a step number"),
-        ("clip_skip", "CLIP skip", "2 for anime / NovelAI-family models, else 1"),
-    ]),
-    ("prior", "Prior preservation", [
-        ("with_prior_preservation", "Prior preservation", "trains on generated class pictures "
-                                                          "too, so 'a dog' stays any dog; off = "
-                                                          "native training with captions"),
-        ("prior_loss_weight", "Prior loss weight", "lower overfits less but learns less; 1.0 is "
-                                                   "the paper's value"),
-        ("num_class_images", "Class pictures per concept", "generated by the base model when the "
-                                                           "class folder holds fewer"),
-        ("class_batch_size", "Class picture batch", "pictures generated at once"),
-        ("class_sample_steps", "Class picture sampler steps", "steps per generated picture"),
-        ("class_guidance_scale", "Class picture CFG scale", "guidance when generating them"),
-        ("class_clip_skip", "Class picture CLIP skip", "2 is advised for anime-family models"),
-    ]),
-    ("pictures", "Pictures & captions", [
-        ("aspect_ratio_buckets", "Aspect-ratio buckets", "keeps pictures' shapes (19 buckets); "
-                                                         "suits native training, works poorly "
-                                                         "with DreamBooth"),
-        ("random_crop", "Random crop", "off: center crop"),
-        ("hflip", "Horizontal flip", "each picture also mirrored; avoid for asymmetric subjects "
-                                     "(text, logos)"),
-        ("rotation_degrees", "Rotation (degrees)", "random small rotations, 0 = off"),
-        ("brightness_jitter", "Brightness jitter", "0 = off, 0.1 = ±10%"),
-        ("contrast_jitter", "Contrast jitter", "0 = off, 0.1 = ±10%"),
-        ("caption_extension", "Caption file extension", "a caption beside a picture (same name) "
-                                                        "fills [filewords]"),
-        ("shuffle_tags", "Shuffle caption tags", "comma-separated tags in random order"),
-        ("keep_tokens", "Keep first N tags", "not shuffled or dropped"),
-        ("tag_dropout", "Tag dropout", "chance to drop each tag, 0 = off"),
-        ("alpha_background", "Transparent background becomes", "white (default), black or a "
-                                                               "#rrggbb colour"),
-        ("masked_training", "Masked training", "the loss follows a mask per picture "
-                                               "(photo.mask.png beside photo.jpg, white = subject)"),
-        ("mask_source", "Masks from", "file: photo.mask.png; alpha: the picture's transparency"),
-        ("mask_background_weight", "Background weight", "loss weight outside the mask; 0 = "
-                                                        "background ignored"),
-        ("recursive", "Read subfolders", "pictures in subfolders of the instance folder too"),
-        ("skip_bad_images", "Skip unreadable pictures", "off: stop with the list of bad files"),
-    ]),
-    ("advanced", "Advanced", [
-        ("lr_num_cycles", "Restart cycles", "for cosine_with_restarts"),
-        ("lr_power", "Polynomial power", "for the polynomial schedule"),
-        ("adam_beta1", "Adam beta1", ""),
-        ("adam_beta2", "Adam beta2", ""),
-        ("adam_epsilon", "Adam epsilon", ""),
-        ("weight_decay", "Weight decay", ""),
-        ("max_grad_norm", "Gradient clipping", "max gradient norm, 0 = no clipping"),
-        ("offset_noise", "Offset noise", "0.05-0.1 helps very dark or bright pictures; 0 = off"),
-        ("min_snr_gamma", "Min-SNR gamma", "5 is the paper's value: steadier training; 0 = off"),
-        ("min_snr_on_prior", "Min-SNR on class pictures too", "off: the class loss unweighted, "
-                                                              "as diffusers' example"),
-        ("latents_from", "Latents from", "mean: the VAE's mean (exact cache); sample: a fresh "
-                                         "sample each step, as diffusers' example"),
-        ("use_ema", "EMA of the weights", "exports a moving average: smoother, needs memory for "
-                                          "a copy of the UNet"),
-        ("ema_decay", "EMA decay", ""),
-        ("checkpoints_total_limit", "Resume points kept", "older ones are deleted"),
-        ("save_on_cancel", "Save the model on cancel", "off: a cancelled run writes nothing"),
-        ("export_dtype", "Saved precision", "fp16 halves the file (the seed's --half)"),
-        ("export_format", "Saved format", "safetensors is safe to load; ckpt is pickle"),
-        ("overwrite", "Overwrite an existing file", "off: refuse a name already taken"),
-        ("sample_negative_prompt", "Sample negative prompt", ""),
-        ("sample_steps", "Sample sampler steps", "0 = no sample pictures"),
-        ("sample_guidance_scale", "Sample CFG scale", ""),
-        ("sample_seed", "Sample seed", "fixed, so samples are comparable across steps"),
-        ("sample_size", "Sample size", "0 = the training resolution"),
-    ]),
-]
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
-    "attention": ATTENTION, "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
-    "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES,
-}
-
-CONCEPT_FIELDS: list[tuple[str, str, str]] = [
-    ("instance_data_dir", "Instance pictures folder", "the pictures of your subject or style"),
-    ("instance_prompt", "Instance prompt", "with a rare identifier: 'photo of ohwx dog'; for a "
-                                           "style 'painting by ohwx'; [filewords] = caption"),
-    ("class_prompt", "Class prompt", "the same without the identifier: 'photo of a dog'"),
-    ("class_data_dir", "Class pictures folder", "generated pictures only, never real photos"),
-    ("class_negative_prompt", "Class negative prompt", "used when generating class pictures"),
-    ("num_class_images", "Class pictures", "0 = the number under Prior preservation"),
-    ("sample_prompt", "Sample prompt", "empty: the instance prompt"),
-]
-
-# How the concept fields sit in rows (every CONCEPT_FIELDS name exactly once).
-CONCEPT_LAYOUT = [("instance_data_dir", "instance_prompt"), ("class_data_dir", "class_prompt"),
-                  ("class_negative_prompt", "num_class_images"), ("sample_prompt",)]
 
 # No spinner over small live-updating parts (gradio 3.41 and 4.x both take "hidden").
 HIDDEN = "hidden"
@@ -445,6 +307,30 @@ def model_name_note(name: str, overwrite: bool = False, host: Host | None = None
     return f"<div class='dreambooth-note'>{text}{html.escape(warn) if warn else ''}</div>"
 
 
+def resolution_info(base: str, host: Host | None = None) -> str:
+    """The Resolution field's info, with what 0 means for the chosen base model (its family's
+    own size, read from the file's header)."""
+    from .families import with_model_resolution
+
+    info = next(i for _, _, items in GROUPS for n, _, i in items if n == "resolution")
+    path = service.resolve_base_model(base, host or current_host()) if (base or "").strip() else None
+    own = with_model_resolution(TrainingConfig(base_model=str(path))).resolution if path else 0
+    return f"{info}; the chosen model: {own} px" if own else info
+
+
+def estimate_html(values: dict[str, Any], extra: list | None, host: Host | None = None) -> str:
+    """Steps and epochs (with a GPU, memory too) of the form's run, for the base model it names
+    (a WebUI title resolved to its file, so the memory figure is that model's family's)."""
+    try:
+        config, _ = form_to_config(values, extra)
+    except ConfigError as exc:
+        return message("; ".join(str(e) for e in exc.errors), "error")
+    base = service.resolve_base_model(config.base_model, host or current_host())
+    if base is not None:
+        config = dataclasses.replace(config, base_model=str(base))
+    return f"<div class='dreambooth-note'>{html.escape(service.step_estimate(config))}</div>"
+
+
 def load_output(output_path: str, host: Host | None = None) -> tuple[str, str]:
     """The "Load in txt2img" button: (checkpoint title for the page's selectCheckpoint, message)."""
     title, text = service.load_in_txt2img(host or current_host(), output_path)
@@ -648,6 +534,9 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                                 for row in _rows(items):
                                     with gr.Row():
                                         for name, label, info in row:
+                                            if name == "resolution":
+                                                info = resolution_info(start_values["base_model"],
+                                                                       host)
                                             comps[name] = _component(gr, name, label, info,
                                                                      start_values[name])
 
@@ -713,8 +602,10 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
         refresh_vaes.click(lambda: gr.update(choices=vae_choices(host)), outputs=[comps["vae_path"]],
                            queue=False)
         refresh_runs.click(lambda: gr.update(choices=run_choices(host)), outputs=[previous], queue=False)
-        comps["base_model"].change(lambda base: service.describe_model(host, base or ""),
-                                   inputs=[comps["base_model"]], outputs=[model_kind], queue=False,
+        comps["base_model"].change(lambda base: (service.describe_model(host, base or ""),
+                                                 gr.update(info=resolution_info(base, host))),
+                                   inputs=[comps["base_model"]],
+                                   outputs=[model_kind, comps["resolution"]], queue=False,
                                    show_progress=HIDDEN)
         for trigger in (comps["model_name"], comps["overwrite"]):
             trigger.change(lambda name, over: model_name_note(name, over, host),
@@ -782,14 +673,9 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
         apply_preset.click(on_preset, inputs=[preset], outputs=fields, queue=False)
 
         def on_estimate(*args):
-            values, extra = _values(args)
-            try:
-                config, _ = form_to_config(values, extra)
-            except ConfigError as exc:
-                return message("; ".join(str(e) for e in exc.errors), "error")
-            return f"<div class='dreambooth-note'>{html.escape(service.step_estimate(config))}</div>"
+            return estimate_html(*_values(args), host)
 
-        estimate_triggers = [comps[k] for k in ("max_train_steps", "train_batch_size",
+        estimate_triggers = [comps[k] for k in ("base_model", "max_train_steps", "train_batch_size",
                                                 "gradient_accumulation_steps", "recursive",
                                                 "optimizer", "train_text_encoder",
                                                 "gradient_checkpointing", "resolution",

@@ -75,6 +75,9 @@ def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
     samples = snap.samples or ([] if snap.running
                                else saved_samples(host, model_name or snap.model_name or ""))
     output = snap.output_path or ""
+    # TensorBoard is asked about only once there is a log: that imports accelerate, seconds on
+    # a cold start, which the first poll of a new page must not wait for.
+    folder = logs_dir(host, snap)
     parts = {
         "status": status_html(snap),
         "progress": progress_html(snap),
@@ -82,7 +85,7 @@ def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
         "gallery": gallery_items(samples),
         "log": "\n".join(snap.log[-LOG_TAIL:]),
         "output": output,
-        "logs": training_log_html(logs_dir(host, snap), tensorboard_installed()),
+        "logs": training_log_html(folder, folder is not None and tensorboard_installed()),
     }
     out = []
     for key, value in parts.items():

@@ -46,3 +46,37 @@ def quick_config(root: Path, base: str, name: str = "my-toy", steps: int = 4, **
         checkpoint_every_n_steps=0, sample_every_n_steps=0, sample_steps=2, seed=3)
     values.update(overrides)
     return TrainingConfig(**values)
+
+
+SDXL_NAME = "tiny-sdxl.safetensors"
+
+
+@functools.lru_cache(maxsize=2)
+def _tiny_sdxl_checkpoint(v_pred_ztsnr: bool) -> Path:
+    """The tiny SDXL-shaped model once per session; with ``v_pred_ztsnr`` re-saved with the
+    empty ``v_pred`` and ``ztsnr`` marker keys (NoobAI-style v-prediction, zero terminal SNR)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth import tiny
+
+    folder = Path(tempfile.mkdtemp(prefix="dreambooth-tiny-sdxl-"))
+    path = tiny.save_checkpoint(folder / SDXL_NAME, kind="sdxl", seed=0)
+    if not v_pred_ztsnr:
+        return path
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
+    tensors = load_file(str(path))
+    tensors.update(v_pred=torch.zeros(0), ztsnr=torch.zeros(0))
+    marked = folder / "marked.safetensors"
+    save_file(tensors, str(marked), metadata=metadata)
+    return marked
+
+
+def put_sdxl_checkpoint(checkpoints_dir: Path, name: str = SDXL_NAME,
+                        v_pred_ztsnr: bool = False) -> Path:
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    target = checkpoints_dir / name
+    shutil.copyfile(_tiny_sdxl_checkpoint(v_pred_ztsnr), target)
+    return target

@@ -198,12 +198,39 @@ def select_checkpoint():
 
 
 class FakeSDModel:
-    """Stands in for a loaded LatentDiffusion: knows its checkpoint and its device."""
+    """Stands in for a loaded LatentDiffusion: knows its checkpoint, its device, and what kind of
+    model the WebUI took the file for (from its keys; see ``sd_models_config``):
+
+    - ``is_sd1`` / ``is_sd2`` / ``is_sdxl``: A1111 1.10.1 sets them in ``load_model_weights``
+      from the instantiated config (SDXL's has a ``conditioner``); Forge's engines
+      (``StableDiffusionXL`` ...) set them for "WebUI Legacy", its loader telling the family from
+      the state dict's keys alone (no ``.yaml`` beside the file);
+    - ``used_config``: A1111's ``sd_model.used_config``, the config file it chose (None on Forge);
+    - ``parameterization``: ``"v"`` or ``"eps"`` (A1111: the config's, ``extend_sdxl`` for SDXL;
+      Forge: the ``v_pred`` key);
+    - ``ztsnr`` (fake only): the file's ``ztsnr`` marker key, which Forge/reForge read to use a
+      zero-terminal-SNR schedule.
+    """
 
     def __init__(self, checkpoint_info):
+        from modules import sd_models_config as config
+
         self.sd_checkpoint_info = checkpoint_info
         self.sd_model_checkpoint = checkpoint_info.filename
         self.device = "cuda"
+        state_dict = config.read_state_dict_shapes(checkpoint_info.filename)
+        if shared.flavour == "forge":
+            self.used_config = None
+            family = config.model_family(config.guess_model_config_from_state_dict(state_dict, ""))
+            self.parameterization = "v" if "v_pred" in state_dict else "eps"
+        else:
+            self.used_config = config.find_checkpoint_config(state_dict, checkpoint_info)
+            family = config.model_family(self.used_config)
+            self.parameterization = config.parameterization(self.used_config)
+        self.is_sdxl = family == "sdxl"
+        self.is_sd2 = family == "sd2"
+        self.is_sd1 = family == "sd1"
+        self.ztsnr = "ztsnr" in state_dict
 
     def to(self, device):
         self.device = device
