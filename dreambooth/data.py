@@ -570,10 +570,16 @@ def assign_bucket(width: int, height: int,
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - ratio))
 
 
+# What resolution 0 ("the model's own") means where no model has said yet: SD1.x's size. A run
+# resolves it from its model first (families.with_model_resolution, the trainer).
+UNRESOLVED_RESOLUTION = 512
+
+
 def bucket_for(size: tuple[int, int], config: TrainingConfig) -> tuple[int, int]:
+    resolution = config.resolution or UNRESOLVED_RESOLUTION
     if not config.aspect_ratio_buckets:
-        return config.resolution, config.resolution
-    return assign_bucket(size[0], size[1], bucket_list(config.resolution))
+        return resolution, resolution
+    return assign_bucket(size[0], size[1], bucket_list(resolution))
 
 
 def bucket_batches(pictures: list[Picture], batch_size: int,

@@ -18,9 +18,10 @@ from typing import Any
 from PIL import Image
 
 from .config import ConfigError, TrainingConfig
-from .data import (FILEWORDS, DatasetError, background_color, bucket_for, caption_for, file_hash,
-                   guess_identifier, has_alpha, identifier_report, list_pictures, mask_for, open_mask,
-                   oriented_size, prompt_token_limit, read_caption, scan_folder, token_length)
+from .data import (FILEWORDS, UNRESOLVED_RESOLUTION, DatasetError, background_color, bucket_for,
+                   caption_for, file_hash, guess_identifier, has_alpha, identifier_report,
+                   list_pictures, mask_for, open_mask, oriented_size, prompt_token_limit,
+                   read_caption, scan_folder, token_length)
 
 # Short-side ranges for the size distribution (px).
 SIZE_RANGES = ((0, 256, "< 256"), (256, 512, "256-511"), (512, 768, "512-767"),
@@ -284,7 +285,7 @@ def check_dataset(config: TrainingConfig, tokenizer=None) -> DatasetReport:
 
     config = with_model_resolution(config)
     if not config.resolution:  # no base model to ask: SD1.x's 512 px, said in the report
-        config = config.with_resolution(512)
+        config = config.with_resolution(UNRESOLVED_RESOLUTION)
         report.warnings.append("resolution 0 (the model's own): no base model to ask, checked "
                                "at 512 px")
     try:

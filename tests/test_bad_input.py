@@ -261,7 +261,8 @@ def test_a_partial_config_keeps_every_field_that_parsed():
 @pytest.mark.parametrize("field, value, words", [
     ("seed", 10 ** 400, "seed: must be in [0, 4294967295], not a 401-digit number"),
     ("learning_rate", 10 ** 400, "learning_rate: expected a number"),
-    ("resolution", 100000, "resolution: must be in [64, 4096]"),
+    ("resolution", 100000, "resolution: must be in [0, 4096]"),
+    ("resolution", 32, "resolution: must be 0 (the model's own) or at least 64, not 32"),
     ("resolution", 100, "resolution: must be a multiple of 8"),
     ("max_train_steps", -5, "max_train_steps: must be in [0, 10000000]"),
     ("train_batch_size", 10 ** 9, "train_batch_size: must be in [1, 256]"),

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dreambooth import families, resume, trainer
+from dreambooth import families, resume
 from dreambooth.config import ConfigError, TrainingConfig
 from dreambooth.objective import dreambooth_loss, min_snr_weights, offset_noise, snr
 from dreambooth.optimizers import build_optimizer
