@@ -84,7 +84,7 @@ def run_paths(config: TrainingConfig, models_dir: str | Path | None = None) -> R
 
     host = StandaloneHost(Path(models_dir or config.models_dir or "models"))
     return RunPaths(work_dir=host.work_dir(config.model_name),
-                    checkpoints_dir=host.output_dir())
+                    checkpoints_dir=host.output_dir(), lora_dir=host.lora_dir())
 
 
 def is_main_process() -> bool:

@@ -24,6 +24,10 @@ EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 EXPORT_FORMATS = ("safetensors", "ckpt")
 PREDICTION_TYPES = ("", "epsilon", "v_prediction")
 LATENT_SOURCES = ("mean", "sample")  # the VAE posterior's mean, or a fresh sample of it each step
+# What training changes: the whole model, or an adapter file beside it (the LyCORIS kinds the
+# WebUI's built-in Lora extension applies).
+TRAINING_METHODS = ("full", "lora", "locon", "loha", "lokr")
+LORA_LAYERS = ("attention", "attention_mlp")  # + ResNet convolutions: locon (or a conv rank)
 MASK_SOURCES = ("file", "alpha")  # <name>.mask.png beside the picture, or its alpha channel
 STEPS_PER_PICTURE = 100  # the seed's rule of thumb: steps = pictures x 100
 MAX_STEPS = 10_000_000
@@ -183,6 +187,16 @@ class TrainingConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     seed: int = 1337
+    # --- training method: the whole model, or an adapter beside the frozen model -------------
+    training_method: str = "full"  # full | lora | locon | loha | lokr (LyCORIS kinds)
+    lora_rank: int = 16  # the network dim
+    lora_alpha: float = 8.0  # scale alpha / rank; 0: alpha = rank (scale 1)
+    lora_layers: str = "attention_mlp"  # attention | attention_mlp
+    lora_conv_rank: int = 8  # ResNet convolutions: locon always; loha/lokr when > 0
+    lora_conv_alpha: float = 4.0
+    lora_dropout: float = 0.0  # dropout on the adapter's output while training
+    dora: bool = False  # weight-decomposed LoRA (DoRA), as the WebUI applies it
+    lokr_factor: int = -1  # LoKr's Kronecker factor; -1: as balanced as the shape allows
     # --- memory and speed --------------------------------------------------------------------
     mixed_precision: str = "fp16"
     gradient_checkpointing: bool = True
@@ -309,6 +323,11 @@ class TrainingConfig:
         own = self.text_encoder_2_lr if index > 0 else 0.0
         return own or self.text_encoder_lr or self.learning_rate
 
+    @property
+    def trains_adapter(self) -> bool:
+        """A LoRA-family run: the model stays frozen, the output goes to models/Lora."""
+        return self.training_method != "full"
+
     def with_resolution(self, default: int) -> "TrainingConfig":
         """This config with ``resolution`` 0 ("the model's own") set to the model's ``default``."""
         return self if self.resolution else dataclasses.replace(self, resolution=default)
@@ -357,11 +376,17 @@ class TrainingConfig:
         choices = {"optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS,
                    "mixed_precision": PRECISIONS, "attention": ATTENTION,
                    "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
-                   "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES}
+                   "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES,
+                   "training_method": TRAINING_METHODS, "lora_layers": LORA_LAYERS}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, name, f"choose one of {', '.join(allowed)}")
         need(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "zero_terminal_snr",
              "needs v-prediction: set prediction_type to v_prediction, or turn it off")
+        need(not (self.training_method == "locon" and self.lora_conv_rank == 0), "lora_conv_rank",
+             "LoCon trains the ResNet convolutions: give them a rank (or choose lora)")
+        need(self.lokr_factor != 0, "lokr_factor", "-1 (balanced) or a factor of at least 1")
+        need(not (self.dora and self.training_method in ("loha", "lokr")), "dora",
+             "DoRA is offered with lora and locon")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
              "leave empty (from the checkpoint) or choose epsilon / v_prediction")
         if self.model_name:
@@ -433,6 +458,12 @@ RANGES: dict[str, Range] = {
     "min_snr_gamma": Range(0, 1000, hint="0: off, 5 is the paper's value"),
     "mask_background_weight": Range(0, 1, hint="0: the background is ignored, 1: no masking"),
     "ema_decay": Range(0, 1, high_open=True),
+    "lora_rank": Range(1, 1024),
+    "lora_alpha": Range(0, 4096, hint="0: alpha = rank (scale 1)"),
+    "lora_conv_rank": Range(0, 1024, hint="0: no convolutions (loha/lokr)"),
+    "lora_conv_alpha": Range(0, 4096, hint="0: alpha = rank"),
+    "lora_dropout": Range(0, 1, high_open=True),
+    "lokr_factor": Range(-1, 1024, hint="-1: balanced"),
     "seed": Range(0, MAX_SEED),
     "save_every_n_steps": Range(0, MAX_STEPS),
     "checkpoint_every_n_steps": Range(0, MAX_STEPS),
@@ -677,6 +708,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                   aspect_ratio_buckets=True, hflip=True, shuffle_tags=True, keep_tokens=1,
                   class_clip_skip=2, clip_skip=2, lr_scheduler="cosine", lr_warmup_steps=100),
 }
+
+
+# The LoRA variants: what kohya_ss and OneTrainer users start from (rank 32 / 16, alpha = rank / 2,
+# lr 1e-4 for the UNet and 5e-5 for the text encoder).
+_LORA = dict(training_method="lora", lora_alpha=16.0, lora_rank=32, learning_rate=1e-4,
+             text_encoder_lr=5e-5, optimizer="adamw8bit", lr_scheduler="cosine")
+PRESETS.update({
+    "person-lora": {**PRESETS["person"], **_LORA, "train_text_encoder": True},
+    "object-lora": {**PRESETS["object"], **_LORA, "lora_rank": 16, "lora_alpha": 8.0},
+    "style-lora": {**PRESETS["style"], **_LORA, "training_method": "locon", "lora_conv_rank": 8,
+                   "lora_conv_alpha": 4.0},
+})
 
 
 def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:

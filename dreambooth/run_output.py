@@ -26,16 +26,22 @@ def run_id_of(path: Path) -> str | None:
 
 
 def planned_outputs(config: TrainingConfig, total_steps: int) -> list[str]:
-    """The file names a run will write into the checkpoints folder: its intermediate saves
+    """The file names a run will write into its output folder: its intermediate saves
     (``<name>_<step>``) and the final model."""
-    from .names import output_file_name
-
     names = []
     if config.save_every_n_steps:
-        names += [output_file_name(config.model_name, f"_{step}", config.export_format)
+        names += [model_file_name(config, f"_{step}")
                   for step in range(config.save_every_n_steps, total_steps,
                                     config.save_every_n_steps)]
-    return names + [output_file_name(config.model_name, "", config.export_format)]
+    return names + [model_file_name(config)]
+
+
+def model_file_name(config: TrainingConfig, suffix: str = "") -> str:
+    """``<model_name><suffix>.<format>``; a LoRA is always a .safetensors file."""
+    from .names import output_file_name
+
+    return output_file_name(config.model_name, suffix,
+                            "safetensors" if config.trains_adapter else config.export_format)
 
 
 class RunWriter:
@@ -75,10 +81,8 @@ class RunWriter:
         """Export the model; an intermediate save (``suffix``) whose name is taken by a file that
         is not this run's is skipped with a warning (the final one raises OutputExistsError)."""
         from .files import OutputExistsError
-        from .names import output_file_name
 
-        out = self.paths.checkpoints_dir / output_file_name(self.config.model_name, suffix,
-                                                            self.config.export_format)
+        out = self.paths.output_dir(self.config.trains_adapter) / model_file_name(self.config, suffix)
         replace = self.config.overwrite or run_id_of(out) == self.run_id
         if out.exists() and not replace:
             if not suffix:
@@ -86,9 +90,12 @@ class RunWriter:
             self.reporter.log(f"warning: {out.name} already exists and is not from this run; "
                               "this intermediate save is skipped (turn on overwrite to replace it)")
             return None
-        return export(self.config, self.paths, self.components, self.accelerator,
-                      self.trained_models(), self.ema, step, self.reporter, suffix=suffix,
-                      overwrite=replace, run_id=self.run_id, pictures=self.pictures)
+        write = export
+        if self.config.trains_adapter:
+            from .adapters.output import export_adapter as write
+        return write(self.config, self.paths, self.components, self.accelerator,
+                     self.trained_models(), self.ema, step, self.reporter, suffix=suffix,
+                     overwrite=replace, run_id=self.run_id, pictures=self.pictures)
 
     def rescue(self, step: int, failure: Exception, saved_step: int | None) -> Exception:
         """After a failed write: keep the trained weights as a resume point (unless that was the

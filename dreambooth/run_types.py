@@ -36,10 +36,18 @@ class Reporter:
 
 @dataclass
 class RunPaths:
-    """Where a run writes: its work folder and the folder the WebUI lists checkpoints from."""
+    """Where a run writes: its work folder and the folders the WebUI lists checkpoints and
+    LoRAs from (``lora_dir`` None: ``Lora`` beside the checkpoints folder)."""
 
     work_dir: Path
     checkpoints_dir: Path
+    lora_dir: Path | None = None
+
+    def output_dir(self, adapter: bool) -> Path:
+        """Where the run's model files go: models/Lora for an adapter, else the checkpoints."""
+        if not adapter:
+            return self.checkpoints_dir
+        return self.lora_dir if self.lora_dir is not None else self.checkpoints_dir.parent / "Lora"
 
     @property
     def resume_dir(self) -> Path:

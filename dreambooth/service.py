@@ -110,18 +110,24 @@ def _output_errors(config: TrainingConfig, host: Host, resume: bool) -> list[Fie
         errors.append(FieldError("model_name", f"{work} holds resume points of an earlier run "
                                  f"(step {point_step(points[-1])}): resume it, choose another "
                                  "name, or turn on overwrite to discard them"))
+    out_dir = host.lora_dir() if config.trains_adapter else host.output_dir()
     if not config.overwrite:
         total = config.total_steps(count_pictures(config))
         taken = [name for name in planned_outputs(config, total)
-                 if (host.output_dir() / name).exists()
-                 and not (own_run and run_id_of(host.output_dir() / name) == own_run)]
+                 if (out_dir / name).exists()
+                 and not (own_run and run_id_of(out_dir / name) == own_run)]
         if taken:
             errors.append(FieldError("model_name", f"{', '.join(taken[:3])} already "
                                      f"exist{'s' if len(taken) == 1 else ''} in "
-                                     f"{host.output_dir()}; choose another name or turn on "
+                                     f"{out_dir}; choose another name or turn on "
                                      "'overwrite'"))
+    from . import adapters
+
+    problem = adapters.unavailable(config)
+    if problem:
+        errors.append(FieldError("training_method", problem))
     base = Path(config.base_model)
-    if base.exists():
+    if base.exists() and not config.trains_adapter:  # a LoRA file is a few MB
         needed = export_size_estimate(base, config.export_dtype)
         free = free_bytes(host.output_dir())
         if needed and free is not None and free < needed:
@@ -193,7 +199,7 @@ def prepare(config: TrainingConfig, host: Host, *, resume: bool = False
     if errors:
         raise ConfigError(errors)
     return resolved, RunPaths(work_dir=host.work_dir(resolved.model_name),
-                              checkpoints_dir=host.output_dir())
+                              checkpoints_dir=host.output_dir(), lora_dir=host.lora_dir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +268,8 @@ class MirrorReporter(Reporter):
 
 def _written_checkpoints(config: TrainingConfig, paths: RunPaths, result: TrainResult) -> list[Path]:
     """The model files this run left in the checkpoints folder (intermediate saves included)."""
+    if config.trains_adapter:  # LoRA files are not checkpoints
+        return []
     found = [paths.checkpoints_dir / name for name in planned_outputs(config, result.total_steps)]
     if result.output_path:
         found.append(Path(result.output_path))
@@ -362,7 +370,8 @@ def start_class_pictures(config: TrainingConfig, host: Host, runner: JobRunner |
     resolved, errors = preflight(checked, host, check_output=False)
     if errors:
         raise ConfigError(errors)
-    paths = RunPaths(work_dir=host.work_dir(resolved.model_name), checkpoints_dir=host.output_dir())
+    paths = RunPaths(work_dir=host.work_dir(resolved.model_name), checkpoints_dir=host.output_dir(),
+                     lora_dir=host.lora_dir())
     return runner.start(resolved, paths, work=_hosted(host, make_class_pictures))
 
 
@@ -393,7 +402,8 @@ def start_captions(config: TrainingConfig, host: Host, runner: JobRunner | None 
 
     # no model name: the job has no work folder, and a page opened meanwhile keeps its form
     job_config = replace(config, model_name="")
-    paths = RunPaths(work_dir=host.work_root(), checkpoints_dir=host.output_dir())
+    paths = RunPaths(work_dir=host.work_root(), checkpoints_dir=host.output_dir(),
+                     lora_dir=host.lora_dir())
     return runner.start(job_config, paths, work=work, task="captioning", validate=False)
 
 
@@ -436,6 +446,7 @@ def sweep_leftovers(host: Host) -> list[Path]:
     removed = sweep(host.output_dir())
     if host.checkpoints_dir() != host.output_dir():
         removed += sweep(host.checkpoints_dir())
+    removed += sweep(host.lora_dir())
     root = host.work_root()
     removed += sweep(root, recursive=True)
     if root.is_dir():

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import data, families
+from . import adapters, data, families
 from .families.base import CHUNK_TOKENS, chunk_count
 from .config import ConfigError, FieldError, TrainingConfig
 from .eta import RunExtras
@@ -259,10 +259,12 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     instances = data.collect_pictures(config, include_class=False)  # bad input fails here, early
     from . import resume as resume_points
     from .files import OutputExistsError, WriteError, sweep
-    from .names import output_file_name
+    from .run_output import model_file_name
 
-    final_output = paths.checkpoints_dir / output_file_name(config.model_name, "",
-                                                            config.export_format)
+    problem = adapters.unavailable(config)
+    if problem:
+        raise ConfigError([FieldError("training_method", problem)])
+    final_output = paths.output_dir(config.trains_adapter) / model_file_name(config)
     if export_model and final_output.exists() and not config.overwrite:
         raise ConfigError([FieldError("model_name", f"{final_output} already exists; choose another "
                                       "name or turn on overwrite")])
@@ -288,7 +290,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             raise ConfigError([FieldError("optimizer", problem)])
     main = accelerator.is_main_process
     if main:  # leftovers of killed runs, then the config of this one (all checks passed)
-        folders = [(paths.checkpoints_dir, False), (paths.work_dir, True)]
+        folders = [(paths.output_dir(config.trains_adapter), False), (paths.work_dir, True)]
         folders += [(Path(c.class_data_dir).expanduser(), False) for c in config.concepts
                     if c.class_data_dir.strip()]
         for folder, deep in folders:
@@ -371,20 +373,16 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                   for i, (name, module) in enumerate(encoders)]
     trained_te = [entry for entry in trained_te if entry[3] > 0]
 
-    # Models: only what is trained keeps fp32 weights (the optimizer's master copy).
-    unet.to(device, torch.float32).train()
-    unet.requires_grad_(True)
+    # Models: what trains keeps fp32 weights (the optimizer's master copy): the models
+    # themselves, or the adapter networks beside the frozen models.
     vae.requires_grad_(False).to(device, vae_dtype).eval()
-    for name, encoder in encoders:
-        encoder.requires_grad_(False)
-        if any(name == t[0] for t in trained_te):
-            encoder.to(device, torch.float32).train().requires_grad_(True)
-        else:
-            encoder.to(device, weight_dtype).eval()
+    trained = adapters.place(config, unet, encoders, {t[0] for t in trained_te}, device, weight_dtype)
     set_attention(unet, config.attention)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for _, encoder, _, _ in trained_te:
+            if config.trains_adapter:  # frozen inputs: reentrant checkpointing needs them to
+                encoder.enable_input_require_grads()  # carry gradients to the adapter inside
             try:  # transformers >= 4.35 takes the kwargs; torch wants use_reentrant said
                 encoder.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -443,9 +441,10 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             return family.encode(encoding, prompts, config.clip_skip, device)
 
     # Optimizer and learning-rate schedule (stepped once per optimizer step).
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
+    groups = [{"params": [p for p in trained["unet"].parameters() if p.requires_grad],
                "lr": config.learning_rate}]
-    groups += [{"params": list(module.parameters()), "lr": lr} for _, module, lr, _ in trained_te]
+    groups += [{"params": list(trained[name].parameters()), "lr": lr}
+               for name, _, lr, _ in trained_te]
     optimizer = build_optimizer(config.optimizer, groups, config, device)
     schedule = config.lr_scheduler
     if schedule == "constant" and config.lr_warmup_steps:  # diffusers' "constant" ignores warmup
@@ -454,12 +453,16 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                                  num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
-    prepared = accelerator.prepare(unet, *[module for _, module, _, _ in trained_te], optimizer)
-    unet, optimizer = prepared[0], prepared[-1]
-    # The trained models as the loop and the writer use them (wrapped for several processes).
-    trained = {"unet": unet, **{t[0]: m for t, m in zip(trained_te, prepared[1:-1])}}
-    encoding = dataclasses.replace(components, **{n: m for n, m in trained.items() if n != "unet"})
-    ema = EMA(accelerator.unwrap_model(unet).parameters(), config.ema_decay) if config.use_ema else None
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    optimizer = prepared[-1]
+    # What trains as the loop and the writer use it (wrapped for several processes).
+    trained = dict(zip(trained, prepared[:-1]))
+    encoding = components
+    if not config.trains_adapter:  # the loop calls the (wrapped) trained models themselves;
+        unet = trained["unet"]     # an adapter works inside the base models' layers
+        encoding = dataclasses.replace(components, **{n: m for n, m in trained.items() if n != "unet"})
+    ema = (EMA(accelerator.unwrap_model(trained["unet"]).parameters(), config.ema_decay)
+           if config.use_ema else None)
 
     step, state, run_id = 0, None, resume_points.new_run_id()
     if resume:
@@ -474,9 +477,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     # Text encoders still training (name -> its optimizer group and the step it stops after).
     training_te = {name: (group, stop) for group, (name, _, _, stop) in enumerate(trained_te, 1)
                    if step < stop}
-    for name, module, _, _ in trained_te:
+    for name, _, _, _ in trained_te:
         if name not in training_te:
-            freeze_text_encoder(module, optimizer)
+            freeze_text_encoder(trained[name], optimizer)
     if state is not None:  # after the freeze, so the parameter groups match the saved ones
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -509,7 +512,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     def samples(final: bool = False) -> None:
         reporter.phase("sampling")
         made = timed("samples", lambda: make_samples(
-            components, config, paths, step, device, accelerator, unet, ema, reporter))
+            components, config, paths, step, device, accelerator, trained["unet"], ema, reporter))
         if training_log is not None:
             training_log.samples(step, made)
         reporter.samples(made)
@@ -585,7 +588,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
+                ema.step(accelerator.unwrap_model(trained["unet"]).parameters())
             # The only host-device sync of the step: the figures for the progress and the log.
             figures = (torch.cat([pending, grad_norm.detach().float().reshape(1)])
                        if grad_norm is not None else pending).tolist()
@@ -649,6 +652,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     finally:
         if training_log is not None:
             training_log.close()
+        adapters.release(config, {n: accelerator.unwrap_model(m) for n, m in trained.items()})
         release(accelerator, components)
     seconds = time.time() - started
     stepping = time.time() - step_started - extras.spent  # samples, saves and export left out

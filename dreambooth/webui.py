@@ -107,6 +107,7 @@ class Host(Protocol):
     def models_dir(self) -> Path: ...
     def checkpoints_dir(self) -> Path: ...
     def output_dir(self) -> Path: ...
+    def lora_dir(self) -> Path: ...
     def vae_dir(self) -> Path: ...
     def list_vaes(self) -> list[Path]: ...
     def work_root(self) -> Path: ...
@@ -148,6 +149,10 @@ class _FolderLayout:
 
     def vae_dir(self) -> Path:
         return self.models_dir() / "VAE"
+
+    def lora_dir(self) -> Path:
+        """Where LoRA files go: the folder the WebUI's built-in Lora extension lists."""
+        return self.models_dir() / "Lora"
 
     def list_vaes(self) -> list[Path]:
         folder = self.vae_dir()
@@ -237,6 +242,11 @@ class WebUIHost(_FolderLayout):
     def vae_dir(self) -> Path:
         vae_dir = getattr(_m("shared").cmd_opts, "vae_dir", None)
         return Path(vae_dir) if vae_dir else self.models_dir() / "VAE"
+
+    def lora_dir(self) -> Path:
+        """``--lora-dir`` (the built-in Lora extension's option, A1111 and Forge) when given."""
+        lora_dir = getattr(_m("shared").cmd_opts, "lora_dir", None)
+        return Path(lora_dir) if lora_dir else self.models_dir() / "Lora"
 
     # --- settings ----------------------------------------------------------------------------
     def register_settings(self) -> None:

@@ -1,0 +1,56 @@
+"""What a run trains: the whole model (``full``) or an adapter beside the frozen model (``lora``,
+``locon``, ``loha``, ``lokr``). The loop stays one loop: it asks ``place`` for the modules that
+train (their parameters go to the optimizer, their state into resume points), and calls the
+UNet and the text encoders as always — an adapter patches their layers in place.
+
+Module per kind: ``lycoris.py`` (the LyCORIS kinds), ``targets.py`` (which layers, kohya names),
+``file.py`` (the LoRA file), ``output.py`` (a run's LoRA export).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import TrainingConfig
+
+
+def unavailable(config: TrainingConfig) -> str | None:
+    """Why this run's method cannot train in this installation (None: it can)."""
+    if not config.trains_adapter:
+        return None
+    from . import lycoris
+
+    return lycoris.unavailable()
+
+
+def place(config: TrainingConfig, unet: torch.nn.Module,
+          encoders: list[tuple[str, torch.nn.Module]], trained_encoders: set[str], device,
+          weight_dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Put the models on ``device`` and return what trains, by component name ("unet", then the
+    trained text encoders). Full: the models themselves in fp32 (the optimizer's master copy).
+    Adapter: the base models frozen in ``weight_dtype``, one fp32 network per trained component.
+    Trained parts are in train mode (gradient checkpointing only runs there)."""
+    adapter = config.trains_adapter
+    base_dtype = weight_dtype if adapter else torch.float32
+    unet.to(device, base_dtype).train().requires_grad_(not adapter)
+    trained = {"unet": unet}
+    for name, encoder in encoders:
+        encoder.requires_grad_(False)
+        if name in trained_encoders:
+            encoder.to(device, base_dtype).train().requires_grad_(not adapter)
+            trained[name] = encoder
+        else:
+            encoder.to(device, weight_dtype).eval()
+    if not adapter:
+        return trained
+    from . import lycoris, targets
+
+    lycoris.quiet()
+    return lycoris.attach(trained, targets.prefixes([name for name, _ in encoders]), config, device)
+
+
+def release(config: TrainingConfig, trained: dict[str, torch.nn.Module]) -> None:
+    """After the run: the base modules get their own layers back."""
+    if config.trains_adapter:
+        from . import lycoris
+
+        lycoris.detach(trained)

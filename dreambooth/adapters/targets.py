@@ -1,0 +1,55 @@
+"""Which layers of a model an adapter trains, by their diffusers module names.
+
+The names are the ones kohya's sd-scripts derive its keys from (``lora_unet_`` + the module path
+with ``.`` as ``_``), and the WebUI's built-in Lora extension maps exactly these back onto the
+single-file checkpoint: attention (``to_q/k/v/out.0``, CLIP's ``q/k/v/out_proj`` — all four, which
+OpenCLIP's fused attention needs), feed-forward and the transformer's in/out projections, and for
+LoCon the ResNet blocks (3x3 convolutions at the conv rank, their 1x1 shortcut and time embedding at
+the linear rank) with the down/up samplers.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+# The text encoders' kohya prefixes: one encoder is "lora_te", SDXL's two are "lora_te1/2".
+UNET_PREFIX = "lora_unet"
+
+_UNET_ATTENTION = re.compile(
+    r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_UNET_MLP = re.compile(
+    r"(^|\.)attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.ff\.net\.(0\.proj|2))$")
+_UNET_CONV = re.compile(
+    r"(^|\.)(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|(downsamplers|upsamplers)\.0\.conv)$")
+_TEXT_ATTENTION = re.compile(r"(^|\.)self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
+_TEXT_MLP = re.compile(r"(^|\.)mlp\.(fc1|fc2)$")
+
+
+def prefixes(encoder_names: list[str]) -> dict[str, str]:
+    """The kohya prefix of each component: ``unet`` and the text encoders in prompt order."""
+    names = {"unet": UNET_PREFIX}
+    if len(encoder_names) == 1:
+        names[encoder_names[0]] = "lora_te"
+    else:
+        names.update({name: f"lora_te{i}" for i, name in enumerate(encoder_names, 1)})
+    return names
+
+
+def target_modules(model: torch.nn.Module, component: str, layers: str, convs: bool) -> list[str]:
+    """The module paths inside ``model`` an adapter wraps (only Linear and Conv2d layers).
+
+    ``layers``: "attention" or "attention_mlp"; ``convs``: also the ResNet convolutions (UNet)."""
+    if component == "unet":
+        rules = [_UNET_ATTENTION] + ([_UNET_MLP] if layers == "attention_mlp" else [])
+        rules += [_UNET_CONV] if convs else []
+    else:
+        rules = [_TEXT_ATTENTION] + ([_TEXT_MLP] if layers == "attention_mlp" else [])
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+            and any(rule.search(name) for rule in rules)]
+
+
+def kohya_name(prefix: str, module_path: str) -> str:
+    """``lora_unet`` + ``down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_...``."""
+    return f"{prefix}_{module_path.replace('.', '_')}"
