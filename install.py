@@ -25,7 +25,10 @@ HOST_PACKAGES = (
     "numpy", "fastapi", "pydantic", "huggingface-hub",
 )
 # The extension's own packages (requirements.txt).
-OWN_PACKAGES = ("diffusers", "bitsandbytes", "prodigyopt", "ftfy", "regex", "tqdm")
+OWN_PACKAGES = ("diffusers", "bitsandbytes", "prodigyopt", "lycoris-lora", "ftfy", "regex", "tqdm")
+# LoRA/LoCon/LoHa/LoKr training (lycoris-lora: torch, einops, toml; none of them host-pinned
+# beyond torch, which the constraints keep). 4.1 is the API the adapters are written against.
+LYCORIS = ("lycoris-lora>=4.1,<4.2", "4.1", "4.2")
 
 # pip's words for "the index could not be reached".
 _NETWORK_ERRORS = re.compile(
@@ -127,6 +130,13 @@ def plan_installs(installed: dict[str, str]) -> list[tuple[str, str]]:
         plan.append((req, f"missing; fits {why}"))
     elif not _in_range(diffusers, low, below):
         plan.append((req, f"{diffusers} does not import with {why}"))
+
+    req, low, below = LYCORIS
+    lycoris = have.get("lycoris-lora")
+    if lycoris is None:
+        plan.append((req, "missing; trains LoRA, LoCon, LoHa, LoKr"))
+    elif not _in_range(lycoris, low, below):
+        plan.append((req, f"{lycoris} is not the 4.1 API the LoRA training uses"))
 
     for name in ("prodigyopt", "ftfy", "regex", "tqdm"):
         if name not in have:

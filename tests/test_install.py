@@ -61,9 +61,9 @@ class FakeLaunch:
 
 
 @pytest.mark.parametrize("host, expected", [
-    (A1111, ["bitsandbytes==0.45.5", "diffusers==0.31.0", "prodigyopt"]),
-    (FORGE, ["bitsandbytes>=0.49,<0.50", "prodigyopt"]),
-    (REFORGE, ["bitsandbytes>=0.50,<0.51", "prodigyopt"]),
+    (A1111, ["bitsandbytes==0.45.5", "diffusers==0.31.0", "lycoris-lora>=4.1,<4.2", "prodigyopt"]),
+    (FORGE, ["bitsandbytes>=0.49,<0.50", "lycoris-lora>=4.1,<4.2", "prodigyopt"]),
+    (REFORGE, ["bitsandbytes>=0.50,<0.51", "lycoris-lora>=4.1,<4.2", "prodigyopt"]),
 ])
 def test_plan_per_host(host, expected):
     assert requirements(host) == expected
@@ -73,22 +73,33 @@ def test_bitsandbytes_follows_torch():
     for torch, req in [("2.1.2", "bitsandbytes==0.45.5"), ("2.2.2+cu121", "bitsandbytes==0.47.0"),
                        ("2.3.1", "bitsandbytes>=0.49,<0.50"), ("2.4.0", "bitsandbytes>=0.50,<0.51"),
                        ("2.13.0+cpu", "bitsandbytes>=0.50,<0.51")]:
-        assert requirements({**A1111, "torch": torch, "diffusers": "0.31.0", "prodigyopt": "1.1"}) == [req]
+        assert requirements({**A1111, "torch": torch, "diffusers": "0.31.0", "prodigyopt": "1.1",
+                             "lycoris-lora": "4.1.3"}) == [req]
 
 
 def test_kept_when_it_fits_replaced_when_it_does_not():
     # Forge pins bitsandbytes 0.43.3 itself: it works with its torch, so it is left alone
-    assert requirements({**FORGE, "bitsandbytes": "0.43.3", "prodigyopt": "1.1.2"}) == []
+    assert requirements({**FORGE, "bitsandbytes": "0.43.3", "prodigyopt": "1.1.2",
+                         "lycoris_lora": "4.1.3"}) == []
     # a bitsandbytes too new for torch 2.1 and a diffusers that cannot import with transformers 4.30
-    plan = install.plan_installs({**A1111, "bitsandbytes": "0.50.2", "diffusers": "0.35.1", "prodigyopt": "1.1.2"})
+    plan = install.plan_installs({**A1111, "bitsandbytes": "0.50.2", "diffusers": "0.35.1", "prodigyopt": "1.1.2",
+                                  "lycoris-lora": "4.1.0"})
     assert [r for r, _ in plan] == ["bitsandbytes==0.45.5", "diffusers==0.31.0"]
     assert "does not fit torch 2.1.2+cu121" in plan[0][1] and "transformers 4.30.2" in plan[1][1]
 
 
 def test_newer_transformers_get_a_diffusers_range_below_hub_1x():
     host = {k: v for k, v in REFORGE.items() if k != "diffusers"}
-    assert requirements({**host, "bitsandbytes": "0.50.2", "prodigyopt": "1.1.2"}) == ["diffusers>=0.31,<0.40"]
+    assert requirements({**host, "bitsandbytes": "0.50.2", "prodigyopt": "1.1.2",
+                         "lycoris-lora": "4.1.3"}) == ["diffusers>=0.31,<0.40"]
     assert install.diffusers_choice("5.0.0")[0] == "diffusers>=0.31"
+
+
+def test_lycoris_kept_in_its_range_replaced_outside():
+    fits = {**FORGE, "bitsandbytes": "0.43.3", "prodigyopt": "1.1.2"}
+    assert requirements({**fits, "lycoris-lora": "4.1.9"}) == []
+    plan = install.plan_installs({**fits, "lycoris-lora": "3.1.0"})
+    assert [r for r, _ in plan] == ["lycoris-lora>=4.1,<4.2"] and "3.1.0" in plan[0][1]
 
 
 def test_constraints_pin_every_installed_host_package_and_nothing_else():
@@ -103,17 +114,20 @@ def test_every_pip_call_carries_the_constraints_and_one_line_per_package(capsys)
     launch = FakeLaunch()
     assert install.run(A1111, launch) == 0
     assert [c.split(" -c ")[0] for c, _ in launch.calls] == [
-        'install "bitsandbytes==0.45.5"', 'install "diffusers==0.31.0"', 'install "prodigyopt"']
+        'install "bitsandbytes==0.45.5"', 'install "diffusers==0.31.0"', 'install "lycoris-lora>=4.1,<4.2"',
+        'install "prodigyopt"']
     assert all(constraints == install.constraints_text(A1111) for _, constraints in launch.calls)
     out = capsys.readouterr().out.splitlines()
     assert out == ["Installing bitsandbytes==0.45.5 for DreamBooth (missing; fits torch 2.1.2+cu121)",
                    "Installing diffusers==0.31.0 for DreamBooth (missing; fits transformers 4.30.2)",
+                   "Installing lycoris-lora>=4.1,<4.2 for DreamBooth (missing; trains LoRA, LoCon, LoHa, LoKr)",
                    "Installing prodigyopt for DreamBooth (missing)"]
 
 
 def test_nothing_happens_when_everything_is_present(capsys):
     launch = FakeLaunch()
-    install.run({**REFORGE, "bitsandbytes": "0.50.2", "prodigyopt": "1.1.2"}, launch)
+    install.run({**REFORGE, "bitsandbytes": "0.50.2", "prodigyopt": "1.1.2", "lycoris-lora": "4.1.3"},
+                launch)
     assert launch.calls == [] and capsys.readouterr().out == ""
 
 
@@ -123,15 +137,15 @@ def test_network_failure_is_one_clear_message(capsys):
     assert len(launch.calls) == 1  # no point trying the others
     out = capsys.readouterr().out
     assert "could not reach the package index" in out
-    assert "bitsandbytes==0.45.5, diffusers==0.31.0, prodigyopt" in out and "Traceback" not in out
+    assert f"bitsandbytes==0.45.5, diffusers==0.31.0, lycoris-lora>=4.1,<4.2, prodigyopt" in out and "Traceback" not in out
 
 
 def test_other_pip_failures_are_reported_per_package(capsys):
     launch = FakeLaunch(fail="conflict")
     install.run(A1111, launch)
-    assert len(launch.calls) == 3
+    assert len(launch.calls) == 4
     out = capsys.readouterr().out
-    assert out.count("pip could not install") == 3 and "ResolutionImpossible" in out
+    assert out.count("pip could not install") == 4 and "ResolutionImpossible" in out
 
 
 def test_skip_install_does_nothing():
@@ -170,7 +184,8 @@ def test_subprocess_on_an_a1111_host(tmp_path):
     proc, calls = _run_install(tmp_path, [site], isolated=True)
     assert proc.returncode == 0, proc.stderr
     assert [c["command"].split(" -c ")[0] for c in calls] == [
-        'install "bitsandbytes==0.45.5"', 'install "diffusers==0.31.0"', 'install "prodigyopt"']
+        'install "bitsandbytes==0.45.5"', 'install "diffusers==0.31.0"', 'install "lycoris-lora>=4.1,<4.2"',
+        'install "prodigyopt"']
     assert all("torch==2.1.2+cu121" in c["constraints"].splitlines() for c in calls)
     assert proc.stdout.splitlines()[0] == "Installing bitsandbytes==0.45.5 for DreamBooth (missing; fits torch 2.1.2+cu121)"
     assert not list(Path(os.path.dirname(calls[0]["constraints_path"])).glob(Path(calls[0]["constraints_path"]).name))
