@@ -387,6 +387,8 @@ class TrainingConfig:
         need(self.lokr_factor != 0, "lokr_factor", "-1 (balanced) or a factor of at least 1")
         need(not (self.dora and self.training_method in ("loha", "lokr")), "dora",
              "DoRA is offered with lora and locon")
+        need(not (self.dora and self.lora_dropout), "lora_dropout",
+             "DoRA rebuilds each weight, so adapter dropout does not apply: set it to 0")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
              "leave empty (from the checkpoint) or choose epsilon / v_prediction")
         if self.model_name:

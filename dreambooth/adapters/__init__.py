@@ -45,7 +45,10 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
     from . import lycoris, targets
 
     lycoris.quiet()
-    return lycoris.attach(trained, targets.prefixes([name for name, _ in encoders]), config, device)
+    with torch.random.fork_rng(devices=[]):  # the adapter's initial weights follow the run's seed
+        torch.manual_seed(config.seed)
+        return lycoris.attach(trained, targets.prefixes([name for name, _ in encoders]), config,
+                              device)
 
 
 def release(config: TrainingConfig, trained: dict[str, torch.nn.Module]) -> None:

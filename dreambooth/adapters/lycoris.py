@@ -59,7 +59,10 @@ def build_network(model: torch.nn.Module, component: str, prefix: str,
         conv_lora_dim=conv_rank, conv_alpha=config.lora_conv_alpha or conv_rank or 1,
         dropout=config.lora_dropout, network_module=ALGORITHMS[config.training_method],
         weight_decompose=config.dora, wd_on_out=False, factor=config.lokr_factor,
-        decompose_both=False, warn_on_unmatched=False)
+        decompose_both=False, warn_on_unmatched=False,
+        # bypass: y = W x + B(A x) * scale, the adapter's dropout acts on that term and no
+        # full-size delta weight is built per step; DoRA needs the merged weight (no bypass)
+        bypass_mode=not config.dora)
     network.apply_to()
     return network
 
