@@ -453,10 +453,11 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                                  num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
-    prepared = accelerator.prepare(*trained.values(), optimizer)
-    optimizer = prepared[-1]
-    # What trains as the loop and the writer use it (wrapped for several processes).
-    trained = dict(zip(trained, prepared[:-1]))
+    if config.trains_adapter:  # kept out of DDP: adapters.average_gradients syncs them
+        optimizer = accelerator.prepare(optimizer)
+    else:  # what trains as the loop and the writer use it (wrapped for several processes)
+        *models, optimizer = accelerator.prepare(*trained.values(), optimizer)
+        trained = dict(zip(trained, models))
     encoding = components
     if not config.trains_adapter:  # the loop calls the (wrapped) trained models themselves;
         unet = trained["unet"]     # an adapter works inside the base models' layers
@@ -577,6 +578,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             if (micro + 1) % accum:
                 continue
 
+            adapters.average_gradients(config, trained, accelerator)
             grad_norm = None
             if config.max_grad_norm:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -623,6 +625,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             if step >= total_steps:
                 break
         accelerator.wait_for_everyone()
+        adapters.check_processes_agree(config, trained, accelerator)
         # Training is over: the optimizer's state (two copies of the trained weights for AdamW)
         # is not needed for the samples or the export, nor by a resume point of the last step
         # (resuming there only exports): give its memory back before the export needs some.

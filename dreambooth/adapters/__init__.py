@@ -57,3 +57,36 @@ def release(config: TrainingConfig, trained: dict[str, torch.nn.Module]) -> None
         from . import lycoris
 
         lycoris.detach(trained)
+
+
+def average_gradients(config: TrainingConfig, trained: dict[str, torch.nn.Module], accelerator) -> None:
+    """Several processes: the adapter's gradients averaged over them (once per optimizer step).
+
+    The adapter networks are not called themselves (the base models are), so DDP's own
+    gradient hooks never arm; the networks are kept out of DDP and averaged here instead."""
+    if not config.trains_adapter or accelerator.num_processes == 1:
+        return
+    grads = [p.grad for m in trained.values() for p in m.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def check_processes_agree(config: TrainingConfig, trained: dict[str, torch.nn.Module],
+                          accelerator) -> None:
+    """Several processes: every process must end with the same adapter (else RuntimeError)."""
+    if not config.trains_adapter or accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        total = torch.stack([p.detach().double().sum() for m in trained.values()
+                             for p in m.parameters()]).sum().reshape(1)
+    every = accelerator.gather(total)
+    if not torch.allclose(every, every[0].expand_as(every), rtol=1e-9, atol=0):
+        raise RuntimeError(f"the {accelerator.num_processes} processes ended with different "
+                           "adapters (their gradients were not averaged)")
