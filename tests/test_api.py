@@ -76,6 +76,18 @@ def test_a_finished_run_is_listed_by_models(client, tmp_path):
     assert [r["name"] for r in models["runs"]] == ["listed"]
 
 
+def test_the_api_trains_a_lora_into_the_lora_folder(client, host, tmp_path):
+    bad = client.post(f"{P}/train", json=body(tmp_path, name="api-lora", training_method="lorax"))
+    assert bad.status_code == 422 and "training_method" in bad.text
+    started = client.post(f"{P}/train", json=body(tmp_path, name="api-lora", steps=2,
+                                                  training_method="lora", lora_rank=4))
+    assert started.status_code == 200, started.text
+    status = wait_for(client, ("done", "failed"))
+    assert status["phase"] == "done", status["log"][-10:]
+    assert (host.lora_dir() / "api-lora.safetensors").is_file()
+    assert not (host.checkpoints_dir() / "api-lora.safetensors").exists()
+
+
 def test_bad_config_is_rejected_with_field_errors(client, tmp_path):
     bad = body(tmp_path, learning_rate=-1.0, resolution=65)
     bad["optimiser"] = "adamw"  # misspelt
