@@ -45,7 +45,7 @@ FIGURE_KEYS = ("ok", "error", "device", "dtype", "warmup_steps", "measured_steps
 # Options a run is defined by (argparse dests), in the order tables and JSON show them.
 SIZES = ("tiny", "sd15", "sdxl-tiny", "sdxl")
 OPTION_KEYS = ("size", "sdxl_depth", "resolution", "batch_size", "steps", "warmup", "precision",
-               "optimizer",
+               "optimizer", "method", "rank",
                "gradient_checkpointing", "attention", "cache", "train_text_encoder", "prior",
                "compile", "export", "class_pictures", "sample_steps", "threads", "seed")
 
@@ -65,6 +65,21 @@ MATRICES: dict[str, list[dict[str, Any]]] = {
         {"name": "+text-encoder", "precision": "fp16@cuda", "optimizer": "adamw8bit",
          "gradient_checkpointing": True, "cache": True, "train_text_encoder": True},
     ],
+    # LoRA against full training (rank 16 and 32, without and with the text encoder); the
+    # full line is "+cache" of the default matrix.
+    "lora": [
+        {"name": "full", "method": "full", "precision": "fp16@cuda", "optimizer": "adamw8bit",
+         "gradient_checkpointing": True, "cache": True, "train_text_encoder": False},
+        {"name": "lora-r16", "method": "lora", "rank": 16, "precision": "fp16@cuda",
+         "optimizer": "adamw8bit", "gradient_checkpointing": True, "cache": True,
+         "train_text_encoder": False},
+        {"name": "lora-r32", "method": "lora", "rank": 32, "precision": "fp16@cuda",
+         "optimizer": "adamw8bit", "gradient_checkpointing": True, "cache": True,
+         "train_text_encoder": False},
+        {"name": "lora-r32+te", "method": "lora", "rank": 32, "precision": "fp16@cuda",
+         "optimizer": "adamw8bit", "gradient_checkpointing": True, "cache": True,
+         "train_text_encoder": True},
+    ],
     # Two short lines: what the tests run.
     "smoke": [
         {"name": "adamw", "optimizer": "adamw"},
@@ -78,7 +93,7 @@ MATRICES: dict[str, list[dict[str, Any]]] = {
 # --------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ATTENTION, OPTIMIZERS, PRECISIONS
+    from .config import ATTENTION, OPTIMIZERS, PRECISIONS, TRAINING_METHODS
 
     p = argparse.ArgumentParser(
         prog="python -m dreambooth bench",
@@ -97,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="no",
                    help="mixed precision (fp16 needs CUDA; on the CPU it falls back to fp32)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--method", choices=TRAINING_METHODS, default="full",
+                   help="full model or an adapter (lora, locon, loha, lokr)")
+    p.add_argument("--rank", type=int, default=16, help="adapter rank (alpha = rank / 2)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    default=False)
     p.add_argument("--attention", choices=ATTENTION, default="sdpa")
@@ -453,7 +471,10 @@ def make_config(root: Path, options: dict[str, Any], inst: Path, cls: Path):
                           else max(4, options["batch_size"])),
         class_batch_size=4, class_sample_steps=max(1, options["sample_steps"]),
         resolution=options["resolution"], train_batch_size=options["batch_size"],
-        max_train_steps=options["warmup"] + options["steps"], learning_rate=1e-6,
+        max_train_steps=options["warmup"] + options["steps"],
+        learning_rate=1e-6 if options["method"] == "full" else 1e-4,
+        training_method=options["method"], lora_rank=options["rank"],
+        lora_alpha=options["rank"] / 2, lora_conv_rank=max(1, options["rank"] // 2),
         optimizer=options["optimizer"], mixed_precision=options["precision"],
         gradient_checkpointing=options["gradient_checkpointing"],
         attention=options["attention"], cache_latents=options["cache"],

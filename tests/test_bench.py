@@ -236,3 +236,15 @@ def test_the_sdxl_shaped_model_benchmarks_through_the_same_engine(tmp_path):
     configs = tiny.full_sdxl_configs(deep_layers=4)
     assert configs["unet"]["cross_attention_dim"] == 2048
     assert configs["unet"]["transformer_layers_per_block"] == [1, 2, 4]
+
+
+def test_lora_lines_benchmark_the_adapter(tmp_path, tiny_run):
+    """--method lora: the same run training an adapter; its file is the small LoRA file."""
+    out = tmp_path / "lora.json"
+    assert bench.bench_main(FAST + ["--method", "lora", "--rank", "8", "--json", str(out)]) == 0
+    [run] = json.loads(out.read_text())["runs"]
+    assert run["figures"]["ok"] is True
+    assert 0 < run["figures"]["export_bytes"] < tiny_run["runs"][0]["figures"]["export_bytes"] / 4
+    assert "--method lora --rank 8" in run["command"]
+    names = [e["name"] for e in bench.load_matrix("lora")]
+    assert names == ["full", "lora-r16", "lora-r32", "lora-r32+te"]
