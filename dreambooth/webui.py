@@ -31,6 +31,7 @@ import importlib
 import inspect
 import os
 import re
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ class Host(Protocol):
     def work_dir(self, name: str) -> Path: ...
     def refresh_checkpoints(self) -> None: ...
     def add_checkpoints(self, paths: list[Path]) -> None: ...
+    def refresh_loras(self) -> bool: ...
     def unload_webui_model(self) -> Any: ...
     def restore_webui_model(self, unloaded: Any) -> str | None: ...
     def load_checkpoint(self, title: str, wait_s: float = 30.0,
@@ -229,6 +231,25 @@ class WebUIHost(_FolderLayout):
             except Exception:  # a fork with another CheckpointInfo: the WebUI's own rescan
                 sd_models.list_models()
                 return
+
+    # --- LoRA files --------------------------------------------------------------------------
+    def refresh_loras(self) -> bool:
+        """Rescan the Lora folder into the built-in Lora extension's list (what its 🔄 on the
+        Lora cards does server-side), so a new file's ``<lora:name:1>`` and its card are known.
+        The extension (A1111 ``extensions-builtin/Lora``, Forge ``sd_forge_lora``) imports its
+        ``networks`` module by that bare name while it loads; with the extension disabled there
+        is none, and nothing happens. True when the list was rescanned; never raises (a
+        generation that meets a name it does not know rescans by itself anyway)."""
+        networks = sys.modules.get("networks")
+        rescan = getattr(networks, "list_available_networks", None)
+        if not callable(rescan) or not hasattr(networks, "available_networks"):
+            return False
+        try:
+            rescan()
+        except Exception as exc:  # the Lora extension's own trouble: reported, not raised
+            print(f"DreamBooth: the Lora list could not be refreshed ({type(exc).__name__}: {exc})")
+            return False
+        return True
 
     # --- folders -----------------------------------------------------------------------------
     def models_dir(self) -> Path:
@@ -565,6 +586,9 @@ class StandaloneHost(_FolderLayout):
 
     def add_checkpoints(self, paths: list[Path]) -> None:
         return None
+
+    def refresh_loras(self) -> bool:
+        return False  # no WebUI, no Lora list
 
     def unload_webui_model(self) -> Any:
         return None

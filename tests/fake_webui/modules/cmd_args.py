@@ -14,6 +14,8 @@ parser.add_argument("--data-dir", type=str, default=None)
 parser.add_argument("--models-dir", type=str, default=None)
 parser.add_argument("--ckpt-dir", type=str, default=None)
 parser.add_argument("--vae-dir", type=str, default=None)
+# Added by the built-in Lora extension's preload.py (its default: models/Lora; None here).
+parser.add_argument("--lora-dir", type=str, default=None)
 parser.add_argument("--ui-settings-file", type=str, default=None)
 parser.add_argument("--api-auth", type=str, default=None)
 parser.add_argument("--api", action="store_true")
