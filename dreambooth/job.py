@@ -21,7 +21,7 @@ from .memory import give_memory_back
 from .trainer import Reporter, RunPaths, TrainResult, train
 
 PHASES = ("idle", "loading", "class_images", "caching", "training", "sampling", "saving",
-          "captioning", "done", "cancelled", "failed")
+          "captioning", "extracting", "done", "cancelled", "failed")
 FINISHED = ("idle", "done", "cancelled", "failed")
 LOG_LINES = 300
 HISTORY = 2000
@@ -37,7 +37,8 @@ class Progress:
 
     job_id: int = 0
     model_name: str = ""
-    task: str = "training"  # what the job does: "training" (class pictures too), "captioning"
+    # what the job does: "training" (class pictures too), "captioning", "extracting" (a LoRA)
+    task: str = "training"
     phase: str = "idle"
     step: int = 0
     total: int = 0

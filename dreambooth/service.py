@@ -21,6 +21,7 @@ What a start does (``start_training``):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -539,6 +540,158 @@ def load_in_txt2img(host: Host, output_path: str, wait_s: float = 3.0,
     return title, f"loading {title} in txt2img… ({why}); this message changes when it is done"
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA files: using one in txt2img, extracting one from a full run
+# ---------------------------------------------------------------------------------------------
+EXTRACT_SUFFIX = "-lora"  # <lora dir>/<trained file's name>-lora.safetensors
+EXTRACT_RANK = 32
+EXTRACT_CONV_RANK = 0
+
+
+def _inside_folder(path: str | os.PathLike, folder: Path) -> Path | None:
+    """``path`` resolved when it is a file somewhere under ``folder``; else None."""
+    if not path:
+        return None
+    try:
+        target, root = Path(path).expanduser().resolve(), folder.resolve()
+    except (OSError, ValueError):
+        return None
+    return target if target.is_file() and root in target.parents else None
+
+
+def is_lora_file(host: Host, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file in the host's Lora folder (what a LoRA run or an extraction
+    writes), not a checkpoint."""
+    return _inside_folder(path, host.lora_dir()) is not None
+
+
+def lora_tag(path: str | os.PathLike, weight: float = 1) -> str:
+    """The prompt text that applies a LoRA file in the WebUI: ``<lora:NAME:1>``, NAME being the
+    file's name without extension (the Lora extension lists every file by it)."""
+    return f"<lora:{Path(path).stem}:{weight:g}>"
+
+
+def use_lora_in_txt2img(host: Host, output_path: str) -> tuple[str | None, str]:
+    """"Use in txt2img" for a LoRA file: (the tag for the page to add to the txt2img prompt,
+    a message). The WebUI's Lora list is rescanned first (``host.refresh_loras``), so the new
+    file's card is there and its tag is known at the next generation. None for the tag where
+    there is no txt2img (standalone) or the file is no LoRA of the Lora folder."""
+    if not is_lora_file(host, output_path):
+        return None, f"{output_path or 'no output yet'}: not a LoRA file in {host.lora_dir()}"
+    tag = lora_tag(output_path)
+    if not host.is_webui:
+        return None, (f"{Path(output_path).name} is ready in {host.lora_dir()}: put {tag} into a "
+                      "prompt in the WebUI's txt2img (this standalone app has no txt2img)")
+    if host.refresh_loras():
+        return tag, f"{tag} is in the txt2img prompt; the Lora list knows {Path(output_path).name}"
+    return tag, (f"{tag} is in the txt2img prompt, but the WebUI's Lora list could not be "
+                 "refreshed: is its built-in Lora extension enabled? (Settings → Extensions)")
+
+
+def extraction_target(host: Host, trained_path: str | os.PathLike) -> Path:
+    """Where "Extract LoRA" writes: ``<lora dir>/<trained file's name>-lora.safetensors``."""
+    return host.lora_dir() / f"{Path(trained_path).stem}{EXTRACT_SUFFIX}.safetensors"
+
+
+def _run_of_file(host: Host, trained: Path) -> TrainingConfig | None:
+    """The config of the run that wrote ``trained``: the work folder of the file's name, or of
+    the name before an intermediate save's ``_<step>``."""
+    stem = trained.stem
+    for name in [stem] + ([m.group(1)] if (m := re.fullmatch(r"(.+)_\d+", stem)) else []):
+        try:
+            return run_config(host, name)
+        except (ConfigError, ValueError, OSError):
+            continue
+    return None
+
+
+def extraction_base(host: Host, trained_path: str | os.PathLike) -> Path | None:
+    """The base model a full run's file was trained from: its run's (config.json), else the
+    one its metadata names (``dreambooth.base_model``), looked up in the checkpoint list."""
+    trained = Path(trained_path).resolve()
+    run = _run_of_file(host, trained)
+    found = resolve_base_model(run.base_model, host) if run is not None else None
+    if found is None or found.resolve() == trained:
+        try:
+            from .detect import read_metadata
+
+            named = read_metadata(trained).get("dreambooth.base_model", "")
+        except Exception:  # unreadable metadata: no base known
+            named = ""
+        found = resolve_base_model(named, host) if named else None
+    return found if found is not None and found.resolve() != trained else None
+
+
+def start_lora_extraction(host: Host, trained_path: str, *, rank: int = EXTRACT_RANK,
+                          conv_rank: int = EXTRACT_CONV_RANK, overwrite: bool = False,
+                          layers: str = "attention_mlp", runner: JobRunner | None = None) -> int:
+    """"Extract LoRA" on a finished full run: in the background, in the one-job slot (it loads
+    two models and runs an SVD per layer), the difference between the run's file and its base
+    cut to ``rank`` (``conv_rank`` > 0: the ResNet convolutions too) written to
+    :func:`extraction_target`; polled like training, its report in the log, the new file the
+    job's output (so "Use in txt2img" then adds its tag). Cancel stops it between two model
+    parts, before anything is written.
+
+    Raises ValueError with a message for people (not a checkpoint of the checkpoints folder, no
+    base found, the target exists and ``overwrite`` is off, a bad rank) or JobBusy."""
+    from .run_types import Cancelled
+
+    runner = runner or default_runner()
+    trained = None
+    for folder in dict.fromkeys((host.output_dir(), host.checkpoints_dir())):
+        trained = trained or _inside_folder(trained_path, folder)
+    if trained is None:
+        raise ValueError(f"{trained_path or 'no output yet'}: Extract LoRA needs a full run's "
+                         f"checkpoint in {host.output_dir()}")
+    for name, value, low in (("rank", rank, 1), ("conv rank", conv_rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1024:
+            raise ValueError(f"{name} must be a whole number from {low} to 1024, not {value!r}")
+    base = extraction_base(host, trained)
+    if base is None:
+        raise ValueError(f"the base model of {trained.name} is not found (its run's config.json "
+                         "names none that exists, nor does the file's metadata): put it back in "
+                         "the checkpoints folder")
+    target = extraction_target(host, trained)
+    if target.exists() and not overwrite:
+        raise ValueError(f"{target} exists: tick Overwrite, or rename that file first")
+    run = _run_of_file(host, trained)
+    name = (run.model_name if run is not None else "") or trained.stem
+    dtype = run.export_dtype if run is not None else "fp16"  # as the run saved its model
+
+    def work(_config: TrainingConfig, _paths: RunPaths, *, reporter: Reporter, **_: Any
+             ) -> TrainResult:
+        from .adapters.extract import extract_lora_file
+
+        started = time.time()
+        reporter.phase("extracting")
+        reporter.log(f"extracting a LoRA from {trained.name} minus {base.name} (rank {rank}"
+                     + (f", conv rank {conv_rank}" if conv_rank else "") + ")")
+
+        def log(line: str) -> None:
+            reporter.log(line)
+            if reporter.should_stop():
+                raise Cancelled()
+
+        try:
+            out, report = extract_lora_file(trained, base, target, rank=rank,
+                                            conv_rank=conv_rank, layers=layers, dtype=dtype,
+                                            overwrite=overwrite, log=log)
+        except Cancelled:
+            reporter.log("extraction cancelled: nothing was written")
+            return TrainResult(None, 0, 0, time.time() - started, cancelled=True)
+        for line in report.lines():
+            reporter.log(line)
+        reporter.log(f"saved {out}: the rank keeps {100 * report.kept:.1f}% of the difference "
+                     "(of the part it fits worst)")
+        host.refresh_loras()
+        return TrainResult(out, 0, 0, time.time() - started)
+
+    job_config = TrainingConfig(model_name=name)
+    paths = RunPaths(work_dir=host.work_root(), checkpoints_dir=host.output_dir(),
+                     lora_dir=host.lora_dir())
+    return runner.start(job_config, paths, work=work, task="extracting", validate=False)
+
+
 def open_folder(path: str | os.PathLike) -> str:
     """Opens a folder in the file manager of the machine running the server (as the WebUI's own
     📂 buttons do); returns what happened."""
@@ -632,18 +785,12 @@ def step_estimate(config: TrainingConfig) -> str:
     return text
 
 
-def memory_estimate(config: TrainingConfig) -> str | None:
-    """A rough GPU memory figure for the base model's family (None without a GPU). From the
-    seed for SD1.x: 512 px, fp16, 8-bit Adam and gradient checkpointing peak near 12 GB with the
-    text encoder trained; the benchmarks measure the real figure."""
-    try:
-        import torch
+def memory_figure_gb(config: TrainingConfig) -> tuple[float, Any]:
+    """(GB, family): the rough GPU figure of ``config``'s run for its base model's family (SD1.x
+    when the base is not known yet), for its training method: a LoRA-family run keeps the base
+    frozen in fp16 and needs far less than a full one (``families.base.adapter_memory_gb``)."""
+    from .adapters.lycoris import trains_convolutions
 
-        if not torch.cuda.is_available():
-            return None
-        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-    except Exception:
-        return None
     found = base_family(config)
     family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
                                                                              "epsilon")
@@ -652,8 +799,29 @@ def memory_estimate(config: TrainingConfig) -> str | None:
         or config.optimizer == "adafactor", gradient_checkpointing=config.gradient_checkpointing,
         half=config.mixed_precision != "no", batch=config.train_batch_size,
         resolution=config.resolution or family.default_resolution(prediction),
-        prediction_type=prediction)
-    return f"≈{gb:.0f} GB of the GPU's {gpu_gb:.0f} GB (rough, {family.title})"
+        prediction_type=prediction, training_method=config.training_method,
+        lora_rank=config.lora_rank,
+        lora_conv_rank=config.lora_conv_rank if trains_convolutions(config) else 0,
+        cache_text_embeddings=config.cache_text_embeddings)
+    return gb, family
+
+
+def memory_estimate(config: TrainingConfig) -> str | None:
+    """A rough GPU memory figure for the base model's family and the training method (None
+    without a GPU). From the seed for SD1.x: 512 px, fp16, 8-bit Adam and gradient
+    checkpointing peak near 12 GB with the text encoder trained; the benchmarks measure the
+    real figure."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    except Exception:
+        return None
+    gb, family = memory_figure_gb(config)
+    what = family.title if not config.trains_adapter else f"{family.title} {config.training_method}"
+    return f"≈{gb:.0f} GB of the GPU's {gpu_gb:.0f} GB (rough, {what})"
 
 
 def status() -> dict[str, Any]:

@@ -35,8 +35,9 @@ from .ui_render import loss_plot_svg, message, progress_html, status_html
 from .config import (PRESETS, ConfigError, FieldError, TrainingConfig, read_concepts_list,
                      write_concepts_list)
 # The form's tables (every option of TrainingConfig, grouped, with labels and info)
-from .ui_fields import (CHOICES, CONCEPT_FIELDS, CONCEPT_LAYOUT, GROUPS, MODEL_FIELDS,
-                        NOT_IN_FORM)  # noqa: F401 (NOT_IN_FORM: read by the tests as ui.NOT_IN_FORM)
+from .ui_fields import (ADAPTERS, APPLIES, CHOICES, CONCEPT_FIELDS, CONCEPT_LAYOUT, GROUPS,
+                        METHOD_INFO, MODEL_FIELDS, NOT_IN_FORM,  # noqa: F401 (read by the tests)
+                        applies, info_for)
 from .job import JobBusy, runner
 from .webui import Host, StandaloneHost, get_host, sanitize_model_name, tool_button_class
 
@@ -286,13 +287,16 @@ def identifier_html(instance_prompt: str, class_prompt: str) -> str:
             f"identifier <b>{html.escape(report['identifier'])}</b>: {html.escape(text)}</div>")
 
 
-def model_name_note(name: str, overwrite: bool = False, host: Host | None = None) -> str:
+def model_name_note(name: str, overwrite: bool = False, host: Host | None = None,
+                    method: str = "full") -> str:
+    """The line under the name: the file the run writes (a LoRA run's in the Lora folder)."""
     host = host or current_host()
     if not (name or "").strip():
         return "<div class='dreambooth-note'>Give the new model a name.</div>"
     try:
         clean = sanitize_model_name(name)
-        out = host.output_dir() / f"{clean}.safetensors"
+        folder = host.lora_dir() if (method or "full") in ADAPTERS else host.output_dir()
+        out = folder / f"{clean}.safetensors"
         work = host.work_dir(clean)
     except ValueError as exc:
         return f"<div class='dreambooth-note dreambooth-error-text'>⚠ {html.escape(str(exc))}</div>"
@@ -330,6 +334,106 @@ def estimate_html(values: dict[str, Any], extra: list | None, host: Host | None 
     if base is not None:
         config = dataclasses.replace(config, base_model=str(base))
     return f"<div class='dreambooth-note'>{html.escape(service.step_estimate(config))}</div>"
+
+
+# Every option whose visibility or info text follows the training method, in form order.
+METHOD_KEYS = [k for k in (list(APPLIES) + list(METHOD_INFO)) if k in LABELS]
+METHOD_KEYS = list(dict.fromkeys(METHOD_KEYS))
+
+
+def _default_info(name: str) -> str:
+    return next(i for _, _, items in GROUPS for n, _, i in items if n == name)
+
+
+def method_view(method: str) -> dict[str, dict[str, Any]]:
+    """What the form shows of each method-dependent option for ``method``: ``visible`` and,
+    where it changes, ``info`` (plain data: the tab turns it into gradio updates)."""
+    method = method if method in CHOICES["training_method"] else "full"
+    view: dict[str, dict[str, Any]] = {}
+    for key in METHOD_KEYS:
+        view[key] = {"visible": applies(key, method)}
+        if key in METHOD_INFO:
+            view[key]["info"] = info_for(key, method, _default_info(key))
+    return view
+
+
+def method_note(method: str, learning_rate: Any = None) -> str:
+    """The line under the method: what the run writes and how it is used; a warning when the
+    learning rate is one of the other kind of run (1e-6 LoRA learns nothing, 1e-4 full burns)."""
+    try:
+        lr = float(learning_rate) if learning_rate not in (None, "") else None
+    except (TypeError, ValueError):
+        lr = None
+    if method in ADAPTERS:
+        text = (f"{method}: the base model stays as it is; the run writes a small file to the "
+                "Lora folder (always .safetensors), used with <lora:name:1> in a prompt. "
+                "EMA, the text encoder and its learning rate apply to the adapter.")
+        if lr is not None and lr < 1e-5:
+            text += (f" ⚠ learning rate {lr:g} is a full fine-tune's: LoRA usually trains at "
+                     "1e-4 (the -lora presets set it).")
+    else:
+        text = "full: every weight of the UNet (and the text encoder when ticked) trains; the " \
+               "run writes a whole checkpoint."
+        if lr is not None and lr >= 5e-5:
+            text += (f" ⚠ learning rate {lr:g} is a LoRA's: a full fine-tune at that rate "
+                     "overcooks in a few hundred steps (1e-6 is the classic value).")
+    warn = " dreambooth-warning-text" if "⚠" in text else ""
+    return f"<div class='dreambooth-note{warn}' id='dreambooth_method_note_text'>" \
+           f"{html.escape(text)}</div>"
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """What applying preset ``name`` sets: its own values, and every option another preset
+    changes from the default back at its default — so the result does not depend on the
+    preset applied before ("person" after "person-lora" is a full run at 1e-6 again, not a
+    LoRA at 1e-6 with the LoRA's text encoder rate)."""
+    defaults = TrainingConfig()
+    touched = {key for values in PRESETS.values() for key, value in values.items()
+               if value != getattr(defaults, key)}
+    return {**{key: getattr(defaults, key) for key in touched}, **PRESETS[name]}
+
+
+def use_output(output_path: str, host: Host | None = None) -> tuple[str, str, str]:
+    """The "Use in txt2img" button: (checkpoint title for the page's selectCheckpoint, LoRA tag
+    for the page to add to the txt2img prompt, message). A LoRA file (a LoRA run's, an
+    extraction's) gives a tag and the WebUI's Lora list rescanned; a checkpoint is loaded as
+    the WebUI's active model (:func:`load_output`)."""
+    host = host or current_host()
+    if service.is_lora_file(host, output_path):
+        tag, text = service.use_lora_in_txt2img(host, output_path)
+        return "", tag or "", message(text, "info" if tag or not host.is_webui else "error")
+    title, text = load_output(output_path, host)
+    return title, "", text
+
+
+def extract_visible(output_path: str, host: Host | None = None) -> bool:
+    """Whether the output shown is a full run's checkpoint (Extract LoRA applies to it)."""
+    host = host or current_host()
+    return bool(output_path) and not service.is_lora_file(host, output_path) \
+        and Path(output_path).suffix.lower() in (".safetensors", ".ckpt") \
+        and Path(output_path).is_file()
+
+
+def extract_lora(output_path: str, rank: Any, conv_rank: Any, overwrite: bool,
+                 host: Host | None = None) -> str:
+    """The "Extract LoRA" button: start the extraction job; a message for the tab."""
+    host = host or current_host()
+    try:
+        rank_, conv = int(rank), int(conv_rank)
+        if rank_ != float(rank) or conv != float(conv_rank):
+            raise ValueError
+    except (TypeError, ValueError):
+        return message(f"rank and conv rank must be whole numbers, not {rank!r} / {conv_rank!r}",
+                       "error")
+    try:
+        service.start_lora_extraction(host, output_path, rank=rank_, conv_rank=conv,
+                                      overwrite=bool(overwrite))
+    except (ValueError, JobBusy) as exc:
+        return message(str(exc), "error")
+    target = service.extraction_target(host, output_path)
+    return message(f"Extracting a LoRA (rank {rank_}" + (f", conv rank {conv}" if conv else "")
+                   + f") into {target}… (Cancel stops it between two model parts; nothing is "
+                   "written then)")
 
 
 def load_output(output_path: str, host: Host | None = None) -> tuple[str, str]:
@@ -405,9 +509,11 @@ def _tool_button(gr, value: str, elem_id: str, tooltip: str):
                      scale=0, min_width=40)
 
 
-def _component(gr, key: str, label: str, info: str, value: Any):
+def _component(gr, key: str, label: str, info: str, value: Any, visible: bool = True):
     elem_id = "dreambooth_" + key.replace(".", "_")
     common = dict(label=label, elem_id=elem_id)
+    if not visible:
+        common["visible"] = False
     if info:
         common["info"] = info
     name = key.split(".")[-1]
@@ -476,7 +582,8 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                             value=start_values["model_name"], label=LABELS["model_name"],
                             elem_id="dreambooth_model_name",
                             info="file name of the result in the checkpoints folder")
-                        name_note = gr.HTML(model_name_note(start_values["model_name"], host=host),
+                        name_note = gr.HTML(model_name_note(start_values["model_name"], host=host,
+                                                            method=start_values["training_method"]),
                                             elem_id="dreambooth_name_note")
                         with gr.Row():
                             previous = gr.Dropdown(choices=run_choices(host), value=None,
@@ -519,27 +626,46 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
 
                     with gr.Tab("Parameters", id="dreambooth_tab_parameters",
                                 elem_id="dreambooth_tab_parameters"):
+                        start_method = start_values["training_method"]
+                        view = method_view(start_method)
+
+                        def option_rows(items):
+                            # two fields a row, as the WebUI's own forms; text fields alone;
+                            # the options of other training methods hidden
+                            for row in _rows(items):
+                                with gr.Row():
+                                    for name, label, info in row:
+                                        if name == "resolution":
+                                            info = resolution_info(start_values["base_model"], host)
+                                        shown = view.get(name, {})
+                                        comps[name] = _component(
+                                            gr, name, label, shown.get("info", info),
+                                            start_values[name], visible=shown.get("visible", True))
+
+                        # what the run trains first, unfolded: the rest of the form follows it
+                        with gr.Column(elem_id="dreambooth_group_method",
+                                       elem_classes=["dreambooth-method"]):
+                            option_rows(next(items for group_id, _, items in GROUPS
+                                             if group_id == "method"))
+                            method_box = gr.HTML(method_note(start_method,
+                                                             start_values["learning_rate"]),
+                                                 elem_id="dreambooth_method_note")
                         with gr.Row():
                             preset = gr.Dropdown(choices=list(PRESETS), value=None, label="Preset",
                                                  elem_id="dreambooth_preset",
                                                  info="person / object: DreamBooth with prior "
                                                       "preservation; style: native training with "
-                                                      "captions and buckets")
+                                                      "captions and buckets; -lora: the same as "
+                                                      "a LoRA (style-lora: LoCon)")
                             apply_preset = gr.Button("Apply preset", elem_id="dreambooth_apply_preset",
                                                      scale=0, min_width=140)
                         estimate = gr.HTML("", elem_id="dreambooth_estimate")
                         for group_id, title, items in GROUPS:
+                            if group_id == "method":
+                                continue
                             with gr.Accordion(title, open=group_id == "basics",
                                               elem_id=f"dreambooth_group_{group_id}"):
-                                # two fields a row, as the WebUI's own forms; text fields alone
-                                for row in _rows(items):
-                                    with gr.Row():
-                                        for name, label, info in row:
-                                            if name == "resolution":
-                                                info = resolution_info(start_values["base_model"],
-                                                                       host)
-                                            comps[name] = _component(gr, name, label, info,
-                                                                     start_values[name])
+                                option_rows(items)
 
             with gr.Column(scale=2, elem_id="dreambooth_output_column"):
                 with gr.Row(elem_id="dreambooth_actions"):
@@ -563,9 +689,32 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                                         elem_id="dreambooth_output", scale=3)
                 training_log = gr.HTML("", elem_id="dreambooth_training_log_box")
                 with gr.Row():
-                    load_btn = gr.Button("Load in txt2img", elem_id="dreambooth_load_txt2img")
+                    load_btn = gr.Button("Use in txt2img", elem_id="dreambooth_load_txt2img")
                     open_btn = gr.Button("\U0001f4c2 Open folder", elem_id="dreambooth_open_folder")
                 load_title = gr.Textbox("", visible=False, elem_id="dreambooth_load_title")
+                lora_tag = gr.Textbox("", visible=False, elem_id="dreambooth_lora_tag")
+                with gr.Accordion("Extract LoRA", open=False, elem_id="dreambooth_extract",
+                                  visible=extract_visible(snap.output_path or "", host)) as extract_box:
+                    gr.HTML("<div class='dreambooth-note'>A LoRA file from this full run: the "
+                            "difference between its checkpoint and the base model, cut to the "
+                            "rank by SVD, written to the Lora folder as "
+                            "<code>&lt;name&gt;-lora.safetensors</code>; the log shows how much "
+                            "of the difference the rank keeps.</div>",
+                            elem_id="dreambooth_extract_note")
+                    with gr.Row():
+                        extract_rank = gr.Number(value=service.EXTRACT_RANK, precision=0,
+                                                 label="Rank", elem_id="dreambooth_extract_rank",
+                                                 info="32 keeps most of a DreamBooth run; more "
+                                                      "keeps more, the file grows")
+                        extract_conv = gr.Number(value=service.EXTRACT_CONV_RANK, precision=0,
+                                                 label="Conv rank",
+                                                 elem_id="dreambooth_extract_conv_rank",
+                                                 info="the ResNet convolutions too (LoCon); "
+                                                      "0 = none")
+                    with gr.Row():
+                        extract_overwrite = gr.Checkbox(False, label="Overwrite an existing file",
+                                                        elem_id="dreambooth_extract_overwrite")
+                        extract_btn = gr.Button("Extract LoRA", elem_id="dreambooth_extract_lora")
                 report = gr.Textbox("", label="Dataset check", lines=6, max_lines=24,
                                     interactive=False, elem_id="dreambooth_report")
                 poll_btn = gr.Button("poll", elem_id="dreambooth_poll",
@@ -608,9 +757,10 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                                    inputs=[comps["base_model"]],
                                    outputs=[model_kind, comps["resolution"]], queue=False,
                                    show_progress=HIDDEN)
-        for trigger in (comps["model_name"], comps["overwrite"]):
-            trigger.change(lambda name, over: model_name_note(name, over, host),
-                           inputs=[comps["model_name"], comps["overwrite"]], outputs=[name_note],
+        for trigger in (comps["model_name"], comps["overwrite"], comps["training_method"]):
+            trigger.change(lambda name, over, method: model_name_note(name, over, host, method),
+                           inputs=[comps["model_name"], comps["overwrite"],
+                                   comps["training_method"]], outputs=[name_note],
                            queue=False, show_progress=HIDDEN)
 
         def fill(config: TrainingConfig):
@@ -666,12 +816,29 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
 
         # --- parameters
         def on_preset(name):
-            if not name:
+            if not name or name not in PRESETS:
                 return [gr.update() for _ in fields]
-            chosen = PRESETS[name]
+            chosen = preset_values(name)
             return [gr.update(value=chosen[k]) if k in chosen else gr.update() for k in form_keys()]
 
         apply_preset.click(on_preset, inputs=[preset], outputs=fields, queue=False)
+
+        # the options of the chosen training method only (a filled form changes the method's
+        # value, which comes here too)
+        method_outputs = [comps[k] for k in METHOD_KEYS]
+
+        def on_method(method, learning_rate):
+            view = method_view(method)
+            return [gr.update(**view[k]) for k in METHOD_KEYS] + [method_note(method,
+                                                                              learning_rate)]
+
+        comps["training_method"].change(on_method, inputs=[comps["training_method"],
+                                                           comps["learning_rate"]],
+                                        outputs=method_outputs + [method_box], queue=False,
+                                        show_progress=HIDDEN)
+        comps["learning_rate"].change(method_note, inputs=[comps["training_method"],
+                                                           comps["learning_rate"]],
+                                      outputs=[method_box], queue=False, show_progress=HIDDEN)
 
         def on_estimate(*args):
             return estimate_html(*_values(args), host)
@@ -680,7 +847,8 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                                                 "gradient_accumulation_steps", "recursive",
                                                 "optimizer", "train_text_encoder",
                                                 "gradient_checkpointing", "resolution",
-                                                "mixed_precision")]
+                                                "mixed_precision", "training_method", "lora_rank",
+                                                "lora_conv_rank", "cache_text_embeddings")]
         estimate_triggers += [comps[f"concepts.{i}.instance_data_dir"] for i in range(CONCEPT_SLOTS)]
         for trigger in estimate_triggers:
             trigger.change(on_estimate, inputs=form_inputs, outputs=[estimate], queue=False,
@@ -722,10 +890,19 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
         restore_btn.click(on_restore, outputs=fields + [extra_state, extra_note], queue=False,
                           show_progress=HIDDEN)
 
-        load_btn.click(lambda path: load_output(path, host), inputs=[output],
-                       outputs=[load_title, action_msg]).then(
-            None, inputs=[load_title], outputs=None,
-            **_js(gr, "(title) => { dreamboothLoadInTxt2img(title); return []; }"))
+        # a checkpoint: the WebUI loads it, the page selects it; a LoRA: the page adds its tag
+        # to the txt2img prompt (the WebUI's Lora list rescanned first)
+        load_btn.click(lambda path: use_output(path, host), inputs=[output],
+                       outputs=[load_title, lora_tag, action_msg]).then(
+            None, inputs=[load_title, lora_tag], outputs=None,
+            **_js(gr, "(title, tag) => { if (tag) { dreamboothUseLora(tag); } "
+                      "else { dreamboothLoadInTxt2img(title); } return []; }"))
+        # Extract LoRA: on a full run's checkpoint only, as a job of the runner
+        output.change(lambda path: gr.update(visible=extract_visible(path, host)),
+                      inputs=[output], outputs=[extract_box], queue=False, show_progress=HIDDEN)
+        extract_btn.click(lambda path, rank, conv, over: extract_lora(path, rank, conv, over, host),
+                          inputs=[output, extract_rank, extract_conv, extract_overwrite],
+                          outputs=[action_msg], queue=False)
         open_btn.click(lambda path: message(service.open_folder(path or host.output_dir())),
                        inputs=[output], outputs=[action_msg], queue=False)
 

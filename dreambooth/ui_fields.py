@@ -3,13 +3,35 @@ WebUI shows under a field (tests/test_ui.py checks that nothing of TrainingConfi
 Data only: ``ui.py`` builds the components from these tables."""
 from __future__ import annotations
 
-from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, LATENT_SOURCES, MASK_SOURCES,
-                     OPTIMIZERS, PRECISIONS, SCHEDULERS)
+from .config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, LATENT_SOURCES, LORA_LAYERS,
+                     MASK_SOURCES, OPTIMIZERS, PRECISIONS, SCHEDULERS, TRAINING_METHODS)
 
 MODEL_FIELDS = ("base_model", "vae_path", "prediction_type", "base_use_ema", "model_name")
 NOT_IN_FORM = ("concepts", "models_dir")  # concepts have their own rows; folders come from the host
 
 GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
+    # At the top of the Parameters tab, not folded: what the run trains. Only the options that
+    # apply to the chosen method are shown (APPLIES).
+    ("method", "Training method", [
+        ("training_method", "Training method",
+         "full: the whole model, a new checkpoint; lora / locon / loha / lokr: a small file in "
+         "models/Lora beside the frozen model, used with <lora:name:1> in a prompt"),
+        ("lora_layers", "LoRA layers", "attention: the attention layers; attention_mlp: also the "
+                                       "feed-forward layers and projections (kohya's default)"),
+        ("lora_rank", "Rank (network dim)", "16-32 for a person or an object, more for a style; "
+                                            "the file grows with it"),
+        ("lora_alpha", "Alpha", "the update is scaled by alpha / rank: rank / 2 is usual; "
+                                "0 = alpha is the rank"),
+        ("lora_conv_rank", "Conv rank", "the ResNet convolutions (textures, styles): LoCon always; "
+                                        "LoHa / LoKr: 0 = none"),
+        ("lora_conv_alpha", "Conv alpha", "as Alpha, for the convolutions; 0 = the conv rank"),
+        ("lora_dropout", "Adapter dropout", "drops part of the adapter's output while training; "
+                                            "0 = off (not with DoRA)"),
+        ("dora", "DoRA", "weight-decomposed LoRA: learns direction and size apart, often closer "
+                         "to a full fine-tune; slower (lora / locon)"),
+        ("lokr_factor", "LoKr factor", "how the weights are split into a Kronecker product; -1 = "
+                                       "as balanced as the shapes allow, larger = smaller file"),
+    ]),
     ("basics", "Basics", [
         ("max_train_steps", "Training steps", "0 = instance pictures × 100 (the rule of thumb)"),
         ("learning_rate", "Learning rate", "1e-6 is the classic DreamBooth value; higher learns "
@@ -133,7 +155,39 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
     "attention": ATTENTION, "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
     "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES,
+    "training_method": TRAINING_METHODS, "lora_layers": LORA_LAYERS,
 }
+
+ADAPTERS = tuple(m for m in TRAINING_METHODS if m != "full")
+# The options that apply to some training methods only (the tab hides them for the others);
+# every other option applies to all (EMA, for one, averages the adapter as it does the model).
+APPLIES: dict[str, tuple[str, ...]] = {
+    "lora_layers": ADAPTERS, "lora_rank": ADAPTERS, "lora_alpha": ADAPTERS,
+    "lora_dropout": ADAPTERS,
+    "lora_conv_rank": ("locon", "loha", "lokr"), "lora_conv_alpha": ("locon", "loha", "lokr"),
+    "dora": ("lora", "locon"),
+    "lokr_factor": ("lokr",),
+    "export_format": ("full",),  # a LoRA file is always .safetensors
+}
+# Info texts that change with the method: {option: {method or "adapter": info}}.
+METHOD_INFO: dict[str, dict[str, str]] = {
+    "learning_rate": {"adapter": "LoRA trains at about 1e-4 (kohya's default; the LoRA presets "
+                                 "set it); 1e-6 learns next to nothing here"},
+    "text_encoder_lr": {"adapter": "the text encoder's adapter; 0 = the UNet's rate (5e-5 is "
+                                   "usual for LoRA)"},
+    "export_dtype": {"adapter": "of the LoRA file; fp16 is what everyone shares"},
+}
+
+
+def applies(name: str, method: str) -> bool:
+    """Whether option ``name`` applies to a run of ``method`` (shown in the tab)."""
+    return method in APPLIES.get(name, TRAINING_METHODS)
+
+
+def info_for(name: str, method: str, default: str) -> str:
+    """Option ``name``'s info text for ``method``: its adapter text for LoRA-family methods."""
+    texts = METHOD_INFO.get(name, {})
+    return texts.get(method) or (texts.get("adapter") if method in ADAPTERS else None) or default
 
 CONCEPT_FIELDS: list[tuple[str, str, str]] = [
     ("instance_data_dir", "Instance pictures folder", "the pictures of your subject or style"),

@@ -11,7 +11,8 @@ from .eta import speed_text
 PHASE_TEXT = {"idle": "Idle", "loading": "Loading the model", "class_images": "Making class pictures",
               "caching": "Caching latents", "training": "Training",
               "sampling": "Making sample pictures", "saving": "Saving the checkpoint",
-              "captioning": "Captioning pictures", "done": "Done", "cancelled": "Cancelled",
+              "captioning": "Captioning pictures", "extracting": "Extracting a LoRA",
+              "done": "Done", "cancelled": "Cancelled",
               "failed": "Failed"}
 
 

@@ -262,4 +262,69 @@
             }, CHECK_MS);
         }, refresh ? SETTLE_MS : 0);
     };
+
+    // "Use in txt2img" for a LoRA: the server has rescanned the WebUI's Lora list; here the
+    // tag (<lora:NAME:1>) goes into the txt2img prompt — once: a prompt that already applies
+    // this LoRA, at any weight, is left as it is, so a second click adds nothing —, the Lora
+    // cards are refreshed with the WebUI's own hidden button (A1111 1.7+ and Forge:
+    // #txt2img_lora_extra_refresh_internal; older A1111: #txt2img_extra_refresh), and the
+    // txt2img tab is shown.
+    var PROMPT_TRIES = 20;
+    var PROMPT_MS = 100;
+
+    function promptBox() {
+        return app().querySelector("#txt2img_prompt textarea");
+    }
+
+    function loraName(tag) {
+        var found = /^<lora:([^:>]+)/.exec(String(tag || ""));
+        return found ? found[1] : null;
+    }
+
+    function appliesLora(text, name) {
+        var escaped = name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+        return new RegExp("<lora:" + escaped + "(:[^>]*)?>").test(String(text || ""));
+    }
+
+    function addToPrompt(box, tag, name) {
+        if (appliesLora(box.value, name)) {
+            return;
+        }
+        var separator = (typeof opts !== "undefined" && opts && opts.extra_networks_add_text_separator) || " ";
+        var text = box.value.replace(/\s+$/, "");
+        box.value = text ? text + separator + tag : tag;
+        // what the WebUI's updateInput() sends: gradio takes the new value from it
+        box.dispatchEvent(new Event("input", {bubbles: true}));
+    }
+
+    function refreshLoraCards() {
+        var holder = find("txt2img_lora_extra_refresh_internal") || find("txt2img_extra_refresh");
+        if (!holder) {
+            return;
+        }
+        var button = holder.tagName === "BUTTON" ? holder : (holder.querySelector("button") || holder);
+        button.dispatchEvent(new Event("click"));
+    }
+
+    window.dreamboothUseLora = function (tag) {
+        var name = loraName(tag);
+        if (!name) {
+            return;
+        }
+        if (typeof switch_to_txt2img === "function") {
+            switch_to_txt2img();
+        }
+        refreshLoraCards();
+        var tries = 0;
+        (function put() {
+            var box = promptBox();
+            if (box) {
+                addToPrompt(box, tag, name);
+            } else if (++tries < PROMPT_TRIES) {
+                setTimeout(put, PROMPT_MS);
+            } else if (window.console) {
+                console.warn("DreamBooth: no txt2img prompt on this page; add " + tag + " yourself");
+            }
+        })();
+    };
 })();
