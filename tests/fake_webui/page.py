@@ -5,8 +5,8 @@ Configured by the same environment variables as the ``make_fake_webui`` fixture
 way the WebUI does (initialize, load the extension's script, settings callbacks), then builds a
 page laid out like the WebUI's: the quicksettings row with the checkpoint dropdown (A1111's
 ``#setting_sd_model_checkpoint`` or Forge's ``main_entry.ui_checkpoint``) and its 🔄, the tabs
-``#tabs`` (txt2img first, then the extensions' tabs: DreamBooth), the hidden ``#change_checkpoint``
-button, and the page's JavaScript put into every page as the WebUI does (gradio's
+``#tabs`` (txt2img first, with its prompt and the Lora cards' hidden refresh button, then the
+extensions' tabs: DreamBooth), the hidden ``#change_checkpoint`` button, and the page's JavaScript put into every page as the WebUI does (gradio's
 ``TemplateResponse`` patched to add ``<script>`` tags before ``</head>``): the WebUI globals the
 extension uses (``gradioApp``, ``selectCheckpoint``, ``switch_to_txt2img``) and every
 ``javascript/*.js`` of the extension. After launch the ``on_app_started`` callbacks run (the
@@ -75,6 +75,12 @@ def load_extension_script() -> None:
         scripts.current_basedir = scripts.paths.script_path
 
 
+def load_lora_extension() -> None:
+    """The built-in Lora extension (``extensions-builtin/Lora``, Forge ``sd_forge_lora``): its
+    scripts import ``networks`` by that bare name, which lists the Lora folder once."""
+    import networks  # noqa: F401  (tests/fake_webui/networks.py)
+
+
 def install_javascript() -> None:
     """``modules/ui_gradio_extensions.py`` ``reload_javascript()``: scripts into every page."""
     import gradio.routes
@@ -99,9 +105,31 @@ def create_ui():
 
     from modules import script_callbacks, ui_settings
 
+    import networks
+
+    def lora_cards() -> str:
+        return "".join(f"<div class='card' data-name='{name}'>{name}</div>"
+                       for name in networks.available_networks)
+
+    def refresh_lora_cards() -> str:  # ui_extra_networks.py: every page's refresh(), new HTML
+        networks.list_available_networks()
+        return lora_cards()
+
+    def generate(prompt: str) -> str:  # fake only: says what prompt the server received
+        import html
+
+        return f"<p id='txt2img_prompt_received'>{html.escape(prompt or '')}</p>"
+
     with gr.Blocks(analytics_enabled=False) as txt2img_interface:
-        gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=2)
-        gr.Button("Generate", elem_id="txt2img_generate", variant="primary")
+        prompt = gr.Textbox(label="Prompt", elem_id="txt2img_prompt", lines=2)
+        generate_button = gr.Button("Generate", elem_id="txt2img_generate", variant="primary")
+        received = gr.HTML("", elem_id="txt2img_html_info")
+        generate_button.click(generate, inputs=[prompt], outputs=[received])
+        # the extra networks' Lora page: its cards and the hidden refresh button that the
+        # page's 🔄 clicks (A1111 1.10 and Forge: <tabname>_<page>_extra_refresh_internal)
+        cards = gr.HTML(lora_cards(), elem_id="txt2img_lora_cards_html")
+        gr.Button("Refresh", elem_id="txt2img_lora_extra_refresh_internal", visible=False).click(
+            refresh_lora_cards, inputs=[], outputs=[cards])
     interfaces = [(txt2img_interface, "txt2img", "txt2img")]
     interfaces += script_callbacks.ui_tabs_callback()
 
@@ -134,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         model = sd_models.model_data.get_sd_model()
         if model is not None:
             shared.opts.data["sd_model_checkpoint"] = model.sd_checkpoint_info.title
+    load_lora_extension()
     load_extension_script()
     script_callbacks.ui_settings_callback()
     install_javascript()
@@ -151,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     def fake_opts():
         from fastapi.responses import JSONResponse
 
+        import networks
+
         return JSONResponse({"flavour": shared.flavour,
                              "sd_model_checkpoint": shared.opts.data.get("sd_model_checkpoint"),
                              "checkpoints": list(sd_models.checkpoints_list),
-                             "loads": list(sd_models.model_data.loads)})
+                             "loads": list(sd_models.model_data.loads),
+                             "loras": list(networks.available_networks),
+                             "lora_rescans": len(networks.calls)})
 
     app.add_api_route("/fake/opts", fake_opts, methods=["GET"])
     script_callbacks.app_started_callback(demo, app)
