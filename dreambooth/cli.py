@@ -1,4 +1,4 @@
-"""Headless commands: ``train CONFIG.json``, ``demo`` and ``caption``.
+"""Headless commands: ``train CONFIG.json``, ``demo``, ``caption`` and ``extract-lora``.
 
 Both run the same engine as the tab. ``train`` also runs under ``accelerate launch`` or
 ``torchrun`` on several processes; only rank 0 writes files. ``train`` checks its config exactly
@@ -214,3 +214,51 @@ def caption_main(argv: list[str]) -> int:
         return files.EXIT_INTERRUPTED
     reporter.phase("cancelled" if summary.cancelled else "done")
     return files.EXIT_CANCELLED if summary.cancelled else files.EXIT_OK
+
+
+def extract_lora_main(argv: list[str]) -> int:
+    """``python -m dreambooth extract-lora TRAINED BASE OUT --rank N [--conv-rank M] ...``: a LoRA
+    file of what a full fine-tune changed (``dreambooth.adapters.extract``). Exit codes: 0 written,
+    2 bad input (unreadable models, other families or shapes, nothing differs, OUT exists without
+    --overwrite; nothing written), 3 the file could not be written, 130 Ctrl+C (nothing written)."""
+    from . import files
+    from .adapters import extract
+    from .adapters.file import EXPORT_DTYPES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dreambooth extract-lora",
+        description="Extract a LoRA from a full fine-tune: the SVD of TRAINED minus BASE in every "
+                    "layer a LoRA trains, cut to --rank.")
+    parser.add_argument("trained", help="the fine-tuned model (.safetensors/.ckpt or a diffusers "
+                                        "folder)")
+    parser.add_argument("base", help="the model it was trained from (same family and shapes)")
+    parser.add_argument("out", help="the LoRA file to write (.safetensors)")
+    parser.add_argument("--rank", type=int, required=True, help="rank (dim) of the linear "
+                        "layers and 1x1 convolutions; alpha = rank")
+    parser.add_argument("--conv-rank", type=int, default=0, help="rank of the 3x3 convolutions "
+                        "of the ResNet blocks (LoCon); 0 (default): no convolutions")
+    parser.add_argument("--layers", choices=extract.LAYER_CHOICES, default="attention_mlp",
+                        help="attention only, or attention with feed-forward and projections "
+                             "(default)")
+    parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="fp16",
+                        help="precision of the written tensors (default fp16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    args = parser.parse_args(argv)
+    try:
+        out, report = extract.extract_lora_file(
+            args.trained, args.base, args.out, rank=args.rank, conv_rank=args.conv_rank,
+            layers=args.layers, dtype=args.dtype, overwrite=args.overwrite)
+    except files.WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return files.EXIT_WRITE_FAILED
+    except ValueError as exc:  # CheckpointError, ModelMismatchError, OutputExistsError
+        print(f"error: {exc}", file=sys.stderr)
+        return files.EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return files.EXIT_INTERRUPTED
+    for line in report.lines():
+        print(line)
+    print(f"wrote {out} ({'locon' if args.conv_rank else 'lora'}, rank {args.rank}"
+          + (f", conv rank {args.conv_rank}" if args.conv_rank else "") + f", {args.dtype})")
+    return files.EXIT_OK

@@ -10,7 +10,10 @@ decomposed as ``U S Vh`` and the top ``r`` kept: ``lora_up = U[:, :r] * S[:r]``,
 the conv rank; linears and 1x1 convolutions the rank. How much of the difference the rank keeps is
 reported per component as the share of its squared Frobenius norm (``ΣS[:r]² / ΣS²``), overall
 and for the worst layer; what a LoRA cannot carry (biases, norms, embeddings, layers outside the
-chosen set) is counted, not extracted.
+chosen set) is counted, not extracted. Layers that do not differ get no keys, with one exception:
+the WebUI runs an OpenCLIP text encoder's attention (SD2's, SDXL's second) as one fused module
+and applies a LoRA there only when q, k, v and out are all in the file, so an unchanged member of
+an attention whose other projections changed is written as a zero layer.
 
 When either file stores its weights in half precision, both weights are rounded to the coarser of
 the two precisions before they are compared and subtracted: a fine-tune exported in fp16 from an
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,22 +47,27 @@ class ComponentReport:
 
     component: str  # "unet", "text_encoder", "text_encoder_2"
     prefix: str  # its kohya prefix
-    layers: int  # target layers that differ (each one written)
+    layers: int  # target layers written: those that differ, and ``completed``
     unchanged: int  # target layers equal in both models (skipped, no keys)
     kept: float  # share of the component's squared difference the kept ranks hold (0..1)
     worst_layer: str  # kohya name of the layer the rank fits worst ("" when none differs)
     worst_kept: float
     other_changed: int  # tensors outside the target layers that differ: not in the LoRA
+    completed: int = 0  # unchanged q/k/v/out written as zero layers (fused attention, see below)
 
     def line(self) -> str:
         if not self.layers:
             text = f"{self.component}: no target layer differs ({self.unchanged} unchanged)"
         else:
-            text = (f"{self.component}: {self.layers} layers differ, the rank keeps "
-                    f"{_percent(self.kept)} of the difference (worst: {self.worst_layer} "
+            differ = self.layers - self.completed
+            text = (f"{self.component}: {differ} layer{'s differ' if differ != 1 else ' differs'}"
+                    f", the rank keeps {_percent(self.kept)} of the difference (worst: {self.worst_layer} "
                     f"{_percent(self.worst_kept)})")
             if self.unchanged:
                 text += f"; {self.unchanged} unchanged layers skipped"
+            if self.completed:
+                text += (f"; {self.completed} unchanged attention projections written as zero "
+                         "layers (the WebUI applies a fused attention's q/k/v/out only together)")
         if self.other_changed:
             text += (f"; {self.other_changed} other changed tensors (biases, norms, embeddings "
                      "or layers outside the chosen set) are not in the LoRA")
@@ -151,6 +160,25 @@ def extract_layer(diff: torch.Tensor, rank: int, device=None
     return up, down, r, kept, total
 
 
+_FUSED = re.compile(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")
+
+
+def _complete_fused_attention(model: torch.nn.Module, differs: dict[str, bool]) -> set[str]:
+    """OpenCLIP text encoders (SD2's, SDXL's second) run attention as one fused
+    ``MultiheadAttention`` in the WebUI, which applies a LoRA there only when the file has all
+    four of ``q/k/v/out_proj``: where one of an attention's projections differs, the unchanged
+    others are written too (as zero layers). The paths so added."""
+    if getattr(getattr(model, "config", None), "hidden_act", "quick_gelu") != "gelu":
+        return set()
+    groups: dict[str, list[str]] = {}
+    for path in differs:
+        match = _FUSED.match(path)
+        if match:
+            groups.setdefault(match.group(1), []).append(path)
+    return {path for members in groups.values() if any(differs[p] for p in members)
+            for path in members if not differs[path]}
+
+
 def extract_lora(trained_components, base_components, family, rank: int, conv_rank: int = 0,
                  layers: str = "attention_mlp", *, precision: torch.dtype | None = None,
                  device=None, log: Callable[[str], None] | None = None
@@ -177,14 +205,20 @@ def extract_lora(trained_components, base_components, family, rank: int, conv_ra
         started = time.time()
         prefix = names[component]
         paths = targets.target_modules(model, component, layers, convs=conv_rank > 0)
+        if log is not None:
+            log(f"{component}: comparing {len(paths)} target layers")
+        differs = {path: not torch.equal(
+            _rounded(model.get_submodule(path).weight, precision),
+            _rounded(base_model.get_submodule(path).weight, precision)) for path in paths}
+        completed = _complete_fused_attention(model, differs) if component != "unet" else set()
         kept_sum = total_sum = 0.0
         worst, worst_kept, written, unchanged = "", 1.0, 0, 0
         for path in paths:
-            layer, base_layer = model.get_submodule(path), base_model.get_submodule(path)
-            new, old = _rounded(layer.weight, precision), _rounded(base_layer.weight, precision)
-            if torch.equal(new, old):
+            if not differs[path] and path not in completed:
                 unchanged += 1
                 continue
+            layer, base_layer = model.get_submodule(path), base_model.get_submodule(path)
+            new, old = _rounded(layer.weight, precision), _rounded(base_layer.weight, precision)
             is_3x3 = layer.weight.dim() == 4 and tuple(layer.weight.shape[2:]) != (1, 1)
             up, down, r, kept, total = extract_layer(new - old, conv_rank if is_3x3 else rank,
                                                      device)
@@ -192,10 +226,13 @@ def extract_lora(trained_components, base_components, family, rank: int, conv_ra
             tensors[f"{key}.lora_up.weight"] = up
             tensors[f"{key}.lora_down.weight"] = down
             tensors[f"{key}.alpha"] = torch.tensor(float(r))
-            share = kept / total if total > 0 else 1.0
+            written += 1
+            if total <= 0:  # a zero layer that completes a fused attention
+                continue
+            share = kept / total
             if share < worst_kept or not worst:
                 worst, worst_kept = key, share
-            kept_sum, total_sum, written = kept_sum + kept, total_sum + total, written + 1
+            kept_sum, total_sum = kept_sum + kept, total_sum + total
         carried = {f"{path}.weight" for path in paths}
         new_state, old_state = model.state_dict(), base_model.state_dict()
         other = sum(1 for key, value in new_state.items()
@@ -205,9 +242,10 @@ def extract_lora(trained_components, base_components, family, rank: int, conv_ra
         reports[component] = ComponentReport(
             component=component, prefix=prefix, layers=written, unchanged=unchanged,
             kept=min(1.0, kept_sum / total_sum) if total_sum > 0 else 1.0,
-            worst_layer=worst, worst_kept=min(1.0, worst_kept), other_changed=other)
+            worst_layer=worst, worst_kept=min(1.0, worst_kept), other_changed=other,
+            completed=len(completed))
         if log is not None:
-            log(f"{component}: {len(paths)} target layers compared in {time.time() - started:.1f} s")
+            log(f"{component}: {written} layers extracted in {time.time() - started:.1f} s")
     return tensors, ExtractReport(rank=rank, conv_rank=conv_rank, layers=layers,
                                   components=reports)
 
