@@ -1,4 +1,4 @@
-"""Command line: ``python -m dreambooth {train,ui,demo,convert,check,caption,bench} ...``."""
+"""Command line: ``python -m dreambooth {train,ui,demo,convert,extract-lora,check,caption,bench} ...``."""
 from __future__ import annotations
 
 import importlib
@@ -11,6 +11,7 @@ COMMANDS = {
     "check": ("dreambooth.dataset_check", "check_main", "report on the pictures of a config"),
     "caption": ("dreambooth.cli", "caption_main", "caption pictures with the WebUI's interrogators"),
     "convert": ("dreambooth.export", "convert_main", "single file <-> diffusers folder"),
+    "extract-lora": ("dreambooth.cli", "extract_lora_main", "a LoRA from a full fine-tune minus its base"),
     "ui": ("dreambooth.ui", "standalone_main", "serve the tab without the WebUI"),
     "bench": ("dreambooth.bench", "bench_main", "measure speed and memory"),
 }
@@ -18,7 +19,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: python -m dreambooth COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
