@@ -364,22 +364,23 @@ def method_note(method: str, learning_rate: Any = None) -> str:
         lr = float(learning_rate) if learning_rate not in (None, "") else None
     except (TypeError, ValueError):
         lr = None
+    warning = ""
     if method in ADAPTERS:
         text = (f"{method}: the base model stays as it is; the run writes a small file to the "
                 "Lora folder (always .safetensors), used with <lora:name:1> in a prompt. "
                 "EMA, the text encoder and its learning rate apply to the adapter.")
         if lr is not None and lr < 1e-5:
-            text += (f" ⚠ learning rate {lr:g} is a full fine-tune's: LoRA usually trains at "
-                     "1e-4 (the -lora presets set it).")
+            warning = (f"⚠ learning rate {lr:g} is a full fine-tune's: LoRA usually trains at "
+                       "1e-4 (the -lora presets set it).")
     else:
-        text = "full: every weight of the UNet (and the text encoder when ticked) trains; the " \
-               "run writes a whole checkpoint."
+        text = ("full: every weight of the UNet (and the text encoder when ticked) trains; the "
+                "run writes a whole checkpoint.")
         if lr is not None and lr >= 5e-5:
-            text += (f" ⚠ learning rate {lr:g} is a LoRA's: a full fine-tune at that rate "
-                     "overcooks in a few hundred steps (1e-6 is the classic value).")
-    warn = " dreambooth-warning-text" if "⚠" in text else ""
-    return f"<div class='dreambooth-note{warn}' id='dreambooth_method_note_text'>" \
-           f"{html.escape(text)}</div>"
+            warning = (f"⚠ learning rate {lr:g} is a LoRA's: a full fine-tune at that rate "
+                       "overcooks in a few hundred steps (1e-6 is the classic value).")
+    warn = f" <span class='dreambooth-warning-text'>{html.escape(warning)}</span>" if warning else ""
+    return (f"<div class='dreambooth-note' id='dreambooth_method_note_text'>{html.escape(text)}"
+            f"{warn}</div>")
 
 
 def preset_values(name: str) -> dict[str, Any]:
