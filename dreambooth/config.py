@@ -699,14 +699,18 @@ def write_concepts_list(concepts: list[Concept], path: str | Path) -> Path:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's recipe: prior preservation, weight 1, lr 1e-6, 8-bit Adam, fp16, checkpointing.
-    "person": dict(with_prior_preservation=True, prior_loss_weight=1.0, learning_rate=1e-6,
+    # (The full presets say training_method: one applied after a LoRA preset is a full run again.)
+    "person": dict(training_method="full", with_prior_preservation=True, prior_loss_weight=1.0,
+                   learning_rate=1e-6,
                    num_class_images=100, train_text_encoder=True, text_encoder_stop=0.3,
                    hflip=True, aspect_ratio_buckets=False, lr_scheduler="constant"),
-    "object": dict(with_prior_preservation=True, prior_loss_weight=1.0, learning_rate=1e-6,
+    "object": dict(training_method="full", with_prior_preservation=True, prior_loss_weight=1.0,
+                   learning_rate=1e-6,
                    num_class_images=100, train_text_encoder=False, hflip=True,
                    aspect_ratio_buckets=False, lr_scheduler="constant"),
     # Native training: no class pictures, per-picture captions, buckets, the style's "by [V]".
-    "style": dict(with_prior_preservation=False, learning_rate=2e-6, train_text_encoder=False,
+    "style": dict(training_method="full", with_prior_preservation=False, learning_rate=2e-6,
+                  train_text_encoder=False,
                   aspect_ratio_buckets=True, hflip=True, shuffle_tags=True, keep_tokens=1,
                   class_clip_skip=2, clip_skip=2, lr_scheduler="cosine", lr_warmup_steps=100),
 }
@@ -727,4 +731,9 @@ PRESETS.update({
 def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:
     if name not in PRESETS:
         raise ConfigError([FieldError("preset", f"choose one of {', '.join(PRESETS)}")])
-    return dataclasses.replace(config, **PRESETS[name])
+    # What any preset sets goes back to its default first: one preset after another is that
+    # preset, not a mix (person after person-lora is a full run at 1e-6 again).
+    touched = {key for values in PRESETS.values() for key in values}
+    defaults = {f.name: _default_of(f) for f in dataclasses.fields(TrainingConfig)
+                if f.name in touched}
+    return dataclasses.replace(config, **{**defaults, **PRESETS[name]})

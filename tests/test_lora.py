@@ -261,3 +261,14 @@ def test_two_processes_train_one_lora_and_agree(tmp_path):
     tensors, _ = read_lora(tmp_path / "models" / "Lora" / "cli-model.safetensors")
     assert any(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
     assert not (tmp_path / "models" / "Stable-diffusion" / "cli-model.safetensors").exists()
+
+
+def test_lora_presets_and_a_full_preset_after_them():
+    from dreambooth.config import TrainingConfig, apply_preset
+
+    lora = apply_preset(TrainingConfig(), "person-lora")
+    assert (lora.training_method, lora.lora_rank, lora.lora_alpha) == ("lora", 32, 16.0)
+    assert (lora.learning_rate, lora.text_encoder_lr, lora.train_text_encoder) == (1e-4, 5e-5, True)
+    assert apply_preset(TrainingConfig(), "style-lora").training_method == "locon"
+    # a full preset after a LoRA one is exactly that full preset
+    assert apply_preset(lora, "person") == apply_preset(TrainingConfig(), "person")
