@@ -731,9 +731,16 @@ PRESETS.update({
 def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:
     if name not in PRESETS:
         raise ConfigError([FieldError("preset", f"choose one of {', '.join(PRESETS)}")])
-    # What any preset sets goes back to its default first: one preset after another is that
-    # preset, not a mix (person after person-lora is a full run at 1e-6 again).
+    return dataclasses.replace(config, **preset_values(name))
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """What preset ``name`` sets: its values, and every option any preset sets back at its
+    default first — one preset after another is that preset, not a mix (person after
+    person-lora is a full run at 1e-6 again)."""
+    if name not in PRESETS:
+        raise ConfigError([FieldError("preset", f"choose one of {', '.join(PRESETS)}")])
     touched = {key for values in PRESETS.values() for key in values}
     defaults = {f.name: _default_of(f) for f in dataclasses.fields(TrainingConfig)
                 if f.name in touched}
-    return dataclasses.replace(config, **{**defaults, **PRESETS[name]})
+    return {**defaults, **PRESETS[name]}

@@ -39,6 +39,7 @@ from .ui_fields import (ADAPTERS, APPLIES, CHOICES, CONCEPT_FIELDS, CONCEPT_LAYO
                         METHOD_INFO, MODEL_FIELDS, NOT_IN_FORM,  # noqa: F401 (read by the tests)
                         applies, info_for)
 from .job import JobBusy, runner
+from .ui_method import METHOD_KEYS, method_note, method_view, preset_values  # noqa: F401
 from .webui import Host, StandaloneHost, get_host, sanitize_model_name, tool_button_class
 
 TAB_TITLE = "DreamBooth"
@@ -337,63 +338,6 @@ def estimate_html(values: dict[str, Any], extra: list | None, host: Host | None 
 
 
 # Every option whose visibility or info text follows the training method, in form order.
-METHOD_KEYS = [k for k in (list(APPLIES) + list(METHOD_INFO)) if k in LABELS]
-METHOD_KEYS = list(dict.fromkeys(METHOD_KEYS))
-
-
-def _default_info(name: str) -> str:
-    return next(i for _, _, items in GROUPS for n, _, i in items if n == name)
-
-
-def method_view(method: str) -> dict[str, dict[str, Any]]:
-    """What the form shows of each method-dependent option for ``method``: ``visible`` and,
-    where it changes, ``info`` (plain data: the tab turns it into gradio updates)."""
-    method = method if method in CHOICES["training_method"] else "full"
-    view: dict[str, dict[str, Any]] = {}
-    for key in METHOD_KEYS:
-        view[key] = {"visible": applies(key, method)}
-        if key in METHOD_INFO:
-            view[key]["info"] = info_for(key, method, _default_info(key))
-    return view
-
-
-def method_note(method: str, learning_rate: Any = None) -> str:
-    """The line under the method: what the run writes and how it is used; a warning when the
-    learning rate is one of the other kind of run (1e-6 LoRA learns nothing, 1e-4 full burns)."""
-    try:
-        lr = float(learning_rate) if learning_rate not in (None, "") else None
-    except (TypeError, ValueError):
-        lr = None
-    warning = ""
-    if method in ADAPTERS:
-        text = (f"{method}: the base model stays as it is; the run writes a small file to the "
-                "Lora folder (always .safetensors), used with <lora:name:1> in a prompt. "
-                "EMA, the text encoder and its learning rate apply to the adapter.")
-        if lr is not None and lr < 1e-5:
-            warning = (f"⚠ learning rate {lr:g} is a full fine-tune's: LoRA usually trains at "
-                       "1e-4 (the -lora presets set it).")
-    else:
-        text = ("full: every weight of the UNet (and the text encoder when ticked) trains; the "
-                "run writes a whole checkpoint.")
-        if lr is not None and lr >= 5e-5:
-            warning = (f"⚠ learning rate {lr:g} is a LoRA's: a full fine-tune at that rate "
-                       "overcooks in a few hundred steps (1e-6 is the classic value).")
-    warn = f" <span class='dreambooth-warning-text'>{html.escape(warning)}</span>" if warning else ""
-    return (f"<div class='dreambooth-note' id='dreambooth_method_note_text'>{html.escape(text)}"
-            f"{warn}</div>")
-
-
-def preset_values(name: str) -> dict[str, Any]:
-    """What applying preset ``name`` sets: its own values, and every option another preset
-    changes from the default back at its default — so the result does not depend on the
-    preset applied before ("person" after "person-lora" is a full run at 1e-6 again, not a
-    LoRA at 1e-6 with the LoRA's text encoder rate)."""
-    defaults = TrainingConfig()
-    touched = {key for values in PRESETS.values() for key, value in values.items()
-               if value != getattr(defaults, key)}
-    return {**{key: getattr(defaults, key) for key in touched}, **PRESETS[name]}
-
-
 def use_output(output_path: str, host: Host | None = None) -> tuple[str, str, str]:
     """The "Use in txt2img" button: (checkpoint title for the page's selectCheckpoint, LoRA tag
     for the page to add to the txt2img prompt, message). A LoRA file (a LoRA run's, an

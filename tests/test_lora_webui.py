@@ -253,9 +253,11 @@ def test_webui_names_land_where_the_converter_puts_each_layer(layout):
             continue
         assert f"{layer.path}.weight" == expected, name
     # A1111 1.10 puts an up block's upsampler after its attention only from the second up block
-    # on (SD1/SD2's first up block has none); SDXL's first has one, so the WebUI looks for
-    # output_blocks_2_1_conv, finds nothing and drops LoCon's up_blocks_0 upsampler
-    assert lost == ({"lora_unet_up_blocks_0_upsamplers_0_conv"} if layout == "sdxl" else set())
+    # on (SD1/SD2's first up block has none); SDXL's first has one, so the WebUI would look for
+    # output_blocks_2_1_conv and drop that layer: targets.py leaves it out (SDXL only)
+    assert lost == set()
+    assert ("up_blocks.0.upsamplers.0.conv" in targets.target_modules(
+        unet, "unet", "attention_mlp", convs=True)) == (layout != "sdxl")
 
 
 def test_what_the_webui_would_drop_or_skip_is_an_error(bases):

@@ -47,7 +47,17 @@ def target_modules(model: torch.nn.Module, component: str, layers: str, convs: b
         rules = [_TEXT_ATTENTION] + ([_TEXT_MLP] if layers == "attention_mlp" else [])
     return [name for name, module in model.named_modules()
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-            and any(rule.search(name) for rule in rules)]
+            and any(rule.search(name) for rule in rules) and not _unplaceable(model, name)]
+
+
+def _unplaceable(model: torch.nn.Module, name: str) -> bool:
+    """A layer the WebUI's Lora extension cannot find in the single file, so never trained:
+    its name rule puts the first up block's upsampler after a ResNet (``output_blocks_2_1``),
+    true for SD1.x/2.x but not SDXL, whose first up block has attentions (``output_blocks_2_2``)."""
+    if name != "up_blocks.0.upsamplers.0.conv":
+        return False
+    first_up = getattr(model, "up_blocks", [None])[0]
+    return getattr(first_up, "attentions", None) is not None
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
