@@ -35,9 +35,8 @@ from .ui_render import loss_plot_svg, message, progress_html, status_html
 from .config import (PRESETS, ConfigError, FieldError, TrainingConfig, read_concepts_list,
                      write_concepts_list)
 # The form's tables (every option of TrainingConfig, grouped, with labels and info)
-from .ui_fields import (ADAPTERS, APPLIES, CHOICES, CONCEPT_FIELDS, CONCEPT_LAYOUT, GROUPS,
-                        METHOD_INFO, MODEL_FIELDS, NOT_IN_FORM,  # noqa: F401 (read by the tests)
-                        applies, info_for)
+from .ui_fields import (ADAPTERS, CHOICES, CONCEPT_FIELDS, CONCEPT_LAYOUT, GROUPS, MODEL_FIELDS,
+                        NOT_IN_FORM)  # noqa: F401 (NOT_IN_FORM: read by the tests)
 from .job import JobBusy, runner
 from .ui_method import METHOD_KEYS, method_note, method_view, preset_values  # noqa: F401
 from .webui import Host, StandaloneHost, get_host, sanitize_model_name, tool_button_class
