@@ -45,6 +45,11 @@ def method_note(method: str, learning_rate: Any = None) -> str:
         if lr is not None and lr < 1e-5:
             warning = (f"⚠ learning rate {lr:g} is a full fine-tune's: LoRA usually trains at "
                        "1e-4 (the -lora presets set it).")
+        from .adapters import lycoris
+
+        missing = lycoris.unavailable()
+        if missing:  # said here, before Train, not by a traceback
+            warning = f"⚠ {missing}"
     else:
         text = ("full: every weight of the UNet (and the text encoder when ticked) trains; the "
                 "run writes a whole checkpoint.")

@@ -272,3 +272,12 @@ def test_lora_presets_and_a_full_preset_after_them():
     assert apply_preset(TrainingConfig(), "style-lora").training_method == "locon"
     # a full preset after a LoRA one is exactly that full preset
     assert apply_preset(lora, "person") == apply_preset(TrainingConfig(), "person")
+
+
+def test_the_tab_says_when_lycoris_is_missing_before_train(monkeypatch):
+    from dreambooth import ui
+
+    assert "lycoris-lora" not in ui.method_note("lora", 1e-4)
+    monkeypatch.setattr(lycoris, "unavailable", lambda: "LoRA training needs lycoris-lora (x)")
+    assert "⚠ LoRA training needs lycoris-lora (x)" in ui.method_note("lora", 1e-4)
+    assert "lycoris-lora" not in ui.method_note("full", 1e-6)
