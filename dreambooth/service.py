@@ -300,6 +300,8 @@ def _hosted(host: Host, work: Callable[..., TrainResult]) -> Callable[..., Train
                 try:
                     result = work(config, paths, reporter=MirrorReporter(reporter, host), **kwargs)
                     host.add_checkpoints(_written_checkpoints(config, paths, result))
+                    if config.trains_adapter:  # the new LoRA in the WebUI's Lora list at once
+                        host.refresh_loras()
                 finally:
                     message = host.restore_webui_model(unloaded)
                     if message:

@@ -96,3 +96,13 @@ def fake_webui(make_fake_webui) -> FakeWebUI:
 def fake_forge(make_fake_webui) -> FakeWebUI:
     """A Forge-flavoured fake WebUI (lazy checkpoint switching, tiles without hashes)."""
     return make_fake_webui(flavour="forge")
+
+
+@pytest.fixture
+def idle_runner():
+    """The process's job runner (the tab and the API use it), left idle for the next test."""
+    from dreambooth.job import runner
+
+    yield runner()
+    runner().cancel()
+    runner().wait(120)

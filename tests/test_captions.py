@@ -15,7 +15,7 @@ from PIL import Image
 
 from dreambooth import captions, cli, service, ui, ui_captions
 from dreambooth.config import Concept, TrainingConfig
-from dreambooth.job import JobRunner, runner
+from dreambooth.job import JobRunner
 from dreambooth.webui import StandaloneHost, get_host
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 200)}
@@ -24,13 +24,6 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 200)}
 @pytest.fixture(params=["a1111", "forge"])
 def webui(request, make_fake_webui):
     return make_fake_webui(flavour=request.param)
-
-
-@pytest.fixture
-def idle_runner():
-    yield runner()
-    runner().cancel()
-    runner().wait(60)
 
 
 def draw(folder: Path, names=("red", "green", "blue")) -> Path:

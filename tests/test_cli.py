@@ -74,15 +74,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_and_only_rank_0_writes(tmp_path):
-    config = write_config(tmp_path, max_train_steps=2, save_every_n_steps=0)
-    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+def train_two_processes(config: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``train`` on two CPU processes (torchrun, gloo); asserts that it ran as two."""
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_port", str(free_port()), "-m", "dreambooth", "train", str(config), "--quiet"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400)
+        cwd=cwd, env=env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "with 2 processes" in proc.stdout
+    return proc
+
+
+def test_two_processes_train_together_and_only_rank_0_writes(tmp_path):
+    config = write_config(tmp_path, max_train_steps=2, save_every_n_steps=0)
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    proc = train_two_processes(config, tmp_path)
     # rank 1 prints nothing: every line of the summary appears once
     assert proc.stdout.count("trained 2/2 steps") == 1
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")

@@ -245,19 +245,11 @@ def test_an_sdxl_lora_names_both_text_encoders(tmp_path):
 def test_two_processes_train_one_lora_and_agree(tmp_path):
     """The adapter's gradients are averaged over the processes: both end with the same adapter
     (checked by the run itself, which fails otherwise), and rank 0 alone writes the file."""
-    import subprocess
-    import sys
-
-    from test_cli import env, free_port, write_config
+    from test_cli import train_two_processes, write_config
 
     config = write_config(tmp_path, max_train_steps=2, training_method="lora", lora_rank=4,
                           with_prior_preservation=False, learning_rate=1e-2, sample_steps=0)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(free_port()), "-m", "dreambooth", "train", str(config), "--quiet"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "with 2 processes" in proc.stdout
+    train_two_processes(config, tmp_path)
     tensors, _ = read_lora(tmp_path / "models" / "Lora" / "cli-model.safetensors")
     assert any(v.abs().max() > 0 for k, v in tensors.items() if k.endswith("lora_up.weight"))
     assert not (tmp_path / "models" / "Stable-diffusion" / "cli-model.safetensors").exists()

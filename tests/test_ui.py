@@ -6,21 +6,11 @@ import dataclasses
 import threading
 import time
 
-import pytest
 
 from dreambooth import service, ui
 from dreambooth.config import Concept, TrainingConfig
-from dreambooth.job import runner
 
 from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
-
-
-@pytest.fixture
-def idle_runner():
-    """The process's runner (the tab and the API use it), left idle for the next test."""
-    yield runner()
-    runner().cancel()
-    runner().wait(120)
 
 
 def choices_of(dropdown) -> list[str]:

@@ -11,18 +11,9 @@ import pytest
 
 from dreambooth import families, service, ui
 from dreambooth.config import PRESETS, TRAINING_METHODS, TrainingConfig
-from dreambooth.job import runner
 from dreambooth.webui import StandaloneHost
 
-from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
-
-
-@pytest.fixture
-def idle_runner():
-    """The process's runner (the tab and the API use it), left idle for the next test."""
-    yield runner()
-    runner().cancel()
-    runner().wait(120)
+from ui_fixtures import BASE_NAME, handlers, put_base_checkpoint, quick_config
 
 
 @pytest.fixture
@@ -53,22 +44,6 @@ def props_of(blocks) -> dict[str, dict]:
 
 def choices_of_props(props: dict) -> list[str]:
     return [c[1] if isinstance(c, (tuple, list)) else c for c in props["choices"]]
-
-
-def handlers(blocks, elem_id: str, event: str) -> list[tuple]:
-    """(function, output elem_ids) of each event wired to a component (gradio 3.41 keeps its
-    functions in a list, 4.x in a dict by dependency id)."""
-    config = blocks.get_config_file()
-    elem_of = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
-    target = next(i for i, e in elem_of.items() if e == elem_id)
-    found = []
-    for index, dep in enumerate(config["dependencies"]):
-        for t in dep["targets"]:
-            block, trigger = (t[0], t[1]) if isinstance(t, (list, tuple)) else (t, dep.get("trigger"))
-            if block == target and trigger == event:
-                fn = blocks.fns[dep["id"]] if isinstance(blocks.fns, dict) else blocks.fns[index]
-                found.append((fn.fn, [elem_of.get(o) for o in dep["outputs"]]))
-    return found
 
 
 def wait_done(job_runner, timeout: float = 240):
@@ -243,6 +218,8 @@ def test_a_lora_run_is_used_in_txt2img_by_its_tag(fake_webui, lora_extension, tm
     assert output == str(host.lora_dir() / "zwx-lora.safetensors")
     assert "zwx-lora.safetensors" not in fake_webui.sd_models.checkpoints_list  # not a checkpoint
     assert not ui.extract_visible(output, host)  # a LoRA is no full run to extract from
+    # the job rescanned the WebUI's Lora list before it handed the lock back
+    assert "zwx-lora" in lora_extension.calls[-1]["names"]
 
     rescans = len(lora_extension.calls)
     title, tag, note = ui.use_output(output, host)

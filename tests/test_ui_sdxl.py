@@ -14,17 +14,10 @@ from dreambooth.job import runner
 
 from browser_fixtures import SHOTS, chromium, needs_chromium, served
 from conftest import FAKE_WEBUI_DIR
-from ui_fixtures import (BASE_NAME, SDXL_NAME, put_base_checkpoint, put_sdxl_checkpoint,
-                         quick_config)
+from ui_fixtures import (BASE_NAME, SDXL_NAME, handlers, put_base_checkpoint,
+                         put_sdxl_checkpoint, quick_config)
 
 VPRED_NAME = "noob-vpred.safetensors"
-
-
-@pytest.fixture
-def idle_runner():
-    yield runner()
-    runner().cancel()
-    runner().wait(120)
 
 
 @pytest.fixture
@@ -46,22 +39,6 @@ def choices_of(dropdown) -> list[str]:
 def built_tab():
     (blocks, _, _), = ui.create_tab()
     return blocks, blocks.dreambooth_components
-
-
-def handlers(blocks, elem_id: str, event: str) -> list[tuple]:
-    """(function, output elem_ids) of each event wired to a component, read from the built
-    Blocks (gradio 3.41 keeps its functions in a list, 4.x in a dict by dependency id)."""
-    config = blocks.get_config_file()
-    elem_of = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
-    target = next(i for i, e in elem_of.items() if e == elem_id)
-    found = []
-    for index, dep in enumerate(config["dependencies"]):
-        for t in dep["targets"]:
-            block, trigger = (t[0], t[1]) if isinstance(t, (list, tuple)) else (t, dep.get("trigger"))
-            if block == target and trigger == event:
-                fn = blocks.fns[dep["id"]] if isinstance(blocks.fns, dict) else blocks.fns[index]
-                found.append((fn.fn, [elem_of.get(o) for o in dep["outputs"]]))
-    return found
 
 
 def pick_base(blocks, title: str) -> dict[str, object]:

@@ -80,3 +80,19 @@ def put_sdxl_checkpoint(checkpoints_dir: Path, name: str = SDXL_NAME,
     target = checkpoints_dir / name
     shutil.copyfile(_tiny_sdxl_checkpoint(v_pred_ztsnr), target)
     return target
+
+
+def handlers(blocks, elem_id: str, event: str) -> list[tuple]:
+    """(function, output elem_ids) of each event wired to a component, read from the built
+    Blocks (gradio 3.41 keeps its functions in a list, 4.x in a dict by dependency id)."""
+    config = blocks.get_config_file()
+    elem_of = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    target = next(i for i, e in elem_of.items() if e == elem_id)
+    found = []
+    for index, dep in enumerate(config["dependencies"]):
+        for t in dep["targets"]:
+            block, trigger = (t[0], t[1]) if isinstance(t, (list, tuple)) else (t, dep.get("trigger"))
+            if block == target and trigger == event:
+                fn = blocks.fns[dep["id"]] if isinstance(blocks.fns, dict) else blocks.fns[index]
+                found.append((fn.fn, [elem_of.get(o) for o in dep["outputs"]]))
+    return found
