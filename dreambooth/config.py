@@ -200,6 +200,7 @@ class TrainingConfig:
     # --- memory and speed --------------------------------------------------------------------
     mixed_precision: str = "fp16"
     gradient_checkpointing: bool = True
+    fused_backward: bool = False  # step each weight as its gradient arrives (no full gradient set)
     attention: str = "sdpa"
     allow_tf32: bool = True
     cache_latents: bool = True
@@ -399,7 +400,9 @@ class TrainingConfig:
             except ValueError as exc:
                 errors.append(FieldError("model_name", str(exc)))
         errors += _control_character_errors(self)
-        return errors
+        from .fused import problems as fused_problems
+
+        return errors + fused_problems(self)
 
     def check(self) -> "TrainingConfig":
         errors = self.validate()

@@ -284,6 +284,12 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     if config.allow_tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if config.fused_backward:
+        from .fused import runtime_problem
+
+        problem = runtime_problem(precision, accelerator.num_processes)
+        if problem:
+            raise ConfigError([problem])
     if config.optimizer in ("adamw8bit", "lion8bit", "lion"):
         problem = eight_bit_problem(device)
         if problem:
@@ -445,7 +451,13 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                "lr": config.learning_rate}]
     groups += [{"params": list(trained[name].parameters()), "lr": lr}
                for name, _, lr, _ in trained_te]
-    optimizer = build_optimizer(config.optimizer, groups, config, device)
+    if config.fused_backward:  # each weight stepped in the backward pass, its gradient freed
+        from .fused import FusedBackward
+
+        optimizer = FusedBackward(groups, lambda one: build_optimizer(config.optimizer, one,
+                                                                      config, device))
+    else:
+        optimizer = build_optimizer(config.optimizer, groups, config, device)
     schedule = config.lr_scheduler
     if schedule == "constant" and config.lr_warmup_steps:  # diffusers' "constant" ignores warmup
         schedule = "constant_with_warmup"

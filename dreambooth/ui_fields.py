@@ -60,6 +60,10 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                                                              "memory, ~20% slower"),
         ("gradient_accumulation_steps", "Gradient accumulation", "steps added up before an "
                                                                  "update: a larger batch for free"),
+        ("fused_backward", "Fused backward pass", "each weight is updated as soon as its gradient "
+                                                  "is ready: no full set of gradients in memory; "
+                                                  "needs clipping off (0), accumulation 1, bf16 "
+                                                  "or no mixed precision, one GPU"),
         ("attention", "Attention", "sdpa (PyTorch's fused attention) or xformers when installed"),
         ("allow_tf32", "Allow TF32", "faster matrix maths on Ampere and newer GPUs"),
         ("cache_latents", "Cache latents", "encode every picture once; the VAE then leaves "
