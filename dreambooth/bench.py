@@ -6,6 +6,9 @@ with random weights: the same FLOPs and memory as the real model) -- and reports
 steps after warm-up: steps/s and pictures/s (median and spread), peak memory (CUDA allocated and
 reserved, or the process's peak RSS on the CPU), the time of each phase, the export size and the
 environment, including how busy the machine was (shared machines make steps 10-20x slower).
+``--memory`` adds one step after the measured ones, run under PyTorch's profiler, and reports its
+peak tensor memory split into parameters, gradients, optimizer state, activations, temporaries
+and the profiler's other categories (:mod:`dreambooth.memory_profile`).
 
 ``--matrix NAME|FILE`` runs a list of option sets, each in a fresh subprocess so memory peaks do
 not leak from one run into the next, and prints one comparison table. ``--json PATH`` writes::
@@ -41,13 +44,17 @@ PHASES = ("build", "write_base", "load", "class_pictures", "caching", "first_ste
           "samples", "export", "total")
 FIGURE_KEYS = ("ok", "error", "device", "dtype", "warmup_steps", "measured_steps",
                "pictures_per_step", "steps_per_s", "pictures_per_s", "step_s", "phases_s",
-               "memory_mb", "export_bytes", "final_loss", "compile", "repeats")
+               "memory_mb", "export_bytes", "final_loss", "compile", "repeats",
+               # --memory (null without it): the profiled step's peak tensor memory, its
+               # categories at that moment, and the details (see memory_profile_figures).
+               "memory_peak_gb", "memory_by_category_gb", "memory_profile")
 # Options a run is defined by (argparse dests), in the order tables and JSON show them.
 SIZES = ("tiny", "sd15", "sdxl-tiny", "sdxl")
 OPTION_KEYS = ("size", "sdxl_depth", "resolution", "batch_size", "steps", "warmup", "precision",
                "optimizer", "method", "rank",
                "gradient_checkpointing", "attention", "cache", "train_text_encoder", "prior",
-               "compile", "export", "class_pictures", "sample_steps", "threads", "seed")
+               "compile", "export", "class_pictures", "sample_steps", "threads", "seed",
+               "memory")
 
 # The default matrix follows the issue: each line adds one thing to the one above, except
 # "no-cache", which is "+cache" without it (what the caches save). On CUDA the second line also
@@ -137,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
+                   help="run one more step after the measured ones under PyTorch's profiler "
+                        "and report its peak tensor memory by category (parameters, "
+                        "gradients, optimizer state, activations, ...); the step is not "
+                        "one of the measured ones")
     p.add_argument("--name", default="", help="name of the run in the table and the JSON")
     p.add_argument("--work-dir", default="",
                    help="keep the run's files here (default: a temporary folder, removed)")
@@ -311,9 +323,20 @@ class Timeline:
     saved_at: float | None = None
     lines: list[str] = field(default_factory=list)
     phase_peaks: dict[str, dict[str, float]] = field(default_factory=dict)
+    # --memory: the profiler of the extra step, and when it had finished collecting (what
+    # follows the step is timed from there, not from the step's stamp).
+    profiler: Any = None
+    profile_done_at: float | None = None
 
 
-def _trainer_reporter(timeline: Timeline, cuda: bool, quiet: bool):
+PROFILED_STEP = "profiled_step"  # its memory peaks in memory_mb.by_phase, out of the totals
+
+
+def _trainer_reporter(timeline: Timeline, cuda: bool, quiet: bool,
+                      profile_after: int | None = None):
+    """``profile_after``: with --memory, the step after which the profiler starts (it stops at
+    the next step's progress, so it wraps exactly one optimizer step; the loop calls progress
+    right after each one)."""
     from .trainer import Reporter
 
     class BenchReporter(Reporter):
@@ -322,6 +345,7 @@ def _trainer_reporter(timeline: Timeline, cuda: bool, quiet: bool):
         step to read the loss, so this adds nothing there)."""
 
         current: str | None = None
+        peak_name: str | None = None  # where the current peak goes, if not the phase's name
 
         def _now(self) -> float:
             if cuda:
@@ -331,8 +355,10 @@ def _trainer_reporter(timeline: Timeline, cuda: bool, quiet: bool):
             return time.perf_counter()
 
         def _close_peak(self) -> None:
-            if self.current is not None:
-                timeline.phase_peaks[self.current] = memory_peaks(cuda)
+            name = self.peak_name or self.current
+            if name is not None:
+                timeline.phase_peaks[name] = memory_peaks(cuda)
+            self.peak_name = None
             reset_peaks(cuda)
 
         def phase(self, name: str) -> None:
@@ -359,6 +385,21 @@ def _trainer_reporter(timeline: Timeline, cuda: bool, quiet: bool):
             timeline.losses.append(loss)
             if not quiet:
                 print(f"  step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
+            profiler = timeline.profiler
+            if profiler is None:
+                return
+            if profiler.running:
+                profiler.stop()
+                timeline.profile_done_at = self._now()
+            elif step == profile_after and profiler.step_s is None:
+                # The training phase's peaks end here: the profiled step's (the profiler keeps
+                # its events in memory) go under their own name.
+                self._close_peak()
+                self.peak_name = PROFILED_STEP
+                if not quiet:
+                    print(f"  profiling the memory of step {step + 1}", file=sys.stderr,
+                          flush=True)
+                profiler.start()
 
         def samples(self, paths: list[Path]) -> None:
             timeline.samples_at.append(self._now())
@@ -471,7 +512,7 @@ def make_config(root: Path, options: dict[str, Any], inst: Path, cls: Path):
                           else max(4, options["batch_size"])),
         class_batch_size=4, class_sample_steps=max(1, options["sample_steps"]),
         resolution=options["resolution"], train_batch_size=options["batch_size"],
-        max_train_steps=options["warmup"] + options["steps"],
+        max_train_steps=options["warmup"] + options["steps"] + profiled_steps(options),
         learning_rate=1e-6 if options["method"] == "full" else 1e-4,
         training_method=options["method"], lora_rank=options["rank"],
         lora_alpha=options["rank"] / 2, lora_conv_rank=max(1, options["rank"] // 2),
@@ -481,6 +522,13 @@ def make_config(root: Path, options: dict[str, Any], inst: Path, cls: Path):
         cache_text_embeddings=options["cache"], train_text_encoder=options["train_text_encoder"],
         checkpoint_every_n_steps=0, sample_prompts=["photo of zwx toy"] if sample else [],
         sample_steps=options["sample_steps"], overwrite=True, seed=options["seed"])
+
+
+def profiled_steps(options: dict[str, Any]) -> int:
+    """Steps run under the memory profiler: one, after the measured ones (--memory), so the
+    profiler's overhead (about 2x on the tiny model, +13 % at SD1.5 size on the CPU) and its
+    collection stay out of every timed figure."""
+    return 1 if options.get("memory") else 0
 
 
 def compile_unet(unet) -> str:
@@ -598,10 +646,19 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
     if options["compile"]:
         figures["compile"] = compile_unet(components.unet)
 
-    reporter = _trainer_reporter(timeline, cuda, quiet)
+    measured_end = options["warmup"] + options["steps"]  # steps after warm-up and measuring
+    if profiled_steps(options):
+        from .memory_profile import StepMemoryProfiler
+
+        timeline.profiler = StepMemoryProfiler("cuda" if cuda else "cpu")
+    reporter = _trainer_reporter(timeline, cuda, quiet, profile_after=measured_end)
     reset_peaks(cuda)
-    result = train(config, paths, reporter=reporter, components=components,
-                   prediction_type=prediction_type, export_model=options["export"])
+    try:
+        result = train(config, paths, reporter=reporter, components=components,
+                       prediction_type=prediction_type, export_model=options["export"])
+    finally:
+        if timeline.profiler is not None and timeline.profiler.running:
+            timeline.profiler.stop()  # a failed step must not leave the profiler on
     end = reporter._now()
     reporter.finish()
     if result.cancelled or result.steps < config.max_train_steps:
@@ -624,12 +681,15 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
     start = marks.get("training")  # the training phase opens just before the first step
     durations = [b - a for a, b in zip([start] + steps[:-1], steps)]
     phases["first_step"] = _r(durations[0]) if durations else None
-    phases["training"] = _r(steps[-1] - start) if steps else None
+    # The training phase ends with the last measured step (--memory: the profiled one after it
+    # is reported on its own), the samples start once the profiler is done.
+    trained = steps[:measured_end]
+    phases["training"] = _r(trained[-1] - start) if trained else None
     if timeline.samples_at and steps:
-        phases["samples"] = _r(timeline.samples_at[-1] - steps[-1])
+        phases["samples"] = _r(timeline.samples_at[-1] - (timeline.profile_done_at or steps[-1]))
     if "saving" in order:
         phases["export"] = _r((timeline.saved_at or end) - marks["saving"])
-    measured = durations[options["warmup"]:]
+    measured = durations[options["warmup"]:measured_end]
     figures["measured_steps"] = len(measured)
     figures["step_s"] = spread(measured)
     figures["steps_per_s"] = spread([1 / d for d in measured if d > 0])
@@ -647,15 +707,70 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
 
     by_phase = memory["by_phase"]
     by_phase.update(timeline.phase_peaks)
-    rss = [p["rss"] for p in by_phase.values() if "rss" in p]
+    # The profiled step's peaks stay in by_phase but out of the totals: the profiler's own
+    # events take host memory, which is not the training's.
+    totals = [p for name, p in by_phase.items() if name != PROFILED_STEP]
+    rss = [p["rss"] for p in totals if "rss" in p]
     memory["peak_rss"] = max(rss) if rss else round(rss_peak_mb(), 1)
     train_peak = by_phase.get("training", {})
     memory["training_peak_rss"] = train_peak.get("rss")
     if cuda:
-        memory["peak_allocated"] = max(p.get("allocated", 0) for p in by_phase.values())
-        memory["peak_reserved"] = max(p.get("reserved", 0) for p in by_phase.values())
+        memory["peak_allocated"] = max(p.get("allocated", 0) for p in totals)
+        memory["peak_reserved"] = max(p.get("reserved", 0) for p in totals)
         memory["training_peak_allocated"] = train_peak.get("allocated")
         memory["training_peak_reserved"] = train_peak.get("reserved")
+    if timeline.profiler is not None:
+        # After the run, with the model's memory given back: the analysis is Python objects
+        # over every event of the step, and must not add to the training's peak.
+        peak, analysis_s = timeline.profiler.result()
+        figures.update(memory_profile_figures(peak, timeline.profiler, analysis_s,
+                                              step=measured_end + 1,
+                                              step_peaks=by_phase.get(PROFILED_STEP, {})))
+
+
+def memory_profile_figures(peak, profiler, analysis_s: float, step: int,
+                           step_peaks: dict[str, float]) -> dict[str, Any]:
+    """The --memory figures of one profiled step (GB = 2**30 bytes, 4 significant digits).
+
+    ``memory_by_category_gb`` is the moment of the peak (the categories add up to
+    ``memory_peak_gb``); ``memory_profile.max_by_category_gb`` is each category's own highest
+    value during the step. Only tensors the step touches or creates are counted (see
+    :mod:`dreambooth.memory_profile`); on CUDA ``cuda_max_allocated_gb`` is the allocator's
+    peak over the same step, everything included."""
+    from .memory_profile import gb
+
+    if peak.events == 0:
+        raise RuntimeError(f"--memory: the profiler saw no tensor memory on {profiler.device}")
+    details: dict[str, Any] = {
+        "device": profiler.device, "step": step, "source": "torch.profiler memory timeline",
+        "max_by_category_gb": {k: gb(v) for k, v in peak.max_by_category.items()},
+        "peak_bytes": peak.peak_bytes, "events": peak.events,
+        "step_s": _r(profiler.step_s), "collect_s": _r(profiler.stop_s),
+        "analysis_s": _r(analysis_s),
+        "cuda_max_allocated_gb": (None if "allocated" not in step_peaks
+                                  else _r(step_peaks["allocated"] / 1024)),
+        "cuda_max_reserved_gb": (None if "reserved" not in step_peaks
+                                 else _r(step_peaks["reserved"] / 1024)),
+    }
+    return {"memory_peak_gb": gb(peak.peak_bytes),
+            "memory_by_category_gb": {k: gb(v) for k, v in peak.at_peak.items()},
+            "memory_profile": details}
+
+
+def memory_line(run: dict[str, Any]) -> str | None:
+    """The text output's line for --memory: the peak and its largest parts."""
+    f = run["figures"]
+    if f.get("memory_peak_gb") is None:
+        return None
+    d = f.get("memory_profile") or {}
+    parts = sorted((f.get("memory_by_category_gb") or {}).items(), key=lambda kv: -kv[1])
+    split = " + ".join(f"{name} {value:.3g}" for name, value in parts if value > 0)
+    cuda = (f"; CUDA max allocated over the step {d['cuda_max_allocated_gb']} GB"
+            if d.get("cuda_max_allocated_gb") is not None else "")
+    return (f"{run['name']}: tensor memory of step {d.get('step')} on {d.get('device')} (torch "
+            f"profiler): peak {f['memory_peak_gb']:.3g} GB = {split}{cuda} (tensors the step "
+            f"does not touch are not counted; profiled step {d.get('step_s')} s, analysis "
+            f"{d.get('analysis_s')} s)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,6 +845,9 @@ def summary_lines(runs: list[dict[str, Any]]) -> list[str]:
         lines.append(f"{run['name']}: dtype {run['figures'].get('dtype')}, load average "
                      f"{load.get('loadavg_start')} -> {load.get('loadavg_end')}{each}; command: "
                      f"{run.get('command')}")
+        memory = memory_line(run)
+        if memory:
+            lines.append(memory)
     return lines
 
 
