@@ -9,7 +9,8 @@ from dreambooth import fused, tiny
 from dreambooth.config import ConfigError
 from dreambooth.trainer import train
 
-from trainer_fixtures import RecordingReporter, base_config, flat, run_paths, tiny_components
+from trainer_fixtures import (Crash, RecordingReporter, base_config, crash_at, flat, run_paths,
+                              tiny_components)
 
 PLAIN = dict(max_grad_norm=0.0, optimizer="adamw", with_prior_preservation=True,
              train_text_encoder=True, text_encoder_stop=0.5, max_train_steps=4, sample_steps=0)
@@ -73,15 +74,8 @@ def test_what_fusing_cannot_honour_is_refused_by_name(tmp_path):
 def test_a_fused_run_resumes_to_the_same_weights(tmp_path):
     _, straight = run(tmp_path / "a", fused_backward=True, checkpoint_every_n_steps=2)
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash(step):
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        run(tmp_path / "b", reporter=RecordingReporter(on_step=crash), fused_backward=True,
+        run(tmp_path / "b", reporter=crash_at(3), fused_backward=True,
             checkpoint_every_n_steps=2)
     config = base_config(tmp_path / "b", **{**PLAIN, "fused_backward": True,
                                            "checkpoint_every_n_steps": 2})

@@ -14,7 +14,8 @@ from dreambooth.adapters.file import read_lora
 from dreambooth.config import ConfigError
 from dreambooth.trainer import train
 
-from trainer_fixtures import RecordingReporter, base_config, flat, run_paths, tiny_components
+from trainer_fixtures import (Crash, RecordingReporter, base_config, crash_at, flat, run_paths,
+                              tiny_components)
 
 FAST = dict(with_prior_preservation=False, learning_rate=1e-2, lora_rank=4, lora_alpha=2.0,
             max_train_steps=2, sample_steps=0)
@@ -179,15 +180,8 @@ def test_a_cancelled_lora_run_resumes_to_the_same_adapter(tmp_path):
                    use_ema=True, export_dtype="fp32")
     _, _, straight, _ = lora_run(tmp_path / "a", **options)
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash(step):
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        lora_run(tmp_path / "b", reporter=RecordingReporter(on_step=crash), **options)
+        lora_run(tmp_path / "b", reporter=crash_at(3), **options)
     reporter = RecordingReporter()
     config = base_config(tmp_path / "b", **{"training_method": "lora", "model_name": "zwx-lora",
                                            **FAST, **options})

@@ -73,3 +73,15 @@ class RecordingReporter(Reporter):
             self.steps.append((step, loss, lr))
             if self.on_step:
                 self.on_step(step)
+
+
+class Crash(RuntimeError):
+    """A run killed mid-way (raised from the reporter, as a crash would stop the loop)."""
+
+
+def crash_at(step: int) -> "RecordingReporter":
+    """A reporter that crashes the run when it reports ``step``."""
+    def crash(reached):
+        if reached == step:
+            raise Crash
+    return RecordingReporter(on_step=crash)
