@@ -19,6 +19,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor", 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
               "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
+TRAINED_PRECISIONS = ("fp32", "bf16")  # the trained weights themselves (master copy)
 ATTENTION = ("sdpa", "xformers", "default")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 EXPORT_FORMATS = ("safetensors", "ckpt")
@@ -201,6 +202,8 @@ class TrainingConfig:
     mixed_precision: str = "fp16"
     gradient_checkpointing: bool = True
     fused_backward: bool = False  # step each weight as its gradient arrives (no full gradient set)
+    trained_precision: str = "fp32"  # bf16: trained weights in bf16, stochastic rounding in the update
+    base_weights_8bit: bool = False  # adapters: the frozen base's linear layers in int8 (bitsandbytes)
     attention: str = "sdpa"
     allow_tf32: bool = True
     cache_latents: bool = True
@@ -378,7 +381,8 @@ class TrainingConfig:
                    "mixed_precision": PRECISIONS, "attention": ATTENTION,
                    "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
                    "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES,
-                   "training_method": TRAINING_METHODS, "lora_layers": LORA_LAYERS}
+                   "training_method": TRAINING_METHODS, "lora_layers": LORA_LAYERS,
+                   "trained_precision": TRAINED_PRECISIONS}
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, name, f"choose one of {', '.join(allowed)}")
         need(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "zero_terminal_snr",
@@ -390,6 +394,18 @@ class TrainingConfig:
              "DoRA is offered with lora and locon")
         need(not (self.dora and self.lora_dropout), "lora_dropout",
              "DoRA rebuilds each weight, so adapter dropout does not apply: set it to 0")
+        need(not (self.trained_precision == "bf16" and self.mixed_precision != "bf16"),
+             "trained_precision", "bf16 weights compute in bf16: set mixed_precision to bf16 "
+             "(or keep fp32 weights)")
+        need(not (self.trained_precision == "bf16" and self.optimizer == "prodigy"),
+             "trained_precision", "bf16 weights are stepped one by one; prodigy computes one step "
+             "size from all weights together: choose another optimizer or fp32 weights")
+        need(not (self.base_weights_8bit and not self.trains_adapter), "base_weights_8bit",
+             "only a frozen base can be kept in 8 bits: choose an adapter method (lora, locon, "
+             "loha, lokr) or turn it off")
+        need(not (self.base_weights_8bit and self.dora), "base_weights_8bit",
+             "DoRA rebuilds each weight from the base's own: turn DoRA off or keep the base "
+             "in half precision")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
              "leave empty (from the checkpoint) or choose epsilon / v_prediction")
         if self.model_name:

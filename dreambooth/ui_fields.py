@@ -64,6 +64,12 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                                                   "is ready: no full set of gradients in memory; "
                                                   "needs clipping off (0), accumulation 1, bf16 "
                                                   "or no mixed precision, one GPU"),
+        ("trained_precision", "Trained weights", "fp32: the usual master copy; bf16: half the "
+                                                 "memory of the trained weights, updated with "
+                                                 "stochastic rounding (needs bf16 mixed precision)"),
+        ("base_weights_8bit", "Base model in 8 bits (LoRA)", "the frozen model's linear layers "
+                                                             "in int8 (bitsandbytes): about half "
+                                                             "its memory; not with DoRA"),
         ("attention", "Attention", "sdpa (PyTorch's fused attention) or xformers when installed"),
         ("allow_tf32", "Allow TF32", "faster matrix maths on Ampere and newer GPUs"),
         ("cache_latents", "Cache latents", "encode every picture once; the VAE then leaves "

@@ -28,9 +28,11 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
     """Put the models on ``device`` and return what trains, by component name ("unet", then the
     trained text encoders). Full: the models themselves in fp32 (the optimizer's master copy).
     Adapter: the base models frozen in ``weight_dtype``, one fp32 network per trained component.
-    Trained parts are in train mode (gradient checkpointing only runs there)."""
+    Trained parts are in train mode (gradient checkpointing only runs there). With
+    ``trained_precision`` bf16 what trains is in bf16 instead of fp32 (see :mod:`dreambooth.fused`)."""
     adapter = config.trains_adapter
-    base_dtype = weight_dtype if adapter else torch.float32
+    trained_dtype = torch.bfloat16 if config.trained_precision == "bf16" else torch.float32
+    base_dtype = weight_dtype if adapter else trained_dtype
     unet.to(device, base_dtype).train().requires_grad_(not adapter)
     trained = {"unet": unet}
     for name, encoder in encoders:
@@ -47,8 +49,11 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
     lycoris.quiet()
     with torch.random.fork_rng(devices=[]):  # the adapter's initial weights follow the run's seed
         torch.manual_seed(config.seed)
-        return lycoris.attach(trained, targets.prefixes([name for name, _ in encoders]), config,
-                              device)
+        networks = lycoris.attach(trained, targets.prefixes([name for name, _ in encoders]),
+                                  config, device)
+    for network in networks.values():
+        network.to(dtype=trained_dtype)
+    return networks
 
 
 def release(config: TrainingConfig, trained: dict[str, torch.nn.Module]) -> None:
