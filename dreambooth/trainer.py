@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import adapters, data, families
+from . import adapters, data, families, fused
 from .families.base import CHUNK_TOKENS, chunk_count
 from .config import ConfigError, FieldError, TrainingConfig
 from .eta import RunExtras
@@ -287,9 +287,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if config.fused_backward:
-        from .fused import runtime_problem
-
-        problem = runtime_problem(precision, accelerator.num_processes)
+        problem = fused.runtime_problem(precision, accelerator.num_processes)
         if problem:
             raise ConfigError([problem])
     if config.optimizer in ("adamw8bit", "lion8bit", "lion"):
@@ -453,11 +451,14 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                "lr": config.learning_rate}]
     groups += [{"params": list(trained[name].parameters()), "lr": lr}
                for name, _, lr, _ in trained_te]
-    if config.fused_backward:  # each weight stepped in the backward pass, its gradient freed
-        from .fused import FusedBackward
-
-        optimizer = FusedBackward(groups, lambda one: build_optimizer(config.optimizer, one,
-                                                                      config, device))
+    if fused.use_per_weight(config):  # fused: each weight stepped in the backward pass, its
+        # gradient freed; bf16 weights: each stepped through an fp32 copy, stochastically rounded
+        generator = None
+        if config.trained_precision == "bf16":
+            generator = torch.Generator(device).manual_seed(config.seed)
+        optimizer = fused.PerWeightOptimizer(
+            groups, lambda one: build_optimizer(config.optimizer, one, config, device),
+            in_backward=config.fused_backward, generator=generator)
     else:
         optimizer = build_optimizer(config.optimizer, groups, config, device)
     schedule = config.lr_scheduler

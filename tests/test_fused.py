@@ -42,10 +42,10 @@ def test_no_full_set_of_gradients_is_ever_held(tmp_path, monkeypatch):
     """At each weight's step, how many gradients exist: with fusing only the few of the layers
     whose backward is done and not yet stepped, never all of them."""
     live: list[int] = []
-    original = fused.FusedBackward._stepper
+    original = fused.PerWeightOptimizer._stepper
 
-    def counting(group, inner):
-        step = original(group, inner)
+    def counting(group, inner, generator):
+        step = original(group, inner, generator)
 
         def counted(param):
             live.append(sum(p.grad is not None for p in counted.params))
@@ -53,7 +53,7 @@ def test_no_full_set_of_gradients_is_ever_held(tmp_path, monkeypatch):
         counted.params = group["params"]
         return counted
 
-    monkeypatch.setattr(fused.FusedBackward, "_stepper", staticmethod(counting))
+    monkeypatch.setattr(fused.PerWeightOptimizer, "_stepper", staticmethod(counting))
     run(tmp_path, fused_backward=True, train_text_encoder=False, max_train_steps=2)
     unet_params = len(list(tiny_components().unet.parameters()))
     assert live and max(live) <= 2 < unet_params  # measured: 1 (the weight being stepped)
