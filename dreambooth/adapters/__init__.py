@@ -29,7 +29,9 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
     trained text encoders). Full: the models themselves in fp32 (the optimizer's master copy).
     Adapter: the base models frozen in ``weight_dtype``, one fp32 network per trained component.
     Trained parts are in train mode (gradient checkpointing only runs there). With
-    ``trained_precision`` bf16 what trains is in bf16 instead of fp32 (see :mod:`dreambooth.fused`)."""
+    ``trained_precision`` bf16 what trains is in bf16 instead of fp32 (see :mod:`dreambooth.fused`).
+    With ``base_weights_8bit`` the frozen linears of the UNet and of the trained text encoders
+    are int8 (see :mod:`.quantize`); a frozen text encoder is cached, so it stays as it is."""
     adapter = config.trains_adapter
     trained_dtype = torch.bfloat16 if config.trained_precision == "bf16" else torch.float32
     base_dtype = weight_dtype if adapter else trained_dtype
@@ -46,6 +48,11 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
         return trained
     from . import lycoris, targets
 
+    if config.base_weights_8bit:  # int8 linears first: LyCORIS wraps them in bypass mode
+        from .quantize import quantize_linears
+
+        for module in trained.values():
+            quantize_linears(module)
     lycoris.quiet()
     with torch.random.fork_rng(devices=[]):  # the adapter's initial weights follow the run's seed
         torch.manual_seed(config.seed)
