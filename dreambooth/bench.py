@@ -49,14 +49,23 @@ FIGURE_KEYS = ("ok", "error", "device", "dtype", "warmup_steps", "measured_steps
                "memory_mb", "export_bytes", "final_loss", "compile", "repeats",
                # --memory (null without it): the profiled step's peak tensor memory, its
                # categories at that moment, and the details (see memory_profile_figures).
-               "memory_peak_gb", "memory_by_category_gb", "memory_profile")
+               "memory_peak_gb", "memory_by_category_gb", "memory_profile",
+               # the tab's estimate for the run's settings (real-size models only)
+               "estimate_gb")
 # Options a run is defined by (argparse dests), in the order tables and JSON show them.
 SIZES = ("tiny", "sd15", "sdxl-tiny", "sdxl")
 OPTION_KEYS = ("size", "sdxl_depth", "resolution", "batch_size", "steps", "warmup", "precision",
                "optimizer", "method", "rank",
                "gradient_checkpointing", "attention", "cache", "train_text_encoder", "prior",
                "compile", "export", "class_pictures", "sample_steps", "threads", "seed",
-               "memory")
+               "memory", "fused_backward", "trained_precision", "base_8bit", "preset")
+# The family a --size stands for (what the memory estimate and the card presets use).
+SIZE_FAMILY = {"tiny": "sd1", "sd15": "sd1", "sdxl-tiny": "sdxl", "sdxl": "sdxl"}
+# Bench options a card preset sets, by the config field they stand for.
+PRESET_OPTIONS = {"mixed_precision": "precision", "optimizer": "optimizer",
+                  "gradient_checkpointing": "gradient_checkpointing",
+                  "fused_backward": "fused_backward", "trained_precision": "trained_precision",
+                  "base_weights_8bit": "base_8bit", "cache_latents": "cache"}
 
 # The default matrix follows the issue: each line adds one thing to the one above, except
 # "no-cache", which is "+cache" without it (what the caches save). On CUDA the second line also
@@ -100,7 +109,8 @@ MATRICES: dict[str, list[dict[str, Any]]] = {
 # --- Command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ATTENTION, OPTIMIZERS, PRECISIONS, TRAINING_METHODS
+    from .card_presets import CARDS
+    from .config import ATTENTION, OPTIMIZERS, PRECISIONS, TRAINED_PRECISIONS, TRAINING_METHODS
 
     p = argparse.ArgumentParser(
         prog="python -m dreambooth bench",
@@ -149,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "and report its peak tensor memory by category (parameters, "
                         "gradients, optimizer state, activations, ...); the step is not "
                         "one of the measured ones")
+    p.add_argument("--fused-backward", action=argparse.BooleanOptionalAction, default=False,
+                   help="step each weight in the backward pass and free its gradient (the "
+                        "config's fused_backward; sets max_grad_norm 0)")
+    p.add_argument("--trained-precision", choices=TRAINED_PRECISIONS, default="fp32",
+                   help="bf16: the trained weights in bf16 with stochastic rounding (needs "
+                        "--precision bf16)")
+    p.add_argument("--base-8bit", action=argparse.BooleanOptionalAction, default=False,
+                   help="adapters: the frozen base's linear layers in int8 (base_weights_8bit)")
+    p.add_argument("--preset", choices=("",) + tuple(CARDS), default="",
+                   help="the memory settings of the tab's card-size preset for this run "
+                        "(options given on the command line win)")
     p.add_argument("--name", default="", help="name of the run in the table and the JSON")
     p.add_argument("--work-dir", default="",
                    help="keep the run's files here (default: a temporary folder, removed)")
@@ -517,7 +538,11 @@ def make_config(root: Path, options: dict[str, Any], inst: Path, cls: Path):
         attention=options["attention"], cache_latents=options["cache"],
         cache_text_embeddings=options["cache"], train_text_encoder=options["train_text_encoder"],
         checkpoint_every_n_steps=0, sample_prompts=["photo of zwx toy"] if sample else [],
-        sample_steps=options["sample_steps"], overwrite=True, seed=options["seed"])
+        sample_steps=options["sample_steps"], overwrite=True, seed=options["seed"],
+        fused_backward=options.get("fused_backward", False),
+        max_grad_norm=0.0 if options.get("fused_backward") else 1.0,
+        trained_precision=options.get("trained_precision", "fp32"),
+        base_weights_8bit=options.get("base_8bit", False))
 
 
 def profiled_steps(options: dict[str, Any]) -> int:
@@ -612,6 +637,11 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
 
     inst, cls = prepare_folders(work_dir, options)
     config = make_config(work_dir, options, inst, cls)
+    if options["size"] in ("sd15", "sdxl"):
+        from .memory_estimate import for_config
+
+        figures["estimate_gb"] = _r(for_config(config, SIZE_FAMILY[options["size"]],
+                                               options["resolution"])["total"])
     paths = RunPaths(work_dir=work_dir / "work", checkpoints_dir=work_dir / "Stable-diffusion")
     paths.work_dir.mkdir(parents=True, exist_ok=True)
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -869,6 +899,27 @@ def median_repeat(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+def apply_card_preset(args: argparse.Namespace, explicit: set[str]):
+    """Set the memory options of ``--preset``'s choice on ``args``, except those given on the
+    command line; returns the choice (:class:`dreambooth.card_presets.CardChoice`)."""
+    from .card_presets import choose
+    from .config import TrainingConfig
+
+    config = TrainingConfig(
+        base_model="bench", model_name="bench", training_method=args.method,
+        lora_rank=args.rank, lora_conv_rank=max(1, args.rank // 2),
+        train_text_encoder=args.train_text_encoder, with_prior_preservation=args.prior,
+        train_batch_size=args.batch_size, resolution=args.resolution)
+    choice = choose(args.preset, config, SIZE_FAMILY[args.size], args.resolution)
+    for field_name, option in PRESET_OPTIONS.items():
+        if option not in explicit and field_name in choice.values:
+            value = choice.values[field_name]
+            if option == "precision" and value == "fp16" and not _cuda_available():
+                value = "bf16"  # the CPU's half precision: the same bytes as fp16 on a GPU
+            setattr(args, option, value)
+    return choice
+
+
 def _explicit_options(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
     """The options given on the command line (as opposed to left at their defaults)."""
     given = set()
@@ -890,8 +941,13 @@ def bench_main(argv: list[str]) -> int:
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1 (the first step is never "
                      "measured: it pays for lazy initialisation)")
+    explicit = _explicit_options(argv, parser)
+    if args.preset:
+        choice = apply_card_preset(args, explicit)
+        if not args.quiet:
+            print(f"preset {choice.line()}", file=sys.stderr)
     if args.matrix or args.repeat > 1:
-        runs = matrix(args, _explicit_options(argv, parser))
+        runs = matrix(args, explicit)
     else:
         runs = [single(args)]
     print(table(runs))

@@ -774,56 +774,58 @@ def count_pictures(config: TrainingConfig) -> int:
 
 def step_estimate(config: TrainingConfig) -> str:
     """Steps the run will take (the seed's pictures x 100 rule when max_train_steps is 0), epochs,
-    and where a GPU is present a rough memory estimate."""
+    and the run's rough memory estimate."""
     pictures = count_pictures(config)
     steps = config.total_steps(pictures)
     rule = "" if config.max_train_steps else f" ({pictures} pictures × 100, the rule of thumb)"
     per_step = config.train_batch_size * config.gradient_accumulation_steps
     epochs = (steps * per_step / pictures) if pictures else 0
     text = f"{steps} steps{rule}; {pictures} instance pictures, ≈{epochs:.1f} epochs"
-    memory = memory_estimate(config)
-    if memory:
-        text += f"; {memory}"
-    return text
+    return f"{text}; {memory_estimate(config)}"
 
 
-def memory_figure_gb(config: TrainingConfig) -> tuple[float, Any]:
-    """(GB, family): the rough GPU figure of ``config``'s run for its base model's family (SD1.x
-    when the base is not known yet), for its training method: a LoRA-family run keeps the base
-    frozen in fp16 and needs far less than a full one (``families.base.adapter_memory_gb``)."""
-    from .adapters.lycoris import trains_convolutions
+def memory_figure_gb(config: TrainingConfig) -> tuple[dict[str, float], Any]:
+    """(GB by category and "total", family): the rough GPU figure of ``config``'s run for its
+    base model's family (SD1.x when the base is not known yet), its method and memory settings
+    (:mod:`dreambooth.memory_estimate`)."""
+    from .memory_estimate import for_config
 
     found = base_family(config)
     family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
                                                                              "epsilon")
-    gb = family.memory_estimate_gb(
-        train_text_encoder=config.train_text_encoder, eight_bit=config.optimizer.endswith("8bit")
-        or config.optimizer == "adafactor", gradient_checkpointing=config.gradient_checkpointing,
-        half=config.mixed_precision != "no", batch=config.train_batch_size,
-        resolution=config.resolution or family.default_resolution(prediction),
-        prediction_type=prediction, training_method=config.training_method,
-        lora_rank=config.lora_rank,
-        lora_conv_rank=config.lora_conv_rank if trains_convolutions(config) else 0,
-        cache_text_embeddings=config.cache_text_embeddings)
-    return gb, family
+    resolution = config.resolution or family.default_resolution(prediction)
+    return for_config(config, family.name, resolution), family
 
 
-def memory_estimate(config: TrainingConfig) -> str | None:
-    """A rough GPU memory figure for the base model's family and the training method (None
-    without a GPU). From the seed for SD1.x: 512 px, fp16, 8-bit Adam and gradient
-    checkpointing peak near 12 GB with the text encoder trained; the benchmarks measure the
-    real figure."""
+def card_preset(card: str, config: TrainingConfig):
+    """The card-size preset ``card`` for ``config``'s run (:func:`dreambooth.card_presets.choose`,
+    for its base model's family and resolution)."""
+    from .card_presets import choose
+
+    found = base_family(config)
+    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
+                                                                             "epsilon")
+    return choose(card, config, family.name,
+                  config.resolution or family.default_resolution(prediction))
+
+
+def memory_estimate(config: TrainingConfig) -> str:
+    """The run's expected GPU memory, by category (rough; ``bench --memory`` measures it), and
+    the GPU's own size where there is one."""
+    from .memory_estimate import describe
+
+    figures, family = memory_figure_gb(config)
+    what = family.title if not config.trains_adapter else f"{family.title} {config.training_method}"
+    text = f"GPU memory {describe(figures)}, rough, {what}"
     try:
         import torch
 
-        if not torch.cuda.is_available():
-            return None
-        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-    except Exception:
-        return None
-    gb, family = memory_figure_gb(config)
-    what = family.title if not config.trains_adapter else f"{family.title} {config.training_method}"
-    return f"≈{gb:.0f} GB of the GPU's {gpu_gb:.0f} GB (rough, {what})"
+        if torch.cuda.is_available():
+            gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+            text += f"; this GPU has {gpu_gb:.0f} GB"
+    except Exception:  # a broken CUDA setup: the estimate stands alone
+        pass
+    return text
 
 
 def status() -> dict[str, Any]:

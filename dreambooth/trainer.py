@@ -294,6 +294,12 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         problem = eight_bit_problem(device)
         if problem:
             raise ConfigError([FieldError("optimizer", problem)])
+    if config.base_weights_8bit:  # before the loading, the class pictures and the caches
+        from .adapters.quantize import problem as int8_problem
+
+        problem = int8_problem(device, frozen_dtype(precision, device))
+        if problem:
+            raise ConfigError([FieldError("base_weights_8bit", problem)])
     main = accelerator.is_main_process
     if main:  # leftovers of killed runs, then the config of this one (all checks passed)
         folders = [(paths.output_dir(config.trains_adapter), False), (paths.work_dir, True)]
@@ -383,6 +389,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     # themselves, or the adapter networks beside the frozen models.
     vae.requires_grad_(False).to(device, vae_dtype).eval()
     trained = adapters.place(config, unet, encoders, {t[0] for t in trained_te}, device, weight_dtype)
+    if config.base_weights_8bit:
+        int8 = sum(type(m).__name__ == "Linear8bitLt" for m in unet.modules())
+        reporter.log(f"base model: {int8} linear layers of the UNet in int8")
     set_attention(unet, config.attention)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -37,6 +37,7 @@ from .config import (PRESETS, ConfigError, FieldError, TrainingConfig, read_conc
 # The form's tables (every option of TrainingConfig, grouped, with labels and info)
 from .ui_fields import (ADAPTERS, CHOICES, CONCEPT_FIELDS, CONCEPT_LAYOUT, GROUPS, MODEL_FIELDS,
                         NOT_IN_FORM)  # noqa: F401 (NOT_IN_FORM: read by the tests)
+from .card_presets import CARDS
 from .job import JobBusy, runner
 from .ui_method import METHOD_KEYS, method_note, method_view, preset_values  # noqa: F401
 from .webui import Host, StandaloneHost, get_host, sanitize_model_name, tool_button_class
@@ -324,7 +325,7 @@ def resolution_info(base: str, host: Host | None = None) -> str:
 
 
 def estimate_html(values: dict[str, Any], extra: list | None, host: Host | None = None) -> str:
-    """Steps and epochs (with a GPU, memory too) of the form's run, for the base model it names
+    """Steps, epochs and expected memory of the form's run, for the base model it names
     (a WebUI title resolved to its file, so the memory figure is that model's family's)."""
     try:
         config, _ = form_to_config(values, extra)
@@ -603,6 +604,12 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                                                       "a LoRA (style-lora: LoCon)")
                             apply_preset = gr.Button("Apply preset", elem_id="dreambooth_apply_preset",
                                                      scale=0, min_width=140)
+                            card = gr.Dropdown(choices=list(CARDS), value=None, label="Card size",
+                                               elem_id="dreambooth_card",
+                                               info="the memory settings that fit this GPU "
+                                                    "(estimate below)")
+                            apply_card = gr.Button("Fit to card", elem_id="dreambooth_apply_card",
+                                                   scale=0, min_width=140)
                         estimate = gr.HTML("", elem_id="dreambooth_estimate")
                         for group_id, title, items in GROUPS:
                             if group_id == "method":
@@ -767,6 +774,19 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
 
         apply_preset.click(on_preset, inputs=[preset], outputs=fields, queue=False)
 
+        def on_card(name, *args):  # the memory fields of the rung that fits, and its estimate
+            try:
+                config, _ = form_to_config(*_values(args))
+                choice = service.card_preset(name, config)
+            except ConfigError as exc:
+                return [gr.update() for _ in fields] + [message(str(exc), "error")]
+            updates = [gr.update(value=choice.values[k]) if k in choice.values else gr.update()
+                       for k in form_keys()]
+            return updates + [f"<div class='dreambooth-note'>{html.escape(choice.line())}</div>"]
+
+        apply_card.click(on_card, inputs=[card] + form_inputs, outputs=fields + [estimate],
+                         queue=False)
+
         # the options of the chosen training method only (a filled form changes the method's
         # value, which comes here too)
         method_outputs = [comps[k] for k in METHOD_KEYS]
@@ -792,7 +812,9 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                                                 "optimizer", "train_text_encoder",
                                                 "gradient_checkpointing", "resolution",
                                                 "mixed_precision", "training_method", "lora_rank",
-                                                "lora_conv_rank", "cache_text_embeddings")]
+                                                "lora_conv_rank", "cache_text_embeddings",
+                                                "fused_backward", "trained_precision",
+                                                "base_weights_8bit", "with_prior_preservation")]
         estimate_triggers += [comps[f"concepts.{i}.instance_data_dir"] for i in range(CONCEPT_SLOTS)]
         for trigger in estimate_triggers:
             trigger.change(on_estimate, inputs=form_inputs, outputs=[estimate], queue=False,

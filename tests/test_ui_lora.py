@@ -139,38 +139,45 @@ def test_the_name_note_says_where_a_lora_is_written(fake_webui):
 # The memory estimate
 # ---------------------------------------------------------------------------------------------
 def test_the_memory_estimate_follows_the_method():
-    common = dict(eight_bit=True, gradient_checkpointing=True, half=True, batch=1)
-    for kind, size, (low, high) in (("sd1", 512, (3, 5)), ("sdxl", 1024, (7, 10))):
+    common = dict(optimizer="adamw8bit", gradient_checkpointing=True, mixed_precision="fp16",
+                  pictures=1)
+    for kind, size in (("sd1", 512), ("sdxl", 1024)):
         family = families.for_kind(kind)
 
         def gb(method="lora", rank=32, text_encoder=False, **extra):
-            return family.memory_estimate_gb(**{
+            return family.memory_estimate(**{
                 **common, "train_text_encoder": text_encoder, "resolution": size,
-                "training_method": method, "lora_rank": rank, **extra})
+                "method": method, "rank": rank, **extra})["total"]
 
         full = gb("full")
         assert gb() < full / 1.8  # the frozen base needs no gradients, no optimizer state
-        assert low < gb() < high  # kohya: SD1.5 ~4 GB at 512, SDXL ~8 GB at 1024
         assert gb(rank=8) < gb(rank=32) < gb(rank=128)
         assert gb(text_encoder=True) > gb()
-        assert gb("locon", lora_conv_rank=16) > gb("locon", lora_conv_rank=0)
+        assert gb("locon", conv_rank=16) > gb("locon", conv_rank=0)
         assert gb(gradient_checkpointing=False) > gb()
-        assert gb(eight_bit=False) > gb()
-        assert gb(batch=4) > gb()
-        assert gb(half=False) > gb()
+        assert gb(optimizer="adamw") > gb()
+        assert gb(pictures=4) > gb()
+        assert gb(mixed_precision="no") > gb()
         assert gb(resolution=size // 2) < gb()
         assert gb(cache_text_embeddings=False) > gb()  # the frozen encoders stay on the GPU
+        assert gb(base_weights_8bit=True) < gb()  # the base's linear layers in one byte
+        assert gb("full", fused_backward=True) < full  # no full set of gradients
+        assert gb("full", trained_precision="bf16") < full
+        assert gb("full", optimizer="adafactor") < full
 
     # the tab's figure (service.memory_figure_gb) gets the method from the config
     base = dict(base_model="", model_name="x", mixed_precision="fp16", optimizer="adamw8bit")
     full, family = service.memory_figure_gb(TrainingConfig(**base))
     lora, _ = service.memory_figure_gb(TrainingConfig(**base, training_method="lora"))
-    assert family.name == "sd1" and lora < full
+    assert family.name == "sd1" and lora["total"] < full["total"]
     # LoRA's conv rank does not count (it trains none); LoCon's does
     assert service.memory_figure_gb(TrainingConfig(**base, training_method="lora",
                                                    lora_conv_rank=64))[0] == lora
     assert service.memory_figure_gb(TrainingConfig(**base, training_method="locon",
-                                                   lora_conv_rank=64))[0] > lora
+                                                   lora_conv_rank=64))[0]["total"] > lora["total"]
+    # the line names the categories
+    line = service.memory_estimate(TrainingConfig(**base))
+    assert "trained weights" in line and "optimizer state" in line and "GB" in line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,10 +67,6 @@ class Family:
     # The stock VAE overflows in fp16 (SDXL's does): encode latents in fp32 unless the VAE chosen
     # is fp16-safe.
     vae_needs_fp32 = False
-    # Rough GPU memory of a full UNet run at the default resolution, batch 1, fp16, 8-bit AdamW,
-    # gradient checkpointing (GB), and what training the text encoder(s) adds.
-    memory_gb = 7.5
-    text_encoder_memory_gb = 1.5
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 512
@@ -104,81 +100,12 @@ class Family:
             tokenizer=components.tokenizer, unet=components.unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-    def memory_estimate_gb(self, *, train_text_encoder: bool, eight_bit: bool,
-                           gradient_checkpointing: bool, half: bool, resolution: int,
-                           batch: int, prediction_type: str = "epsilon",
-                           training_method: str = "full", lora_rank: int = 0,
-                           lora_conv_rank: int = 0, cache_text_embeddings: bool = True) -> float:
-        """A rough GPU figure for a run (benchmarks measure the real one): a full run's, or
-        with another ``training_method`` an adapter run's (:func:`adapter_memory_gb`;
-        ``lora_conv_rank`` only where the method trains the convolutions)."""
-        if training_method != "full":
-            return adapter_memory_gb(
-                self, method=training_method, rank=lora_rank, conv_rank=lora_conv_rank,
-                train_text_encoder=train_text_encoder, eight_bit=eight_bit,
-                gradient_checkpointing=gradient_checkpointing, half=half, resolution=resolution,
-                batch=batch, cache_text_embeddings=cache_text_embeddings)
-        gb = self.memory_gb
-        gb += 0 if eight_bit else self.memory_gb / 3
-        gb += self.text_encoder_memory_gb if train_text_encoder else 0
-        gb += 0 if gradient_checkpointing else self.memory_gb / 2
-        gb += 0 if half else self.memory_gb / 2.5
-        scale = max(resolution / self.default_resolution(prediction_type), 0.5) ** 2
-        return gb * scale * (1 + 0.35 * (batch - 1))
+    def memory_estimate(self, **settings) -> dict[str, float]:
+        """A rough GPU figure of a run of this family, GB by category and "total"
+        (:func:`dreambooth.memory_estimate.estimate`; ``settings`` are its keywords)."""
+        from ..memory_estimate import estimate
 
-
-@dataclass(frozen=True)
-class AdapterMemory:
-    """What a LoRA-family run of one family keeps on the GPU (see :func:`adapter_memory_gb`):
-    the frozen weights in fp16 (GB) of the UNet and of the text encoder(s), the activations of
-    one picture at ``resolution`` with gradient checkpointing (GB), and the adapter's parameters
-    per unit of rank on the attention + feed-forward layers and on the ResNet convolutions."""
-
-    unet_gb: float
-    text_encoders_gb: float
-    activations_gb: float
-    resolution: int
-    params_per_rank: float
-    conv_params_per_rank: float
-
-
-# Per family (its ``name``). Parameters per rank from kohya's file sizes: an SD1.5 rank-128 LoRA
-# holds ~72 M parameters, an SDXL rank-32 one ~109 M.
-ADAPTER_MEMORY = {
-    "sd1": AdapterMemory(1.72, 0.25, 1.3, 512, 0.56e6, 0.25e6),
-    "sd2": AdapterMemory(1.73, 0.7, 1.3, 512, 0.6e6, 0.25e6),  # OpenCLIP ViT-H
-    "sdxl": AdapterMemory(5.14, 1.64, 2.0, 1024, 3.4e6, 0.9e6),  # 2.57 B UNet; ViT-L + bigG
-}
-# Adapter parameters per unit of rank, relative to LoRA's two matrices (LoHa has two pairs, LoKr
-# a Kronecker product of small factors).
-ADAPTER_PARAMS = {"lora": 1.0, "locon": 1.0, "loha": 2.0, "lokr": 0.25}
-CUDA_OVERHEAD_GB = 0.6  # the CUDA context, the allocator's slack, the cached embeddings
-
-
-def adapter_memory_gb(family: Family, *, method: str, rank: int, conv_rank: int,
-                      train_text_encoder: bool, eight_bit: bool, gradient_checkpointing: bool,
-                      half: bool, resolution: int, batch: int,
-                      cache_text_embeddings: bool = True) -> float:
-    """A rough GPU figure for a LoRA-family run: the base stays frozen in half precision, with
-    neither gradients nor optimizer state of its own, so the run needs the frozen weights, the
-    activations, and the adapter's fp32 weights, gradients and optimizer state (two moments,
-    8 bytes a parameter; 2 with 8-bit optimizers). Kohya reports an SD1.5 LoRA at 512 px with
-    gradient checkpointing near 4 GB, an SDXL one at 1024 near 8 GB; this gives 3.8 and 8.7
-    at rank 32. The text encoder(s) stay on the GPU only when trained or not cached."""
-    figures = ADAPTER_MEMORY.get(family.name, ADAPTER_MEMORY["sd1"])
-    weight_bytes = 1 if half else 2  # fp16 weights, or fp32 without mixed precision
-    gb = figures.unet_gb * weight_bytes
-    encoders_on_gpu = train_text_encoder or not cache_text_embeddings
-    gb += figures.text_encoders_gb * weight_bytes if encoders_on_gpu else 0
-    activations = figures.activations_gb * max(resolution / figures.resolution, 0.25) ** 2
-    activations *= (1 if gradient_checkpointing else 3) * weight_bytes * max(batch, 1)
-    gb += activations + (0.1 * max(batch, 1) if train_text_encoder else 0)
-    params = ADAPTER_PARAMS.get(method, 1.0) * (figures.params_per_rank * max(rank, 0)
-                                                + figures.conv_params_per_rank * max(conv_rank, 0))
-    if not train_text_encoder:
-        params *= 0.9  # the text encoder's share of the layers
-    gb += params * (4 + 4 + (2 if eight_bit else 8)) / 2 ** 30
-    return gb + CUDA_OVERHEAD_GB
+        return estimate(self.name, **settings)
 
 
 def _chunks(tokens: list[int], comma: int | None) -> list[list[int]]:

@@ -10,7 +10,6 @@ class SD2(Family):
     name = "sd2"
     title = "SD 2.x"
     kinds = ("sd2", "sd2-v")
-    memory_gb = 8.0
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 768 if prediction_type == "v_prediction" else 512

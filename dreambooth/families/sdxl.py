@@ -18,8 +18,6 @@ class SDXL(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     vae_needs_fp32 = True
-    memory_gb = 24.0
-    text_encoder_memory_gb = 6.0
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 1024

@@ -1,0 +1,71 @@
+"""Card-size presets: a small card gets every saving it needs, a large one keeps the faster
+settings; the values make a valid config, and the bench and the tab apply them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from dreambooth import bench, card_presets, service
+from dreambooth.card_presets import CARDS, choose
+from dreambooth.config import ConfigError, TrainingConfig
+
+BASE = dict(base_model="", model_name="x", train_text_encoder=True,
+            with_prior_preservation=True)
+
+
+@pytest.mark.parametrize("family, resolution, method", [
+    ("sd1", 512, "full"), ("sdxl", 1024, "full"), ("sd1", 512, "lora"), ("sdxl", 1024, "lora")])
+def test_smaller_cards_get_more_savings_and_each_choice_fits(family, resolution, method):
+    config = TrainingConfig(**{**BASE, "train_text_encoder": family == "sd1"},
+                            training_method=method)
+    choices = [choose(card, config, family, resolution) for card in CARDS]
+    names = [c.rung for c in choices]
+    rungs = [n for n, _ in card_presets.rungs_for(config)]
+    order = [rungs.index(n) for n in names]
+    assert order == sorted(order, reverse=True)  # 6 GB: the leanest ... 24 GB: the fastest
+    for choice in choices:
+        assert choice.fits == (choice.figures["total"] <= CARDS[choice.card] * card_presets.MARGIN)
+        applied = dataclasses.replace(config, **choice.values, base_model="m.safetensors")
+        # the settings agree with each other (e.g. the fused pass with clipping off)
+        assert [e for e in applied.validate() if e.field != "concepts"] == []
+    assert choices[-1].fits  # every run here fits a 24 GB card
+
+
+def test_the_targets_of_the_issue_are_what_the_presets_aim_at():
+    sd15_full = choose("6gb", TrainingConfig(**BASE), "sd1", 512)
+    assert sd15_full.fits and sd15_full.values["trained_precision"] == "bf16"
+    assert sd15_full.values["fused_backward"] is True
+    sdxl_full = TrainingConfig(**{**BASE, "train_text_encoder": False})
+    assert not choose("8gb", sdxl_full, "sdxl", 1024).fits  # SDXL full needs more than 8 GB
+    assert choose("12gb", sdxl_full, "sdxl", 1024).fits
+    sdxl_lora = choose("6gb", TrainingConfig(**{**BASE, "train_text_encoder": False},
+                                             training_method="lora"), "sdxl", 1024)
+    assert sdxl_lora.values["base_weights_8bit"] is True
+    # DoRA rebuilds the weights from the base: never an 8-bit base
+    dora = TrainingConfig(**BASE, training_method="lora", dora=True)
+    assert all(not choose(c, dora, "sdxl", 1024).values["base_weights_8bit"] for c in CARDS)
+    with pytest.raises(ConfigError, match="preset"):
+        choose("4gb", sdxl_full, "sdxl", 1024)
+    assert "GB" in sd15_full.line() and "fits" in sd15_full.line()
+
+
+def test_the_service_uses_the_base_models_family():
+    config = TrainingConfig(**BASE)
+    assert service.card_preset("8gb", config) == choose("8gb", config, "sd1", 512)
+
+
+def test_the_bench_applies_a_preset_and_the_command_line_wins(tmp_path):
+    out = tmp_path / "run.json"
+    argv = ["--size", "tiny", "--steps", "1", "--warmup", "1", "--no-prior", "--class-pictures",
+            "0", "--sample-steps", "0", "--no-export", "--threads", "2", "--quiet",
+            "--train-text-encoder", "--preset", "6gb", "--json", str(out)]
+    assert bench.bench_main(argv) == 0
+    options = json.loads(out.read_text())["runs"][0]["options"]
+    assert options["preset"] == "6gb" and options["fused_backward"] is True
+    assert options["trained_precision"] == "bf16" and options["precision"] == "bf16"
+    assert options["gradient_checkpointing"] is True
+    assert bench.bench_main(argv + ["--no-fused-backward"]) == 0
+    options = json.loads(out.read_text())["runs"][0]["options"]
+    assert options["fused_backward"] is False and options["trained_precision"] == "bf16"
