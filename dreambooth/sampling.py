@@ -51,9 +51,12 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
     size = config.sample_size or config.resolution
     pipe = components.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    half = next(components.text_encoder.parameters()).dtype in (torch.float16, torch.bfloat16)
-    autocast = (torch.autocast(device.type, dtype=next(components.text_encoder.parameters()).dtype)
-                if half and device.type == "cuda" else contextlib.nullcontext())
+    # The frozen VAE is in half precision when the run is (the trained parts in fp32 or bf16):
+    # autocast makes them meet — on the GPU, and on the CPU for bf16 (its one half type).
+    half = next(components.vae.parameters()).dtype
+    autocast = (torch.autocast(device.type, dtype=half)
+                if half in (torch.float16, torch.bfloat16)
+                and (device.type == "cuda" or half == torch.bfloat16) else contextlib.nullcontext())
     models = components.modules()
     rescale = guidance_rescale(pipe.scheduler)  # zero terminal SNR: CFG rescaled
     was_training = [m.training for m in models]
