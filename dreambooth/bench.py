@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                    help="prior preservation: a class picture next to each instance picture")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the UNet's forward (torch >= 2.0)")
+                   help="torch.compile the UNet in place (the config's compile_unet; torch >= 2.2)")
     p.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write the base model as a single file, load it back the way the "
                         "trainer does, and time the export of the trained checkpoint")
@@ -542,7 +542,7 @@ def make_config(root: Path, options: dict[str, Any], inst: Path, cls: Path):
         fused_backward=options.get("fused_backward", False),
         max_grad_norm=0.0 if options.get("fused_backward") else 1.0,
         trained_precision=options.get("trained_precision", "fp32"),
-        base_weights_8bit=options.get("base_8bit", False))
+        base_weights_8bit=options.get("base_8bit", False), compile_unet=options["compile"])
 
 
 def profiled_steps(options: dict[str, Any]) -> int:
@@ -550,19 +550,6 @@ def profiled_steps(options: dict[str, Any]) -> int:
     profiler's overhead (about 2x on the tiny model, +13 % at SD1.5 size on the CPU) and its
     collection stay out of every timed figure."""
     return 1 if options.get("memory") else 0
-
-
-def compile_unet(unet) -> str:
-    """Compile the UNet in place with ``Module.compile`` (torch >= 2.2), so its state_dict keys
-    (and so the export) stay as they are and accelerate's autocast wrapping of ``forward`` still
-    applies underneath. ``torch.compile(unet)`` would prefix every key with ``_orig_mod.``; the
-    hosts' torch 2.1 (A1111) has no ``Module.compile``, so there the option is refused."""
-    import torch
-
-    if not hasattr(torch.nn.Module, "compile"):
-        raise RuntimeError(f"--compile needs torch >= 2.2 (this is {torch.__version__})")
-    unet.compile()
-    return f"Module.compile (torch {torch.__version__})"
 
 
 def empty_figures() -> dict[str, Any]:
@@ -669,8 +656,8 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
         prediction_type = kind.prediction_type
         phases["load"] = _r(time.perf_counter() - t)
     memory["by_phase"]["model"] = memory_peaks(cuda)
-    if options["compile"]:
-        figures["compile"] = compile_unet(components.unet)
+    if options["compile"]:  # the trainer compiles the UNet (compile_unet)
+        figures["compile"] = f"Module.compile (torch {torch.__version__})"
 
     measured_end = options["warmup"] + options["steps"]  # steps after warm-up and measuring
     if profiled_steps(options):

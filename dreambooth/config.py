@@ -205,6 +205,7 @@ class TrainingConfig:
     trained_precision: str = "fp32"  # bf16: trained weights in bf16, stochastic rounding in the update
     base_weights_8bit: bool = False  # adapters: the frozen base's linear layers in int8 (bitsandbytes)
     attention: str = "sdpa"
+    compile_unet: bool = False  # torch.compile the UNet in place (torch >= 2.2)
     allow_tf32: bool = True
     cache_latents: bool = True
     vae_fp16_safe: bool = False  # the VAE does not overflow in fp16 (SDXL's stock VAE does)

@@ -294,6 +294,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         problem = eight_bit_problem(device)
         if problem:
             raise ConfigError([FieldError("optimizer", problem)])
+    if config.compile_unet and not hasattr(torch.nn.Module, "compile"):
+        raise ConfigError([FieldError("compile_unet", f"needs torch >= 2.2 (this is "
+                                      f"{torch.__version__}): turn it off")])
     if config.base_weights_8bit:  # before the loading, the class pictures and the caches
         from .adapters.quantize import problem as int8_problem
 
@@ -405,6 +408,8 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                 encoder.gradient_checkpointing_enable()
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
+    if config.compile_unet:  # in place (Module.compile): the state_dict keys, so the export and
+        unet.compile()  # the resume points, stay as they are; compiled at the first step
 
     # Caches, so the VAE (and the frozen text encoders) can leave the GPU during training.
     latents = LatentSource(vae, config, device, vae_dtype, family)

@@ -71,6 +71,8 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                                                              "in int8 (bitsandbytes): SDXL's UNet "
                                                              "-43 %, SD1.5's -16 %; not with DoRA"),
         ("attention", "Attention", "sdpa (PyTorch's fused attention) or xformers when installed"),
+        ("compile_unet", "Compile the UNet", "torch.compile: a slow first step, then maybe "
+                                             "faster steps; torch >= 2.2 (not A1111's 2.1)"),
         ("allow_tf32", "Allow TF32", "faster matrix maths on Ampere and newer GPUs"),
         ("cache_latents", "Cache latents", "encode every picture once; the VAE then leaves "
                                            "the GPU"),
