@@ -65,6 +65,28 @@ def use_per_weight(config: TrainingConfig) -> bool:
     return config.fused_backward or config.trained_precision == "bf16"
 
 
+def saved_settings(optimizer_state: dict) -> tuple[bool, bool]:
+    """(fused_backward, bf16 weights) a resume point's optimizer state was written with (a plain
+    optimizer's: neither; the first fused resume points carry only "fused_backward")."""
+    per_weight = optimizer_state.get("per_weight") or optimizer_state.get("fused_backward")
+    if not per_weight:
+        return False, False
+    return bool(optimizer_state.get("in_backward", True)), bool(optimizer_state.get("bf16"))
+
+
+def resume_problem(config: TrainingConfig, optimizer_state: dict) -> FieldError | None:
+    """Why a resume point's optimizer state cannot continue under ``config``: it was written
+    with another fused_backward or trained_precision (different state per weight)."""
+    fused, bf16 = saved_settings(optimizer_state)
+    if fused != config.fused_backward:
+        return FieldError("fused_backward", f"the resume point was written with it "
+                          f"{'on' if fused else 'off'}: resume with it as it was")
+    if bf16 != (config.trained_precision == "bf16"):
+        return FieldError("trained_precision", f"the resume point was written with "
+                          f"{'bf16' if bf16 else 'fp32'} weights: resume with them as they were")
+    return None
+
+
 def round_to_bf16_(target: torch.Tensor, value: torch.Tensor,
                    generator: torch.Generator | None = None) -> None:
     """Write fp32 ``value`` into bf16 ``target`` with stochastic rounding: random low 16 bits are
@@ -175,8 +197,7 @@ class PerWeightOptimizer(torch.optim.Optimizer):
                 "inner": [self.inner[p].state_dict() for p in order if p in self.inner]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved = (state_dict.get("in_backward"), state_dict.get("bf16"))
-        if not state_dict.get("per_weight") or saved != (self.in_backward, self.generator is not None):
+        if saved_settings(state_dict) != (self.in_backward, self.generator is not None):
             raise ValueError("this resume point was written with other fused_backward / "
                              "trained_precision settings: resume with them as they were")
         for group, lr in zip(self.param_groups, state_dict["lrs"]):

@@ -511,6 +511,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         if name not in training_te:
             freeze_text_encoder(trained[name], optimizer)
     if state is not None:  # after the freeze, so the parameter groups match the saved ones
+        problem = fused.resume_problem(config, state["optimizer"])
+        if problem:
+            raise ConfigError([problem])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if ema is not None and state.get("ema"):

@@ -104,3 +104,21 @@ def test_what_bf16_weights_need_is_asked_by_name(tmp_path):
     assert "prodigy" in base_config(tmp_path, trained_precision="bf16", mixed_precision="bf16",
                                     optimizer="prodigy").validate()[0].message
     assert base_config(tmp_path, trained_precision="bf16", mixed_precision="bf16").validate() == []
+
+
+@pytest.mark.parametrize("written, resumed, field", [
+    (dict(trained_precision="bf16"), dict(trained_precision="fp32"), "trained_precision"),
+    (dict(fused_backward=True), dict(fused_backward=False), "fused_backward"),
+    (dict(), dict(trained_precision="bf16"), "trained_precision")])
+def test_resuming_with_other_memory_settings_names_the_field(tmp_path, written, resumed, field):
+    from dreambooth.config import ConfigError
+
+    settings = dict(checkpoint_every_n_steps=2, max_train_steps=4, **written)
+    with pytest.raises(Crash):
+        run(tmp_path, reporter=crash_at(3), **settings)
+    config = base_config(tmp_path, **{**BF16, **settings, **resumed})
+    with pytest.raises(ConfigError) as caught:
+        train(config, run_paths(tmp_path), reporter=RecordingReporter(),
+              components=tiny_components(), resume=True, export_model=False)
+    assert [e.field for e in caught.value.errors] == [field]
+    assert "as it was" in caught.value.errors[0].message or "as they were" in caught.value.errors[0].message
