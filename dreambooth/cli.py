@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from .card_presets import CARDS
 from .config import TrainingConfig
 from .trainer import Reporter, RunPaths, train
 
@@ -98,6 +99,8 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the latest resume point")
     parser.add_argument("--models-dir", help="models folder (default: the config's, else ./models)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--card", choices=CARDS, help="set the memory options that fit a GPU "
+                        "of this size (the tab's Card size preset) over the config's")
     args = parser.parse_args(argv)
     main = is_main_process()
     from . import files, service
@@ -109,6 +112,11 @@ def train_main(argv: list[str]) -> int:
             config = replace(config, model_name=Path(args.config).stem)
         host = StandaloneHost(Path(args.models_dir or config.models_dir or "models"))
         config, paths = service.prepare(config, host, resume=args.resume)
+        if args.card:
+            choice = service.card_preset(args.card, config)
+            config = replace(config, **choice.values).check()
+            if main:
+                print(f"card preset {choice.line()}")
         reporter = ConsoleReporter(quiet=args.quiet, enabled=main)
         reporter.stop_on_ctrl_c()
         result = train(config, paths, reporter=reporter, resume=args.resume)

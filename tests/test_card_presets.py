@@ -69,3 +69,18 @@ def test_the_bench_applies_a_preset_and_the_command_line_wins(tmp_path):
     assert bench.bench_main(argv + ["--no-fused-backward"]) == 0
     options = json.loads(out.read_text())["runs"][0]["options"]
     assert options["fused_backward"] is False and options["trained_precision"] == "bf16"
+
+
+def test_train_on_the_command_line_takes_a_card(tmp_path, capsys):
+    from dreambooth.__main__ import main as cli_main
+
+    from test_cli import write_config
+
+    config = write_config(tmp_path, with_prior_preservation=False, train_text_encoder=True,
+                          mixed_precision="fp16", max_grad_norm=1.0)
+    assert cli_main(["train", str(config), "--card", "6gb", "--quiet"]) == 0
+    assert "card preset 6gb: + bf16 trained weights" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "models" / "dreambooth" / "cli-model" / "config.json")
+                       .read_text())
+    assert saved["fused_backward"] is True and saved["trained_precision"] == "bf16"
+    assert saved["max_grad_norm"] == 0.0 and saved["mixed_precision"] == "bf16"
