@@ -392,6 +392,7 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     # themselves, or the adapter networks beside the frozen models.
     vae.requires_grad_(False).to(device, vae_dtype).eval()
     trained = adapters.place(config, unet, encoders, {t[0] for t in trained_te}, device, weight_dtype)
+    give_memory_back()  # the fp32 weights a cast to half precision or int8 left free (GBs)
     if config.base_weights_8bit:
         int8 = sum(type(m).__name__ == "Linear8bitLt" for m in unet.modules())
         reporter.log(f"base model: {int8} linear layers of the UNet in int8")
