@@ -10,6 +10,7 @@ import pytest
 from dreambooth import bench, card_presets, service
 from dreambooth.card_presets import CARDS, choose
 from dreambooth.config import ConfigError, TrainingConfig
+from dreambooth.memory_estimate import for_config
 
 BASE = dict(base_model="", model_name="x", train_text_encoder=True,
             with_prior_preservation=True)
@@ -43,6 +44,17 @@ def test_the_targets_of_the_issue_are_what_the_presets_aim_at():
     sdxl_lora = choose("6gb", TrainingConfig(**{**BASE, "train_text_encoder": False},
                                              training_method="lora"), "sdxl", 1024)
     assert sdxl_lora.values["base_weights_8bit"] is True
+    # the issue's SDXL LoRA, rank 32: the leanest rung (fused pass, bf16 adapter weights) is
+    # what takes it under 5 GB of tensors (the estimate less its CUDA context)
+    rank32 = TrainingConfig(**{**BASE, "train_text_encoder": False}, training_method="lora",
+                            lora_rank=32)
+    lean = choose("6gb", rank32, "sdxl", 1024)
+    assert lean.fits and lean.rung == card_presets.ADAPTER_RUNGS[-1][0]
+    assert lean.values["fused_backward"] and lean.values["trained_precision"] == "bf16"
+    assert lean.figures["total"] - lean.figures["CUDA context"] <= 5.0
+    eight_bit_only = for_config(dataclasses.replace(rank32, **card_presets.ADAPTER_RUNGS[-2][1]),
+                                "sdxl", 1024)
+    assert eight_bit_only["total"] > CARDS["6gb"] * card_presets.MARGIN  # the rung before: no
     # DoRA rebuilds the weights from the base: never an 8-bit base
     dora = TrainingConfig(**BASE, training_method="lora", dora=True)
     assert all(not choose(c, dora, "sdxl", 1024).values["base_weights_8bit"] for c in CARDS)
