@@ -115,6 +115,47 @@ def test_the_loss_curve_stays_close_to_the_full_precision_base(runs):
     assert result.losses != plain.losses  # the base really differs (int8 rounding)
 
 
+def live_tensors(shape) -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if torch.is_tensor(o) and tuple(o.shape) == shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpointing_keeps_no_activation_of_the_int8_layers(dtype):
+    """bitsandbytes' own int8 matmul keeps each layer's input on its autograd context, where
+    gradient checkpointing cannot drop it: through our layers a checkpointed block holds
+    nothing of its insides until the backward, whose input gradient is bitsandbytes' own."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(*[torch.nn.Linear(48, 48) for _ in range(4)]).to(dtype)
+    block.requires_grad_(False)
+    quantize.quantize_linears(block)
+    plain = torch.nn.Sequential(*[bnb.nn.Linear8bitLt(48, 48, has_fp16_weights=False,
+                                                      threshold=quantize.THRESHOLD) for _ in block])
+    for ours, theirs in zip(block, plain):  # the same int8 weights in bitsandbytes' own layers
+        cb = ours.weight.data.clone()
+        theirs.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb,
+                                          SCB=ours.weight.SCB.clone())
+        theirs.bias = ours.bias
+    x = torch.randn(7, 48, dtype=dtype, requires_grad=True)
+    grads, held = [], []
+    for model in (block, plain):
+        y = checkpoint(model, x * 1.0, use_reentrant=False)
+        held.append(live_tensors((7, 48)) - 2)  # less x and y themselves
+        y.float().square().sum().backward()
+        grads.append(x.grad.clone())
+        x.grad = None
+        del y
+    assert held[0] == 0
+    assert held[1] >= 4  # bitsandbytes' own layers: at least each one's input (x * 1.0, 3 more)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
 def test_the_leanest_adapter_preset_trains_bf16_adapters_fused_over_an_int8_base(
         tmp_path, monkeypatch):
     """The 6 GB rung of an SDXL LoRA: int8 base, fused pass, bf16 adapter weights."""
