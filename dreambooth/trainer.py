@@ -394,8 +394,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     trained = adapters.place(config, unet, encoders, {t[0] for t in trained_te}, device, weight_dtype)
     give_memory_back()  # the fp32 weights a cast to half precision or int8 left free (GBs)
     if config.base_weights_8bit:
-        int8 = sum(type(m).__name__ == "Linear8bitLt" for m in unet.modules())
-        reporter.log(f"base model: {int8} linear layers of the UNet in int8")
+        from .adapters.quantize import int8_layers
+
+        reporter.log(f"base model: {int8_layers(unet)} linear layers of the UNet in int8")
     set_attention(unet, config.attention)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -56,9 +56,11 @@ def lora_run(root: Path, **overrides):
             "text_int8": [m.weight.dtype == torch.int8 for m in linears(components.text_encoder)],
             "conv_dtypes": {m.weight.dtype for m in components.unet.modules()
                             if isinstance(m, torch.nn.Conv2d)},
+            "log": list(reporter.lines),
         }
+    reporter = RecordingReporter(on_step=look)
     result = train(base_config(root, **{**RUN, **overrides}), run_paths(root),
-                   reporter=RecordingReporter(on_step=look), components=components)
+                   reporter=reporter, components=components)
     tensors, _ = read_lora(result.output_path)
     return result, seen, tensors
 
@@ -87,6 +89,9 @@ def test_the_unet_trains_beside_int8_linears_and_the_base_takes_less_memory(runs
         # each linear weight 4 bytes -> 1, plus one fp32 scale per output row; the rest as it was
         assert seen[step]["unet_bytes"] < 0.85 * plain_seen[step]["unet_bytes"]
         assert plain_seen[step]["unet_bytes"] - seen[step]["unet_bytes"] == 3 * weights - 4 * rows
+    # the log says how many (the tab and the CLI show it)
+    assert f"base model: {len(linears(unet))} linear layers of the UNet in int8" in seen[1]["log"]
+    assert not any("in int8" in line for line in plain_seen[1]["log"])
 
 
 def test_a_lora_trains_samples_and_exports_the_same_keys_over_an_int8_base(runs):

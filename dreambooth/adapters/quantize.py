@@ -188,6 +188,13 @@ def quantize_linears(module: torch.nn.Module, *, threshold: float = THRESHOLD) -
     return total
 
 
+def int8_layers(module: torch.nn.Module) -> int:
+    """How many of ``module``'s layers hold int8 weights (bitsandbytes' ``Linear8bitLt``)."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear8bitLt) for m in module.modules())
+
+
 class _CastNotice(logging.Filter):
     """bitsandbytes warns at every int8 matmul whose input is not fp16 (it quantizes from fp16):
     in a bf16 or fp32 run on CUDA every linear layer of every step, on the CPU every one of every
