@@ -43,9 +43,7 @@ ADAPTER_RUNGS: list[tuple[str, dict[str, Any]]] = [
     ("+ 8-bit base model", _BASE_8BIT),
     # the adapter's gradients and weights are small, but at SDXL size (~100 M at rank 32) the
     # pass and bf16 still take ~0.5 GB off: what brings an SDXL LoRA under 5 GB of tensors
-    ("+ fused backward pass, bf16 adapter weights (bf16)",
-     dict(_BASE_8BIT, mixed_precision="bf16", fused_backward=True, trained_precision="bf16",
-          max_grad_norm=0.0, gradient_accumulation_steps=1)),
+    ("+ fused backward pass, bf16 adapter weights (bf16)", dict(_BF16, base_weights_8bit=True)),
 ]
 
 
@@ -70,8 +68,8 @@ class CardChoice:
 def rungs_for(config: TrainingConfig) -> list[tuple[str, dict[str, Any]]]:
     if not config.trains_adapter:
         return FULL_RUNGS
-    if config.dora:  # DoRA rebuilds each weight from the full base's own, in fp32
-        return ADAPTER_RUNGS[:2]
+    if config.dora:  # DoRA rebuilds each weight from the full base's own: no 8-bit rung
+        return [rung for rung in ADAPTER_RUNGS if not rung[1]["base_weights_8bit"]]
     return ADAPTER_RUNGS
 
 
