@@ -220,7 +220,7 @@ def make_routes(host_factory: Callable[[], Host]) -> dict[str, Callable[..., Any
     def status() -> Dict[str, Any]:
         return service.status()
 
-    async def train(request: Request, resume: bool = False):
+    async def train(request: Request, resume: bool = False, card: str = ""):
         try:
             body = await _json_body(request)
         except HTTPException:
@@ -234,12 +234,23 @@ def make_routes(host_factory: Callable[[], Host]) -> dict[str, Callable[..., Any
         if errors:
             return _errors_response(_all_errors(config, errors, host, resume))
         try:
-            job_id = service.start_training(config, host, resume=resume)
+            preset, notes = None, []
+            if card:  # the card-size preset over the body's settings, each change said
+                resolved, _ = service.prepare(config, host, resume=resume)
+                config, notes, preset = service.apply_card(card, resolved)
+            job_id = service.start_training(config, host, resume=resume, notes=notes)
         except ConfigError as exc:
             return _errors_response(exc.errors)
         except JobBusy as exc:
             return JSONResponse(status_code=409, content={"detail": str(exc)})
-        return {"job_id": job_id, "status": service.status()}
+        answer = {"job_id": job_id, "status": service.status()}
+        if preset is not None:
+            answer["card"] = {"card": card, "rung": preset.rung, "fits": preset.fits,
+                              "estimate_gb": preset.figures,
+                              "changes": [{"field": f, "before": b, "after": a}
+                                          for f, b, a in preset.changes],
+                              "kept": list(preset.kept)}
+        return answer
 
     def cancel() -> Dict[str, Any]:
         return {"cancelled": runner().cancel(), "status": service.status()}

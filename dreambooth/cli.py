@@ -113,10 +113,10 @@ def train_main(argv: list[str]) -> int:
         host = StandaloneHost(Path(args.models_dir or config.models_dir or "models"))
         config, paths = service.prepare(config, host, resume=args.resume)
         if args.card:
-            choice = service.card_preset(args.card, config)
-            config = replace(config, **choice.values).check()
+            processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+            config, lines, _ = service.apply_card(args.card, config, processes)
             if main:
-                print(f"card preset {choice.line()}")
+                print("\n".join(lines))
         reporter = ConsoleReporter(quiet=args.quiet, enabled=main)
         reporter.stop_on_ctrl_c()
         result = train(config, paths, reporter=reporter, resume=args.resume)

@@ -277,13 +277,17 @@ def _written_checkpoints(config: TrainingConfig, paths: RunPaths, result: TrainR
     return [p for p in dict.fromkeys(found) if p.is_file()]
 
 
-def _hosted(host: Host, work: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+def _hosted(host: Host, work: Callable[..., TrainResult], notes: list[str] | None = None
+            ) -> Callable[..., TrainResult]:
     """``work`` wrapped the WebUI way: generation held, the WebUI's model unloaded, progress
     mirrored; and before the lock is handed back, whatever touches the WebUI's model lists: the
     new checkpoints registered, its model loaded again. Both host calls decide from the WebUI
-    settings whether to do anything."""
+    settings whether to do anything. ``notes`` are logged first."""
 
     def run(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter, **kwargs) -> TrainResult:
+        for note in notes or []:
+            reporter.log(note)
+
         def waiting() -> None:
             reporter.log("waiting for the WebUI's running generation to finish before training")
 
@@ -314,14 +318,17 @@ def _hosted(host: Host, work: Callable[..., TrainResult]) -> Callable[..., Train
 
 
 def start_training(config: TrainingConfig, host: Host, runner: JobRunner | None = None, *,
-                   resume: bool = False, **train_kwargs: Any) -> int:
+                   resume: bool = False, notes: list[str] | None = None,
+                   **train_kwargs: Any) -> int:
     """Check, then start training in the background; returns the job id.
 
-    Raises ConfigError (every field at fault) or JobBusy (a job already runs). ``train_kwargs``
-    go to :func:`dreambooth.trainer.train` (tests pass ``components``)."""
+    Raises ConfigError (every field at fault) or JobBusy (a job already runs). ``notes`` go to
+    the run's log first (what a card preset changed); ``train_kwargs`` go to
+    :func:`dreambooth.trainer.train` (tests pass ``components``)."""
     runner = runner or default_runner()
     resolved, paths = prepare(config, host, resume=resume)
-    return runner.start(resolved, paths, work=_hosted(host, train), resume=resume, **train_kwargs)
+    return runner.start(resolved, paths, work=_hosted(host, train, notes or []), resume=resume,
+                        **train_kwargs)
 
 
 def make_class_pictures(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
@@ -797,7 +804,7 @@ def memory_figure_gb(config: TrainingConfig) -> tuple[dict[str, float], Any]:
     return for_config(config, family.name, resolution), family
 
 
-def card_preset(card: str, config: TrainingConfig):
+def card_preset(card: str, config: TrainingConfig, processes: int = 1):
     """The card-size preset ``card`` for ``config``'s run (:func:`dreambooth.card_presets.choose`,
     for its base model's family and resolution)."""
     from .card_presets import choose
@@ -806,7 +813,18 @@ def card_preset(card: str, config: TrainingConfig):
     family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
                                                                              "epsilon")
     return choose(card, config, family.name,
-                  config.resolution or family.default_resolution(prediction))
+                  config.resolution or family.default_resolution(prediction), processes)
+
+
+def apply_card(card: str, config: TrainingConfig, processes: int = 1
+               ) -> tuple[TrainingConfig, list[str], Any]:
+    """``config`` with the card preset's settings, the lines that say what it chose and changed
+    (``field: before → after``) for the CLI, the API and the run's log, and the choice.
+    ConfigError by field when the preset would have to override the user (see card_presets)."""
+    choice = card_preset(card, config, processes)
+    changed = replace(config, **choice.values).check()
+    lines = [f"card preset {choice.line()}"] + [f"  {line}" for line in choice.change_lines()]
+    return changed, lines, choice
 
 
 def memory_estimate(config: TrainingConfig) -> str:

@@ -279,7 +279,8 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
 
     precision = config.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
-        reporter.log("fp16 needs a CUDA GPU: training in full precision on the CPU")
+        reporter.log("mixed_precision: 'fp16' → 'no' (fp16 needs a CUDA GPU: full precision on "
+                     "the CPU)")
         precision = "no"
     accelerator = new_accelerator(precision)
     device = accelerator.device

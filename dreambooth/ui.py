@@ -782,7 +782,8 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
                 return [gr.update() for _ in fields] + [message(str(exc), "error")]
             updates = [gr.update(value=choice.values[k]) if k in choice.values else gr.update()
                        for k in form_keys()]
-            return updates + [f"<div class='dreambooth-note'>{html.escape(choice.line())}</div>"]
+            said = "<br>".join(html.escape(t) for t in [choice.line()] + choice.change_lines())
+            return updates + [f"<div class='dreambooth-note'>{said}</div>"]
 
         apply_card.click(on_card, inputs=[card] + form_inputs, outputs=fields + [estimate],
                          queue=False)

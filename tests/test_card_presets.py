@@ -88,11 +88,100 @@ def test_train_on_the_command_line_takes_a_card(tmp_path, capsys):
 
     from test_cli import write_config
 
+    # the default optimizer: the preset keeps a user's own (8-bit AdamW's state is what fits)
     config = write_config(tmp_path, with_prior_preservation=False, train_text_encoder=True,
-                          mixed_precision="fp16", max_grad_norm=1.0)
+                          mixed_precision="fp16", max_grad_norm=1.0, optimizer="adamw8bit")
     assert cli_main(["train", str(config), "--card", "6gb", "--quiet"]) == 0
-    assert "card preset 6gb: + bf16 trained weights" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "card preset 6gb: + bf16 trained weights" in out
+    assert "  max_grad_norm: 1.0 → 0.0" in out and "  fused_backward: False → True" in out
     saved = json.loads((tmp_path / "models" / "dreambooth" / "cli-model" / "config.json")
                        .read_text())
     assert saved["fused_backward"] is True and saved["trained_precision"] == "bf16"
     assert saved["max_grad_norm"] == 0.0 and saved["mixed_precision"] == "bf16"
+
+
+# --- a preset never overrides the user silently ----------------------------------------------
+def test_every_change_is_said_field_by_field():
+    config = TrainingConfig(**BASE)  # max_grad_norm and the memory settings at their defaults
+    choice = choose("6gb", config, "sd1", 512)
+    said = choice.change_lines()
+    assert "max_grad_norm: 1.0 → 0.0" in said
+    assert "fused_backward: False → True" in said and "mixed_precision: 'fp16' → 'bf16'" in said
+    changed = {name for name, before, after in choice.changes}
+    assert changed == {k for k, v in choice.values.items() if getattr(config, k) != v}
+
+
+def test_a_learning_rate_free_optimizer_is_kept_never_swapped():
+    """The tester's case: Prodigy at lr 1.0 became 8-bit AdamW at lr 1.0."""
+    lora = TrainingConfig(**BASE, training_method="lora", optimizer="prodigy", learning_rate=1.0)
+    choice = choose("6gb", lora, "sd1", 512)
+    applied = dataclasses.replace(lora, **choice.values)
+    assert applied.optimizer == "prodigy" and applied.learning_rate == 1.0
+    assert "kept your optimizer 'prodigy'" in choice.change_lines()
+    # a full SD1.5 run needs the fused pass and bf16 weights, which Prodigy rules out: refused
+    full = TrainingConfig(**BASE, optimizer="prodigy", learning_rate=1.0)
+    with pytest.raises(ConfigError) as refused:
+        choose("6gb", full, "sd1", 512)
+    assert [e.field for e in refused.value.errors] == ["optimizer"]
+    assert "'adamw8bit'" in str(refused.value)  # what to do: its default
+
+
+@pytest.mark.parametrize("field, value", [("gradient_accumulation_steps", 4),
+                                          ("max_grad_norm", 0.5)])
+def test_accumulation_and_clipping_the_user_set_are_kept_or_refused_by_name(field, value):
+    full = TrainingConfig(**BASE, **{field: value})
+    with pytest.raises(ConfigError) as refused:  # 6 GB needs the fused pass, which cannot
+        choose("6gb", full, "sd1", 512)
+    assert [e.field for e in refused.value.errors] == [field]
+    roomy = choose("16gb", full, "sd1", 512)  # a rung without the fused pass fits: kept
+    assert field not in roomy.values or roomy.values[field] == value
+    assert dataclasses.replace(full, **roomy.values).validate() == full.validate()
+
+
+def test_several_processes_never_get_the_fused_pass():
+    full = TrainingConfig(**BASE)
+    with pytest.raises(ConfigError) as refused:
+        choose("6gb", full, "sd1", 512, processes=2)
+    assert [e.field for e in refused.value.errors] == ["card"]
+    assert "one process" in str(refused.value) and "fused_backward" not in str(refused.value)
+    lora = choose("6gb", TrainingConfig(**BASE, training_method="lora"), "sd1", 512, processes=2)
+    assert not lora.values.get("fused_backward")
+
+
+def test_the_api_and_the_run_log_say_what_the_card_changed(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from dreambooth import api
+    from dreambooth.webui import StandaloneHost
+
+    from test_cli import write_config
+
+    config = json.loads(write_config(tmp_path, with_prior_preservation=False,
+                                     optimizer="adamw8bit").read_text())
+    host = StandaloneHost(tmp_path / "models")
+    app = FastAPI()
+    api.mount(app, host=host, credentials={})
+    started = []
+    original = service.start_training
+
+    def record(config, host, runner=None, **kwargs):
+        started.append((config, kwargs.get("notes")))
+        return 1
+
+    service.start_training = record
+    try:
+        client = TestClient(app, base_url="http://127.0.0.1")
+        answer = client.post("/dreambooth/v1/train?card=6gb", json=config)
+        refused = client.post("/dreambooth/v1/train?card=6gb",
+                              json={**config, "gradient_accumulation_steps": 4})
+    finally:
+        service.start_training = original
+    assert answer.status_code == 200, answer.text
+    changes = {c["field"]: (c["before"], c["after"]) for c in answer.json()["card"]["changes"]}
+    assert changes["max_grad_norm"] == (1.0, 0.0)
+    trained, notes = started[0]
+    assert trained.fused_backward and "  max_grad_norm: 1.0 → 0.0" in notes
+    assert refused.status_code == 422
+    assert refused.json()["errors"][0]["field"] == "gradient_accumulation_steps"
