@@ -27,6 +27,7 @@ from . import files
 
 FORMAT = 2
 STATE_FILE = "state.json"
+RUN_FILE = "run.json"  # in the work folder: the id of the run the folder's config.json belongs to
 TENSORS_FILE = "training_state.safetensors"
 STRUCTURE_FILE = "training_state.json"
 
@@ -133,9 +134,12 @@ def sweep_resume_dir(resume_dir: Path) -> list[Path]:
 
 def save_resume_point(resume_dir: Path, step: int, models: Mapping[str, torch.nn.Module],
                       training_state: Mapping[str, Any], *, run_id: str, limit: int,
-                      needed_bytes: int | None = None) -> Path:
-    """Write ``step-NNNNNN`` (models, optimizer/scheduler/EMA state, step) and keep the newest
-    ``limit`` points (0: all). The older points are removed only once the new one is complete."""
+                      needed_bytes: int | None = None, settings: Mapping[str, Any] | None = None
+                      ) -> Path:
+    """Write ``step-NNNNNN`` (models, optimizer/scheduler/EMA state, step, the ``settings`` that
+    shape them) and keep the newest ``limit`` points (0: all). The older points — and those of
+    an earlier run under the same name (overwrite) — are removed only once the new one is
+    complete."""
     from safetensors.torch import save_file
 
     final = Path(resume_dir) / f"step-{step:06d}"
@@ -148,12 +152,90 @@ def save_resume_point(resume_dir: Path, step: int, models: Mapping[str, torch.nn
         save_file(tensors, str(tmp / TENSORS_FILE))
         (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, allow_nan=False), encoding="utf-8")
         (tmp / STATE_FILE).write_text(json.dumps({
-            "format": FORMAT, "step": step, "run_id": run_id,
-            "models": sorted(models)}), encoding="utf-8")
+            "format": FORMAT, "step": step, "run_id": run_id, "models": sorted(models),
+            "settings": dict(settings or {})}), encoding="utf-8")
+    remove_other_runs(resume_dir, run_id)
     if limit > 0:
         for old in list_resume_points(resume_dir)[:-limit]:
             files.remove_tree(old)
     return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Which run a point belongs to, and the settings it was written with
+# ---------------------------------------------------------------------------------------------
+def _point_run(point: Path) -> str | None:
+    try:
+        return str(read_state(point).get("run_id") or "") or None
+    except ResumeError:
+        return None
+
+
+def write_run_id(work_dir: Path, run_id: str) -> None:
+    """Record the run the work folder now belongs to (a new run starts; with overwrite the
+    earlier run's points stay until this one has written its own)."""
+    files.write_json(Path(work_dir) / RUN_FILE, {"run_id": run_id}, overwrite=True)
+
+
+def read_run_id(work_dir: Path) -> str | None:
+    """The id of the work folder's current run; None for folders of earlier versions."""
+    try:
+        value = json.loads((Path(work_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(value.get("run_id") or "") or None if isinstance(value, dict) else None
+
+
+def run_points(work_dir: Path, resume_dir: Path) -> list[Path]:
+    """The complete resume points of the work folder's current run, oldest first: every point
+    when the folder does not say which run it holds, and those that do not say whose they are
+    (earlier versions: loading them says what is wrong with them)."""
+    points = list_resume_points(resume_dir)
+    own = read_run_id(work_dir)
+    return points if own is None else [p for p in points if _point_run(p) in (own, None)]
+
+
+def remove_other_runs(resume_dir: Path, run_id: str) -> int:
+    """Remove the points of other runs (an earlier run replaced with overwrite)."""
+    others = [p for p in list_resume_points(resume_dir) if _point_run(p) != run_id]
+    for point in others:
+        files.remove_tree(point)
+    return len(others)
+
+
+def settings_of(config) -> dict[str, Any]:
+    """The settings that shape a run's trained tensors and optimizer state: a point written
+    with others cannot be continued (it is not damaged: it is another run's)."""
+    names = ["training_method", "train_text_encoder", "optimizer", "use_ema", "fused_backward",
+             "trained_precision"]
+    method = config.training_method
+    if method != "full":
+        names += ["lora_rank", "lora_alpha", "lora_layers", "base_weights_8bit"]
+        names += ["dora"] if method in ("lora", "locon") else []
+        names += ["lora_conv_rank", "lora_conv_alpha"] if method != "lora" else []
+        names += ["lokr_factor"] if method == "lokr" else []
+    return {name: json.loads(json.dumps(getattr(config, name))) for name in names}
+
+
+def changed_settings(point: Path, config) -> list[tuple[str, Any, Any]]:
+    """``(field, saved, now)`` for each shaping setting ``config`` changes against the point
+    (nothing for points written before the settings were recorded)."""
+    saved = read_state(point).get("settings") or {}
+    now = settings_of(config)
+    return [(name, saved[name], now[name]) for name in now
+            if name in saved and saved[name] != now[name]]
+
+
+def setting_errors(point: Path, config) -> list:
+    """A FieldError for each setting :func:`changed_settings` finds: old and new value, and how
+    to start a new run instead."""
+    from .config import FieldError
+
+    return [FieldError(name, f"the run's resume point {Path(point).name} was trained with {name} "
+                             f"= {old!r}, not {new!r}: resume with {old!r}, or start a new run "
+                             "with this setting under another name (or turn on overwrite and "
+                             "start it without resuming)")
+            for name, old, new in changed_settings(point, config)]
 
 
 def read_state(point: Path) -> dict[str, Any]:
@@ -186,11 +268,22 @@ def load_resume_point(point: Path, models: Mapping[str, torch.nn.Module]
         structure = json.loads((point / STRUCTURE_FILE).read_text(encoding="utf-8"))
     except ResumeError:
         raise
-    except Exception as exc:  # safetensors, json and load_state_dict errors: one clear message
-        raise ResumeError(f"{point} is damaged and cannot be resumed from "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                          "delete that folder to resume from an older point") from exc
+    except RuntimeError as exc:  # load_state_dict: other keys or shapes, not damage
+        if "state_dict" not in str(exc):
+            raise _damaged(point, exc) from exc
+        raise ResumeError(f"{point} holds other tensors than this run trains: it was written with "
+                          "other settings (method, rank, layers or text encoder). Resume with the "
+                          "settings in the run's config.json, or start a new run under another "
+                          "name") from exc
+    except Exception as exc:  # safetensors and json errors: the files themselves
+        raise _damaged(point, exc) from exc
     return state, unflatten(structure, tensors)
+
+
+def _damaged(point: Path, exc: Exception) -> ResumeError:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return ResumeError(f"{point} is damaged and cannot be resumed from ({type(exc).__name__}: "
+                       f"{first}); delete that folder to resume from an older point")
 
 
 def remove_all(resume_dir: Path) -> int:
@@ -202,4 +295,6 @@ def remove_all(resume_dir: Path) -> int:
 
 
 __all__ = ["list_resume_points", "save_resume_point", "load_resume_point", "sweep_resume_dir",
-           "ResumeError", "new_run_id", "remove_all", "read_state", "estimate_bytes"]
+           "ResumeError", "new_run_id", "remove_all", "read_state", "estimate_bytes",
+           "write_run_id", "read_run_id", "run_points", "remove_other_runs", "settings_of",
+           "changed_settings", "setting_errors"]

@@ -73,7 +73,8 @@ class RunWriter:
         point = resume.save_resume_point(
             self.paths.resume_dir, step, models, state, run_id=self.run_id,
             limit=self.config.checkpoints_total_limit,
-            needed_bytes=resume.estimate_bytes(models, self.optimizer))
+            needed_bytes=resume.estimate_bytes(models, self.optimizer),
+            settings=resume.settings_of(self.config))
         self.reporter.log(f"saved resume point at step {step}")
         return point
 

@@ -35,6 +35,7 @@ from .config import Concept, ConfigError, FieldError, TrainingConfig
 from .families import base_family, for_kind, with_model_resolution
 from .job import JobRunner, runner as default_runner
 from .names import output_file_name, sanitize_model_name
+from . import resume as resume_points
 from .resume import list_resume_points, point_step, read_state
 from .run_output import planned_outputs, run_id_of
 from .trainer import Reporter, RunPaths, TrainResult, train
@@ -106,7 +107,12 @@ def _output_errors(config: TrainingConfig, host: Host, resume: bool) -> list[Fie
     errors = []
     work = host.work_dir(config.model_name)
     points = list_resume_points(work / "checkpoints")
-    own_run = str(read_state(points[-1]).get("run_id") or "") if points and resume else None
+    own_run = None
+    if resume:  # the run's own files may be replaced; its point must fit the settings
+        own = resume_points.run_points(work, work / "checkpoints")
+        own_run = ((own and str(read_state(own[-1]).get("run_id") or ""))
+                   or resume_points.read_run_id(work))
+        errors += resume_points.setting_errors(own[-1], config) if own else []
     if points and not resume and not config.overwrite:
         errors.append(FieldError("model_name", f"{work} holds resume points of an earlier run "
                                  f"(step {point_step(points[-1])}): resume it, choose another "

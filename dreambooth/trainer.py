@@ -276,6 +276,12 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
                                       f"earlier run (step {resume_points.point_step(points[-1])}): "
                                       "resume it, choose another name, or turn on overwrite to "
                                       "discard them")])
+    own_points = resume_points.run_points(paths.work_dir, paths.resume_dir) if resume else []
+    if own_points and resume_points.setting_errors(own_points[-1], config):
+        raise ConfigError(resume_points.setting_errors(own_points[-1], config))  # nothing written
+    run_id = ((own_points and resume_points.read_state(own_points[-1]).get("run_id"))
+              or (resume and resume_points.read_run_id(paths.work_dir))
+              or resume_points.new_run_id())
 
     precision = config.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
@@ -315,9 +321,11 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         for stale in resume_points.sweep_resume_dir(paths.resume_dir):
             reporter.log(f"removed the incomplete resume point {stale.name}")
         if points and not resume:
-            resume_points.remove_all(paths.resume_dir)
-            reporter.log(f"overwrite: discarded the resume points of the earlier run in {paths.work_dir}")
-        config.save(paths.work_dir / "config.json")
+            reporter.log(f"overwrite: the resume points of the earlier run in {paths.work_dir} "
+                         "are removed once this run has written its own")
+        if not own_points:  # a resumed run's config.json is written once its point has loaded
+            config.save(paths.work_dir / "config.json")
+            resume_points.write_run_id(paths.work_dir, run_id)
     reporter.log(f"training on {device.type}" + (f" with {accelerator.num_processes} processes"
                                                  if accelerator.num_processes > 1 else "")
                  + f", precision {precision}")
@@ -497,16 +505,17 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     ema = (EMA(accelerator.unwrap_model(trained["unet"]).parameters(), config.ema_decay)
            if config.use_ema else None)
 
-    step, state, run_id = 0, None, resume_points.new_run_id()
-    if resume:
-        points = resume_points.list_resume_points(paths.resume_dir)
-        if points:
-            models = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
-            saved, state = resume_points.load_resume_point(points[-1], models)
-            step, run_id = int(saved["step"]), str(saved.get("run_id") or run_id)
-            reporter.log(f"resumed from {points[-1].name} (step {step})")
-        else:
-            reporter.log("no resume checkpoint found: starting from step 0")
+    step, state = 0, None
+    if own_points:
+        models = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
+        saved, state = resume_points.load_resume_point(own_points[-1], models)
+        step = int(saved["step"])
+        reporter.log(f"resumed from {own_points[-1].name} (step {step})")
+        if main:  # the settings it continues with (a longer run, another learning rate)
+            config.save(paths.work_dir / "config.json")
+            resume_points.write_run_id(paths.work_dir, run_id)
+    elif resume:
+        reporter.log("no resume point of this run found: starting from step 0")
     # Text encoders still training (name -> its optimizer group and the step it stops after).
     training_te = {name: (group, stop) for group, (name, _, _, stop) in enumerate(trained_te, 1)
                    if step < stop}
@@ -517,7 +526,13 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
         problem = fused.resume_problem(config, state["optimizer"])
         if problem:
             raise ConfigError([problem])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:  # other parameter groups: another run's settings
+            raise resume_points.ResumeError(
+                f"{own_points[-1]}'s optimizer state does not fit this run's settings ({exc}). "
+                "Resume with the settings in the run's config.json, or start a new run under "
+                "another name") from exc
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
@@ -671,6 +686,8 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
             samples(final=True)
             if export_model:
                 output_path = timed("export", lambda: writer.model(step))
+            # overwrite: an earlier run's points go once this run's model is written
+            resume_points.remove_other_runs(paths.resume_dir, run_id)
         cancelled = False
     except Cancelled:
         cancelled = True

@@ -100,6 +100,7 @@ def test_two_processes_train_together_and_only_rank_0_writes(tmp_path):
         "models/Stable-diffusion/cli-model.safetensors",
         "models/dreambooth/cli-model/config.json",
         "models/dreambooth/cli-model/logs/train.jsonl",
+        "models/dreambooth/cli-model/run.json",  # the run's id (its own files on --resume)
         "models/dreambooth/cli-model/samples/step-000002-0.png"]  # the final sample
     assert len(read_log(tmp_path / "models/dreambooth/cli-model/logs/train.jsonl")) == 3
     checkpoint.load_components(tmp_path / "models" / "Stable-diffusion" / "cli-model.safetensors")
