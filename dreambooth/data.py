@@ -24,7 +24,10 @@ Decisions (documented in docs/pictures.md too):
 * **Masks** (``masked_training``): ``photo.mask.png`` beside ``photo.jpg`` (white = subject), or
   the picture's own alpha channel (``mask_source = "alpha"``). A mask goes through exactly the
   resize, crop, rotation and flip of its picture (``picture_and_mask``), so it stays on the
-  subject in every bucket and augmentation. Mask files are never listed as pictures.
+  subject in every bucket and augmentation. Mask files are never listed as pictures. Masks are
+  read by their real mode (16-bit greyscale scaled, not clipped; alpha in a mask file makes
+  transparent pixels background): see ``masks.py``. With ``mask_background_weight`` 0 an
+  all-black mask trains nothing: warned per picture, refused when a concept has nothing else.
 * **Flips** are decided by the trainer (``epoch_flips``), never inside ``picture_tensor``, so that
   cached latents can hold a picture and its mirror and the flip still varies during training.
 """
@@ -44,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
 from .config import TrainingConfig
+from .masks import has_alpha, is_blank, mask_image
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +145,6 @@ def mask_path(picture: Path) -> Path:
     return picture.with_name(picture.stem + MASK_SUFFIX + ".png")
 
 
-def has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-
-
 def mask_for(picture: Path, source: str) -> Path | None:
     """Where the mask of ``picture`` comes from: its mask file, or (``source == "alpha"``) the
     picture itself when it has an alpha channel; None when it has no mask."""
@@ -156,16 +156,14 @@ def mask_for(picture: Path, source: str) -> Path | None:
 
 
 def open_mask(path: Path, source: str, size: tuple[int, int]) -> Image.Image:
-    """The mask as greyscale ("L", 255 = subject) at ``size`` (the decoded picture's size):
-    EXIF orientation applied like the picture's, a mask file of another size stretched to it."""
+    """The mask as greyscale ("L", 255 = subject) at ``size`` (the decoded picture's size), read
+    by its real mode (:func:`masks.mask_image`): EXIF orientation applied like the picture's, a
+    mask file of another size stretched to it."""
     with Image.open(path) as image:
         check_decode_size(image)
         image.load()
         oriented = ImageOps.exif_transpose(image)
-    if source == "alpha":
-        mask = oriented.convert("RGBA").getchannel("A")
-    else:
-        mask = oriented.convert("L") if oriented.mode != "L" else oriented
+    mask = mask_image(oriented, source)
     return mask if mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
 
 
@@ -639,12 +637,15 @@ def collect_pictures(config: TrainingConfig, *, include_class: bool = True,
     ``concepts[i].instance_data_dir``). Class folders are read when prior preservation is on and
     ``include_class``: at most the concept's num_class_images, the first by name. Undecodable
     files raise a DatasetError listing them all, unless ``config.skip_bad_images``: then each is
-    reported through ``warn`` (default: the logger) and left out."""
+    reported through ``warn`` (default: the logger) and left out. With masked training and
+    ``mask_background_weight`` 0, all-black masks are warned, or refused when no picture of a
+    concept has anything else."""
     warn = warn or log.warning
     background_color(config.alpha_background)  # a bad colour fails now, not at the first batch
     native = not config.with_prior_preservation
     pictures: list[Picture] = []
     bad: list[tuple[str, BadPicture]] = []
+    blank: dict[int, list[Path]] = defaultdict(list)  # all-black masks with background weight 0
     for index, concept in enumerate(config.concepts):
         where = f"concepts[{index}]"
         folder = _existing_folder(concept.instance_data_dir, f"{where}.instance_data_dir",
@@ -665,8 +666,10 @@ def collect_pictures(config: TrainingConfig, *, include_class: bool = True,
             if config.masked_training:
                 try:
                     mask = mask_for(path, config.mask_source)
-                    if mask is not None:  # decoded now: a broken mask must not stop step 900
-                        open_mask(mask, config.mask_source, size)
+                    # Decoded now: a broken mask must not stop step 900.
+                    if (mask is not None and is_blank(open_mask(mask, config.mask_source, size))
+                            and config.mask_background_weight <= 0):
+                        blank[index].append(path)
                 except Exception as exc:
                     source = path if config.mask_source == "alpha" else mask_path(path)
                     bad.append((f"{where}.instance_data_dir",
@@ -689,7 +692,27 @@ def collect_pictures(config: TrainingConfig, *, include_class: bool = True,
             raise DatasetError(f"concepts[{index}].instance_data_dir: "
                                f"{config.concepts[index].instance_data_dir} holds no readable "
                                "pictures")
+    _refuse_blank_masks(config, pictures, blank, warn)
     return pictures
+
+
+def _refuse_blank_masks(config: TrainingConfig, pictures: list[Picture],
+                        blank: dict[int, list[Path]], warn: Callable[[str], None]) -> None:
+    """All-black masks with background weight 0 give a zero loss: a concept whose every picture
+    has one would train nothing (a zero LoRA, exit 0), so it is refused; fewer are warned."""
+    for index, paths in blank.items():
+        folder = config.concepts[index].instance_data_dir
+        kept = sum(1 for p in pictures if p.concept_index == index and not p.is_class)
+        if len(paths) >= kept:
+            raise DatasetError(
+                f"concepts[{index}].instance_data_dir: every mask in {folder} is all black and "
+                "mask_background_weight is 0, so this concept would train nothing; paint the "
+                "subject white in the masks (white = subject; in a 16-bit mask white is 65535), "
+                "or raise mask_background_weight above 0")
+        for path in paths:
+            warn(f"{path}: its mask is all black and mask_background_weight is 0: this picture "
+                 f"trains nothing (concepts[{index}].instance_data_dir); paint the subject white "
+                 "in its mask")
 
 
 def _inside_class_folder(path: Path, config: TrainingConfig) -> bool:

@@ -22,6 +22,7 @@ from .data import (FILEWORDS, UNRESOLVED_RESOLUTION, DatasetError, background_co
                    caption_for, file_hash, guess_identifier, has_alpha, identifier_report,
                    list_pictures, mask_for, open_mask, oriented_size, prompt_token_limit,
                    read_caption, scan_folder, token_length)
+from .masks import is_blank
 
 # Short-side ranges for the size distribution (px).
 SIZE_RANGES = ((0, 256, "< 256"), (256, 512, "256-511"), (512, 768, "512-767"),
@@ -185,7 +186,7 @@ def _check_mask(report: FolderReport, picture: Path, name: str, size: tuple[int,
     if own_size != size:
         report.masks_bad.append(f"{found.name} ({own_size[0]}x{own_size[1]}, the picture is "
                                 f"{size[0]}x{size[1]}: stretched to fit)")
-    if mask.getextrema()[1] == 0:
+    if is_blank(mask):  # read as training reads it: a near-black 16-bit mask is black here too
         report.masks_empty.append(found.name)
 
 
@@ -392,9 +393,12 @@ def _folder_findings(report: DatasetReport, folder: FolderReport, config: Traini
             report.warnings.append(f"{name}: {len(folder.masks_missing)} picture(s) have no mask "
                                    f"(trained whole): {_names(folder.masks_missing)}")
         if folder.masks_empty:
-            report.warnings.append(f"{name}: all-black mask(s), only the background weight "
-                                   f"{config.mask_background_weight} trains them: "
-                                   f"{_names(folder.masks_empty)}")
+            report.warnings.append(_blank_mask_finding(name, folder, config))
+            if config.mask_background_weight <= 0 and len(folder.masks_empty) == folder.pictures:
+                report.errors.append(f"{name}: every mask is all black and mask_background_weight"
+                                     " is 0, so this concept would train nothing; paint the "
+                                     "subject white in the masks, or raise "
+                                     "mask_background_weight above 0")
         if folder.masks_bad:
             problems = [b for b in folder.masks_bad if "stretched" not in b]
             text = f"{name}: mask(s) {_names(folder.masks_bad)}"
@@ -412,6 +416,14 @@ def _folder_findings(report: DatasetReport, folder: FolderReport, config: Traini
             report.warnings.append(f"{name}: picture(s) with camera EXIF data: "
                                    f"{_names(folder.camera_pictures)}; the class folder must hold "
                                    "only pictures the model generated, not photos")
+
+
+def _blank_mask_finding(name: str, folder: FolderReport, config: TrainingConfig) -> str:
+    """All-black masks: the background weight is all that trains those pictures."""
+    weight = config.mask_background_weight
+    effect = ("with mask_background_weight 0 these pictures train nothing" if weight <= 0
+              else f"only the background weight {weight} trains them")
+    return f"{name}: all-black mask(s), {effect}: {_names(folder.masks_empty)}"
 
 
 def _identifier_findings(report: DatasetReport, item: ConceptReport, config: TrainingConfig,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -220,3 +221,177 @@ def test_sampled_latents_keep_the_std_in_the_cache_and_change_training(tmp_path)
     uncached, _ = run(tmp_path / "u", masked_training=False, latents_from="sample",
                       cache_latents=False)
     assert torch.equal(flat(uncached.unet), flat(sampled.unet))  # the cache changes nothing
+
+
+# ------------------------------------------------------------------------------------------
+# Masks read by their real mode (16-bit, palette, alpha ...), and all-black masks refused
+# ------------------------------------------------------------------------------------------
+
+def raw_png(path, array, color_type, trns: bytes = b""):
+    """A 16-bit PNG written by hand (Pillow cannot save 16-bit LA nor 16-bit grey with tRNS)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    height, width = array.shape[:2]
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + (chunk(b"tRNS", trns) if trns else b"")
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def grey16(value, size=(64, 64)):
+    return Image.fromarray(np.full(size[::-1], value, np.uint16), "I;16")
+
+
+def palette(index_alpha=None):
+    """A palette picture of index 1 (white); ``index_alpha``: index 1's opacity."""
+    image = Image.new("P", (64, 64), 1)
+    image.putpalette([0, 0, 0, 255, 255, 255])
+    if index_alpha is not None:
+        image.info["transparency"] = bytes([255, index_alpha])
+    return image
+
+
+def grey_palette():
+    image = Image.new("P", (64, 64), 0)
+    image.putpalette([128, 128, 128])
+    return image
+
+
+def save_png(image):
+    return lambda path: image.save(path)
+
+
+def save_tiff(image):  # content decides the format: a 32-bit or float mask can only be a TIFF
+    return lambda path: image.save(path, format="TIFF")
+
+
+MASK_FILES = {  # name -> (how the mask file is written, the value training must see)
+    "I;16 near black": (save_png(grey16(1000)), 1000 / 65535),
+    "I;16 white": (save_png(grey16(65535)), 1.0),
+    "I;16 half": (save_png(grey16(32768)), 0.5),
+    "I 16-bit range": (save_png(Image.fromarray(np.full((64, 64), 1000, np.int32), "I")),
+                       1000 / 65535),
+    "I 32-bit": (save_tiff(Image.fromarray(np.full((64, 64), 2 ** 30, np.int32), "I")), 0.5),
+    "F 0..1": (save_tiff(Image.fromarray(np.full((64, 64), 0.25, np.float32), "F")), 0.25),
+    "F 0..255": (save_tiff(Image.fromarray(np.full((64, 64), 64.0, np.float32), "F")),
+                 64 / 255),
+    "1": (save_png(Image.new("1", (64, 64), 1)), 1.0),
+    "P grey": (save_png(grey_palette()), 128 / 255),
+    "P half transparent": (save_png(palette(128)), 0.5),
+    "LA half transparent": (save_png(Image.new("LA", (64, 64), (255, 128))), 0.5),
+    "LA 16-bit": (lambda p: raw_png(p, np.dstack([np.full((64, 64), 65535),
+                                                  np.full((64, 64), 32768)]), 4), 0.5),
+    "RGBA half transparent": (save_png(Image.new("RGBA", (64, 64), (255, 255, 255, 128))), 0.5),
+    "RGBA opaque grey": (save_png(Image.new("RGBA", (64, 64), (64, 64, 64, 255))), 64 / 255),
+    "I;16 colour key": (lambda p: raw_png(p, np.full((64, 64), 65535), 0,
+                                          trns=(65535).to_bytes(2, "big")), 0.0),
+    "RGB red": (save_png(Image.new("RGB", (64, 64), (255, 0, 0))), 76 / 255),
+    "CMYK white": (save_tiff(Image.new("CMYK", (64, 64), (0, 0, 0, 0))), 1.0),
+}
+
+
+def mask_seen_in_training(root, **overrides):
+    """The mask tensor training sees for root/instance/a.png, as collect_pictures finds it."""
+    config = masked_config(root, mask_background_weight=0.1, **overrides)
+    picture = data.collect_pictures(config, include_class=False, warn=lambda _: None)[0]
+    _, mask = data.picture_and_mask(picture, config, mask=picture.mask)
+    return mask
+
+
+@pytest.mark.parametrize("name", list(MASK_FILES))
+def test_mask_files_are_read_by_their_real_mode(tmp_path, name):
+    write, expected = MASK_FILES[name]
+    inst = tmp_path / "instance"
+    inst.mkdir()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(inst / "a.png")
+    write(inst / "a.mask.png")
+    mask = mask_seen_in_training(tmp_path)
+    assert mask.shape == (1, 64, 64)
+    assert mask.mean().item() == pytest.approx(expected, abs=0.006), name
+    assert mask.std().item() < 1e-6  # uniform masks stay uniform
+
+
+def test_a_16_bit_png_mask_comes_back_from_pillow_as_16_bit(tmp_path):
+    grey16(1000).save(tmp_path / "m.png")
+    with Image.open(tmp_path / "m.png") as image:  # "I" in Pillow 9.5, "I;16" in later ones
+        assert image.mode in ("I", "I;16") and image.getextrema() == (1000, 1000)
+
+
+def half_key_grey16():
+    """16-bit grey, left half the tRNS colour key (transparent), right half opaque."""
+    array = np.full((64, 64), 40000)
+    array[:, :32] = 1234
+    return array
+
+
+ALPHA_PICTURES = {  # name -> (how the picture is written, its mean opacity)
+    "RGBA": (save_png(Image.new("RGBA", (64, 64), (200, 10, 10, 128))), 0.5),
+    "LA": (save_png(Image.new("LA", (64, 64), (200, 128))), 0.5),
+    "P with transparency": (save_png(palette(128)), 0.5),
+    "LA 16-bit": (lambda p: raw_png(p, np.dstack([np.full((64, 64), 9000),
+                                                  np.full((64, 64), 32768)]), 4), 0.5),
+    "I;16 colour key": (lambda p: raw_png(p, half_key_grey16(), 0,
+                                          trns=(1234).to_bytes(2, "big")), 0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(ALPHA_PICTURES))
+def test_alpha_masks_are_the_opacity_of_every_mode(tmp_path, name):
+    write, expected = ALPHA_PICTURES[name]
+    inst = tmp_path / "instance"
+    inst.mkdir()
+    write(inst / "a.png")
+    mask = mask_seen_in_training(tmp_path, mask_source="alpha")
+    assert mask.mean().item() == pytest.approx(expected, abs=0.006), name
+
+
+def black_masked_folder(root, black=("a", "b")):
+    config = masked_config(root)  # makes a.png, b.png with white-square masks
+    for name in black:
+        Image.new("L", (96, 64), 0).save(root / "instance" / f"{name}.mask.png")
+    return config
+
+
+def test_all_black_masks_with_background_weight_0_are_refused_by_name(tmp_path):
+    config = black_masked_folder(tmp_path)
+    with pytest.raises(data.DatasetError,
+                       match=r"concepts\[0\]\.instance_data_dir: .*mask_background_weight"):
+        data.collect_pictures(config, include_class=False)
+    report = check_dataset(config)
+    assert any("mask_background_weight" in e and "train nothing" in e for e in report.errors)
+    with pytest.raises(data.DatasetError, match="mask_background_weight"):
+        train(config, run_paths(tmp_path), reporter=RecordingReporter(),
+              components=tiny_components(), export_model=False)
+    some = masked_config(tmp_path, mask_background_weight=0.2)  # the background still trains
+    assert len(data.collect_pictures(some, include_class=False)) == 2
+    assert not check_dataset(some).errors
+
+
+def test_a_16_bit_near_black_mask_is_all_black_not_white(tmp_path):
+    config = black_masked_folder(tmp_path, black=())
+    grey16(100).save(tmp_path / "instance" / "a.mask.png")  # 100/65535: black at 8 bits
+    grey16(100).save(tmp_path / "instance" / "b.mask.png")
+    with pytest.raises(data.DatasetError, match="mask_background_weight"):
+        data.collect_pictures(config, include_class=False)
+    folder = check_dataset(config).concepts[0].instance
+    assert folder.masks_empty == ["a.mask.png", "b.mask.png"]
+
+
+def test_some_black_masks_are_warned_and_listed_as_training_nothing(tmp_path):
+    config = black_masked_folder(tmp_path, black=("b",))
+    warnings: list[str] = []
+    pictures = data.collect_pictures(config, include_class=False, warn=warnings.append)
+    assert len(pictures) == 2
+    assert len(warnings) == 1 and "b.png" in warnings[0] and "trains nothing" in warnings[0]
+    report = check_dataset(config)
+    assert report.concepts[0].instance.masks_empty == ["b.mask.png"]
+    assert not report.errors
+    assert any("b.mask.png" in w and "train nothing" in w for w in report.warnings)
+    assert "train nothing" in report.to_text()
+    weighted = check_dataset(masked_config(tmp_path, mask_background_weight=0.3))
+    assert not any("train nothing" in w for w in weighted.warnings)
