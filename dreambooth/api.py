@@ -20,6 +20,11 @@ site's (403) — same semantics as the WebUI's ``--cors-allow-origins`` / ``--co
 which extend the list — and a ``Host`` that is not this machine's (403: DNS rebinding); POST bodies
 must be ``application/json`` (415: a "simple" cross-site form or text/plain post is never read)
 and at most 1 MiB (413).
+
+The standalone app (``python -m dreambooth ui``) puts the same policy in front of every route,
+gradio's too (:class:`AppGate`): its page, queue and predict routes would otherwise let any page
+press Train, and its file routes serve only sample pictures and gradio's temp files. Inside the
+WebUI only our routes are guarded; the WebUI's own options govern the rest.
 """
 # No "from __future__ import annotations" here: FastAPI reads the handlers' annotations at
 # runtime and must see real classes (Request, HTTPBasicCredentials), not strings.
@@ -28,7 +33,8 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass, replace
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
@@ -36,6 +42,9 @@ from urllib.parse import urlsplit
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import service
 from .config import ConfigError, FieldError, TrainingConfig, merge_errors
@@ -117,17 +126,23 @@ def _refuse(status: int, detail: str) -> None:
     raise HTTPException(status_code=status, detail=detail)
 
 
+def refusal(rules: RequestPolicy, host: Optional[str], origin: Optional[str]) -> Optional[str]:
+    """Why a request with these ``Host`` and ``Origin`` headers is not the user's own (None: it
+    is). One text for our routes and, standalone, for every route of the app."""
+    if not rules.host_allowed(host):
+        return (f"host {host!r} is not this app's; add it to the WebUI's --server-name or to "
+                f"${ALLOWED_HOSTS_ENV} to reach the app by that name")
+    if origin is not None and not rules.origin_allowed(origin, host):
+        return (f"requests from other web pages ({origin}) are refused; allow a page with the "
+                "WebUI's --cors-allow-origins (standalone: --allow-origin)")
+    return None
+
+
 def _make_guard(policy: Callable[[], RequestPolicy]) -> Callable[..., Any]:
     def guard(request: Request) -> None:
-        rules = policy()
-        host = request.headers.get("host")
-        if not rules.host_allowed(host):
-            _refuse(403, f"host {host!r} is not this app's; add it to --server-name or "
-                         f"${ALLOWED_HOSTS_ENV} to reach the app by that name")
-        origin = request.headers.get("origin")
-        if origin is not None and not rules.origin_allowed(origin, host):
-            _refuse(403, f"requests from other web pages ({origin}) are refused; allow a page with "
-                         "the WebUI's --cors-allow-origins")
+        why = refusal(policy(), request.headers.get("host"), request.headers.get("origin"))
+        if why is not None:
+            _refuse(403, why)
         if request.method == "POST":
             content_type = request.headers.get("content-type")
             if content_type and content_type.split(";")[0].strip().lower() != "application/json":
@@ -297,6 +312,91 @@ def drop_wildcard_cors(app: Any) -> bool:
     app.user_middleware = kept
     app.middleware_stack = None  # rebuilt at the next request
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The standalone app's gate: every route, gradio's as well as ours
+# ---------------------------------------------------------------------------------------------
+FILE_ROUTE = re.compile(r"/file(?:=|/)(.*)", re.DOTALL)  # gradio's /file=PATH and /file/PATH
+
+
+def gradio_temp_dir() -> Path:
+    """Where gradio 3.41 and 4.40 alike keep what the page is sent: uploads and a copy of every
+    file a component shows (the gallery's samples, the exported concepts list)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+@dataclass(frozen=True)
+class FileRule:
+    """Which files gradio's file routes may serve standalone: gradio's temp folder, and the runs'
+    sample pictures (``<work_root>/<name>/samples/``). Never the folder the app was started from
+    (gradio 3 serves all of it) nor the rest of the models folder (checkpoints, LoRA files,
+    resume points, configs)."""
+
+    work_root: Path
+    temp_dir: Path = field(default_factory=gradio_temp_dir)
+
+    def allows(self, raw: str) -> bool:
+        try:
+            # a relative path is the working folder's, as gradio reads it; links are followed
+            path = Path(os.getcwd(), raw).resolve()
+            temp, work = self.temp_dir.resolve(), self.work_root.resolve()
+        except (OSError, ValueError, RuntimeError):  # NUL, a loop of links
+            return False
+        if _is_under(path, temp):
+            return True
+        parts = path.relative_to(work).parts if _is_under(path, work) else ()
+        return len(parts) >= 3 and parts[1] == "samples"
+
+
+class AppGate:
+    """Pure ASGI middleware: the :class:`RequestPolicy` for every request to the standalone app
+    (gradio's page, config, predict, queue — a websocket on gradio 3, SSE on 4 —, uploads, file
+    routes, and ours), and the :class:`FileRule` for gradio's file routes. A refused HTTP request
+    gets 403 and the reason; a refused websocket is closed before it is accepted (code 1008: the
+    server answers the handshake with 403)."""
+
+    def __init__(self, app: ASGIApp, policy: RequestPolicy, files: Optional[FileRule] = None) -> None:
+        self.app, self.policy, self.files = app, policy, files
+
+    def reason(self, scope: Scope) -> Optional[str]:
+        headers = Headers(scope=scope)
+        why = refusal(self.policy, headers.get("host"), headers.get("origin"))
+        if why is None and self.files is not None:
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            match = FILE_ROUTE.fullmatch(path[len(root):] if root and path.startswith(root) else path)
+            if match and not self.files.allows(match.group(1)):
+                why = "file not served: only the runs' sample pictures and gradio's temp files are"
+        return why
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        why = self.reason(scope) if scope["type"] in ("http", "websocket") else None
+        if why is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await receive()  # websocket.connect; closing now refuses the handshake
+            await send({"type": "websocket.close", "code": 1008, "reason": why[:120]})
+        else:
+            await JSONResponse({"detail": why}, status_code=403)(scope, receive, send)
+
+
+def app_gate(policy: RequestPolicy, files: Optional[FileRule] = None) -> Middleware:
+    """The gate as a middleware entry for ``FastAPI(middleware=[...])`` — gradio's
+    ``launch(app_kwargs={"middleware": [...]})`` —, so that it guards the very first request."""
+    return Middleware(AppGate, policy=policy, files=files)
+
+
+def guard_app(app: Any, policy: RequestPolicy, files: Optional[FileRule] = None) -> None:
+    """Make :class:`AppGate` the outermost middleware of an app, even one already serving
+    (``launch(prevent_thread_lock=True)`` returns it started): an earlier gate is replaced and
+    starlette rebuilds its middleware stack at the next request."""
+    kept = [m for m in app.user_middleware if m.cls is not AppGate]
+    app.user_middleware = [app_gate(policy, files), *kept]
+    app.middleware_stack = None
 
 
 def on_app_started(demo: Any, app: Any) -> None:

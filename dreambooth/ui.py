@@ -948,11 +948,6 @@ def standalone_main(argv: list[str]) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     models = Path(args.models_dir).expanduser().resolve()
-    (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
-    host = StandaloneHost(models)
-    from .service import sweep_leftovers
-
-    sweep_leftovers(host)
     initial = None
     if args.config:
         try:
@@ -960,20 +955,36 @@ def standalone_main(argv: list[str]) -> int:
         except ConfigError as exc:
             print(exc)
             return 2
-    ui_poll.ALLOWED_PATHS[:] = [models]
-    demo = standalone_blocks(host, initial)
-    demo.queue()
-    from . import api
-
-    app, url, _ = demo.launch(server_name="127.0.0.1", server_port=args.port, prevent_thread_lock=True,
-                              allowed_paths=[str(models)], quiet=True, show_api=False)
-    api.drop_wildcard_cors(app)
-    api.mount(app, host=host, credentials={},
-              policy=api.RequestPolicy.from_settings({"origins": args.allow_origin}))
+    demo, _, url = standalone_app(models, args.port, args.allow_origin, initial)
     print(f"DreamBooth: serving {url} (models: {models}); Ctrl+C stops", flush=True)
 
     serve_until_stopped(demo)
     return 0
+
+
+def standalone_app(models: Path, port: int, allow_origin: list[str] = (),
+                   initial: TrainingConfig | None = None) -> tuple[Any, Any, str]:
+    """The standalone app serving on 127.0.0.1:``port`` (gradio's thread): (demo, app, URL).
+    Every route, gradio's too, is behind ``api.AppGate``: other pages and host names are refused,
+    and gradio's file routes serve only the runs' samples and its own temp files."""
+    from . import api
+    from .service import sweep_leftovers
+
+    (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
+    host = StandaloneHost(models)
+    sweep_leftovers(host)
+    work = host.work_root()
+    ui_poll.ALLOWED_PATHS[:] = [work]  # gradio 4 takes samples there by path (it copies them)
+    demo = standalone_blocks(host, initial)
+    demo.queue()
+    policy, files = api.RequestPolicy.from_settings({"origins": allow_origin}), api.FileRule(work)
+    app, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                              allowed_paths=[str(work)], quiet=True, show_api=False,
+                              app_kwargs={"middleware": [api.app_gate(policy, files)]})
+    api.drop_wildcard_cors(app)
+    api.mount(app, host=host, credentials={}, policy=policy)
+    api.guard_app(app, policy, files)  # outermost, now that gradio added its own middleware
+    return demo, app, url
 
 
 def serve_until_stopped(demo: Any, wait_s: float = 60) -> None:

@@ -174,5 +174,5 @@ def _gallery_value(items: list[tuple[str, str]]) -> list:
     return result
 
 
-# folders gradio 4 may serve sample pictures from (the standalone app adds its models folder)
+# folders gradio 4 may serve sample pictures from (the standalone app adds its run work folder)
 ALLOWED_PATHS: list[Path] = []
