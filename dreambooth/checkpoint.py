@@ -23,6 +23,7 @@ from typing import Iterable, Mapping
 import torch
 
 # Detection moved to .detect; these names stay importable from here for existing callers.
+from .detect import read_safetensors_header
 from .detect import (CONFIG_ROOT, KEY_SD1_TEXT, KEY_SD2_TEXT, KEY_SDXL_TEXT1,  # noqa: F401
                      KEY_SDXL_TEXT2, KEY_UNET_IN, KEY_V_PRED, KEY_VAE, KEY_ZTSNR, KINDS,
                      LORA_MARKERS, READABLE_SUFFIXES, UNET_PREFIX, VAE_PREFIX, CheckpointError,
@@ -100,9 +101,8 @@ def export_size_estimate(base: str | os.PathLike, dtype: str) -> int | None:
             return sum(f.stat().st_size for f in base.rglob("*.safetensors")) or None
         if base.suffix.lower() != ".safetensors":
             return base.stat().st_size
-        with open(base, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    except (OSError, ValueError):
+        header = read_safetensors_header(base)  # bounded: never allocates a claimed length
+    except (OSError, ValueError):  # CheckpointError too: the base check names the file
         return None
     size = DTYPES[dtype].itemsize if dtype in DTYPES else 2
     total = 0

@@ -170,10 +170,46 @@ def _torch_load(path: Path) -> dict:
     return obj
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit: a larger claim is not a header
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a .safetensors file. Its claimed length is checked against the file's
+    size and safetensors' limit before anything is read, so a file that claims an absurd header
+    is refused, never allocated; CheckpointError names the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8:
+                raise CheckpointError(f"{path} is empty or too short ({size} bytes) to be a "
+                                      ".safetensors file")
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise _damaged(path, ValueError(f"its header claims {length} bytes, the file "
+                                                f"holds {size}"))
+            header = json.loads(handle.read(length))
+    except OSError as exc:
+        raise _damaged(path, exc) from exc
+    except (ValueError, RecursionError) as exc:  # not JSON, or nested beyond reason
+        if isinstance(exc, CheckpointError):
+            raise
+        raise _damaged(path, ValueError(f"its header is not JSON ({exc})")) from exc
+    if not isinstance(header, dict):
+        raise _damaged(path, ValueError("its header is not a JSON object"))
+    return header
+
+
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return int.from_bytes(handle.read(8), "little")
+
+
 def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Key -> shape and the metadata of a .safetensors file, from its header only."""
     from safetensors import safe_open
 
+    header = read_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
@@ -182,9 +218,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], di
     except Exception as exc:
         raise _damaged(path, exc) from exc
     # safe_open checks the header only; a file cut inside the data is caught by its size.
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(header_len))
+    header_len = _header_length(path)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if size < 8 + header_len + end:
         raise _damaged(path, EOFError(f"{size} bytes, header says {8 + header_len + end}"))

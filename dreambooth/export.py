@@ -36,7 +36,7 @@ from .checkpoint import (ARCHITECTURES, DTYPES, IMPLEMENTATIONS, KINDS, RESOLUTI
                          WEIGHT_PREFIXES, CheckpointError, ModelKind, _require_file, _with_kind,
                          derive_configs, file_hash, kind_from_shapes, load_components,
                          normalize_text_keys, read_shapes, read_state_dict, read_subset)
-from .detect import read_metadata
+from .detect import read_metadata, read_safetensors_header
 from .memory import TrimEvery
 from .tiny import Components
 
@@ -204,8 +204,7 @@ class LazyBase:
 
             self._context = safe_open(str(self.path), framework="pt")
             self._handle = self._context.__enter__()
-            with open(self.path, "rb") as file:
-                header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+            header = read_safetensors_header(self.path)
             self.layout: Layout = {
                 k: (tuple(v["shape"]), TORCH_DTYPES[v["dtype"]])
                 for k, v in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),

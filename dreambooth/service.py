@@ -133,15 +133,55 @@ def _output_errors(config: TrainingConfig, host: Host, resume: bool) -> list[Fie
     problem = adapters.unavailable(config)
     if problem:
         errors.append(FieldError("training_method", problem))
+    for folder, what in ((out_dir, "the trained model"), (work, "the run's folder")):
+        problem = _writable_problem(folder)
+        if problem:
+            errors.append(FieldError("model_name", f"{problem}: {what} cannot be written there. "
+                                     "Fix the folder's permissions or choose another models "
+                                     "folder"))
     base = Path(config.base_model)
-    if base.exists() and not config.trains_adapter:  # a LoRA file is a few MB
-        needed = export_size_estimate(base, config.export_dtype)
-        free = free_bytes(host.output_dir())
-        if needed and free is not None and free < needed:
-            errors.append(FieldError("model_name", f"{host.output_dir()} has {human_bytes(free)} "
-                                     f"free; the trained model needs about {human_bytes(needed)}. "
-                                     "Free some space or choose another output folder"))
+    needed = (_adapter_file_bytes(config) if config.trains_adapter
+              else export_size_estimate(base, config.export_dtype) if base.exists() else None)
+    free = free_bytes(out_dir)
+    if needed and free is not None and free < needed:
+        errors.append(FieldError("model_name", f"{out_dir} has {human_bytes(free)} free; the "
+                                 f"trained model needs about {human_bytes(needed)}. Free some "
+                                 "space or choose another output folder"))
     return errors
+
+
+def _adapter_file_bytes(config: TrainingConfig) -> int:
+    """About how many bytes the adapter file takes (its trained weights, from the estimate)."""
+    figures, _ = memory_figure_gb(config)
+    return int(figures["trained weights"] * 2 ** 30)
+
+
+def base_model_problem(base: Path, config: TrainingConfig) -> str | None:
+    """Why the base model cannot be trained (not a checkpoint, a LoRA, damaged, truncated, a
+    pickle that asks for code, an absurd header), from its header (a .safetensors file) or the
+    safe loader (.ckpt); None when it can."""
+    from .detect import CheckpointError, detect_kind
+
+    try:
+        detect_kind(base, prediction_type=config.prediction_type or None)
+    except CheckpointError as exc:
+        return str(exc)
+    except (OSError, MemoryError, RecursionError) as exc:
+        return f"{base} cannot be read ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _writable_problem(folder: Path) -> str | None:
+    """Why nothing can be written in ``folder`` (or the nearest folder that exists above it,
+    where it will be made); None when it can."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, so the folder {folder} cannot be made"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
@@ -154,8 +194,13 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
     base = resolve_base_model(config.base_model, host)
     if config.base_model.strip() and base is None:
         errors.append(FieldError("base_model", f"{config.base_model!r} is neither a file nor a "
-                                 "checkpoint in the list; pick one (press 🔄 after adding files)"))
+                                 "checkpoint in the list; pick one (press 🔄 after adding files; on the command "
+                                 "line, give the file's path or a name in --models-dir's "
+                                 "Stable-diffusion folder)"))
     elif base is not None:
+        problem = base_model_problem(base, config)
+        if problem:  # before the run folder, config.json or any deletion: nothing is touched
+            errors.append(FieldError("base_model", problem))
         resolved = with_model_resolution(replace(resolved, base_model=str(base)))
         found = base_family(resolved) if config.zero_terminal_snr else None
         if found and found[1].prediction_type != "v_prediction" and not config.prediction_type:
