@@ -400,6 +400,9 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     # Models: what trains keeps fp32 weights (the optimizer's master copy): the models
     # themselves, or the adapter networks beside the frozen models.
     vae.requires_grad_(False).to(device, vae_dtype).eval()
+    too_wide = adapters.rank_warning(config, {"unet": unet, **{t[0]: t[1] for t in trained_te}})
+    if too_wide:
+        reporter.log(f"warning: {too_wide}")
     trained = adapters.place(config, unet, encoders, {t[0] for t in trained_te}, device, weight_dtype)
     give_memory_back()  # the fp32 weights a cast to half precision or int8 left free (GBs)
     if config.base_weights_8bit:

@@ -280,3 +280,17 @@ def test_gradient_checkpointing_trains_the_same_lora(tmp_path):
     assert recomputed[te_up].abs().max() > 0
     for key in plain:
         torch.testing.assert_close(recomputed[key], plain[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_rank_above_every_layer_is_warned_with_the_most_that_helps(tmp_path):
+    from dreambooth import adapters
+
+    unet = tiny_components().unet
+    widest = targets.largest_useful_rank(unet, targets.target_modules(
+        unet, "unet", "attention_mlp", convs=False))
+    config = base_config(tmp_path, training_method="lora", lora_rank=widest)
+    assert adapters.rank_warning(config, {"unet": unet}) is None  # the widest layer's size: fine
+    reporter = RecordingReporter()
+    lora_run(tmp_path, reporter=reporter, lora_rank=widest * 4)
+    (warning,) = [line for line in reporter.lines if "lora_rank" in line]
+    assert f"at most {widest}" in warning and "4.0× larger" in warning

@@ -63,6 +63,23 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
     return networks
 
 
+def rank_warning(config: TrainingConfig, models: dict[str, torch.nn.Module]) -> str | None:
+    """A warning when ``lora_rank`` is above every layer the adapter wraps (nothing more to
+    learn, matrices larger than the layer); None otherwise or for full runs."""
+    if not config.trains_adapter or config.training_method == "lokr":  # LoKr: factors, not rank
+        return None
+    from . import lycoris, targets
+
+    useful = max(targets.largest_useful_rank(model, targets.target_modules(
+        model, name, config.lora_layers, convs=lycoris.trains_convolutions(config)))
+        for name, model in models.items())
+    if not useful or config.lora_rank <= useful:
+        return None
+    return (f"lora_rank {config.lora_rank} is above the size of every layer it adapts (at most "
+            f"{useful} on this model): it cannot learn more than rank {useful} and its file is "
+            f"about {config.lora_rank / useful:.1f}× larger; use a rank of {useful} or less")
+
+
 def release(config: TrainingConfig, trained: dict[str, torch.nn.Module]) -> None:
     """After the run: the base modules get their own layers back."""
     if config.trains_adapter:

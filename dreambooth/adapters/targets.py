@@ -50,6 +50,18 @@ def target_modules(model: torch.nn.Module, component: str, layers: str, convs: b
             and any(rule.search(name) for rule in rules) and not _unplaceable(model, name)]
 
 
+def largest_useful_rank(model: torch.nn.Module, names: list[str]) -> int:
+    """The highest rank that still adds anything on these layers: a rank-r update of a layer
+    with n inputs or outputs holds at most rank min(n, r), so above the widest layer's smaller
+    side the matrices only grow."""
+    modules = dict(model.named_modules())
+    sides = []
+    for name in names:
+        weight = modules[name].weight
+        sides.append(min(weight.shape[0], weight[0].numel()))  # out, in (x kernel for convs)
+    return max(sides, default=0)
+
+
 def _unplaceable(model: torch.nn.Module, name: str) -> bool:
     """A layer the WebUI's Lora extension cannot find in the single file, so never trained:
     its name rule puts the first up block's upsampler after a ResNet (``output_blocks_2_1``),
