@@ -109,6 +109,24 @@ def test_a_run_killed_at_any_moment_loses_nothing_and_resumes(tmp_path):
     assert_consistent(tmp_path)
 
 
+def test_kill_9_after_the_first_save_and_before_the_first_resume_point_resumes(tmp_path):
+    """The run's own intermediate save (its run id in the file, the run's id in run.json) does
+    not block its --resume."""
+    config = write_config(tmp_path, max_train_steps=4, checkpoint_every_n_steps=3,
+                          save_every_n_steps=1, with_prior_preservation=False)
+    out, work = folders(tmp_path)
+    child = start_child(config)
+    assert "cli-model_2" in kill_at_write(child, 2)  # the step-2 save, after the step-1 save
+    assert [p.name for p in visible_models(out)] == ["cli-model_1.safetensors"]
+    assert resume.list_resume_points(work / "checkpoints") == []
+    finish = subprocess.run([sys.executable, "-m", "dreambooth", "train", str(config), "--resume",
+                             "--quiet"], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                            timeout=300)
+    assert finish.returncode == files.EXIT_OK, finish.stderr[-3000:]
+    assert "cli-model.safetensors" in [p.name for p in visible_models(out)]
+    assert_consistent(tmp_path)
+
+
 @contextmanager
 def small_disk(path: Path, size: str):
     """A real small file system where the machine lets us mount one (root), else None."""
