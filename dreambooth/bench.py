@@ -203,24 +203,66 @@ def options_to_argv(options: dict[str, Any]) -> list[str]:
     return argv
 
 
+class MatrixError(SystemExit):
+    """A --matrix that cannot be read (an unknown name, not a JSON list of runs, an unknown
+    option): bench_main makes it a usage error, exit 2 (a SystemExit with a text exits 1)."""
+
+
+def option_problems(options: dict[str, Any]) -> list[str]:
+    """--rank and --resolution outside what the trainer's config takes: said before any work,
+    as a usage error (exit 2), not as a failed run (exit 1)."""
+    from .config import RANGES
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    problems = []
+    rank, ranks = options.get("rank"), RANGES["lora_rank"]
+    low, high = int(ranks.low), int(ranks.high)
+    if not (whole(rank) and low <= rank <= high):
+        problems.append(f"--rank must be a whole number from {low} to {high}, not {rank!r}")
+    size, top = options.get("resolution"), int(RANGES["resolution"].high)
+    if not (whole(size) and 64 <= size <= top and size % 8 == 0):  # the config's own rule
+        problems.append(f"--resolution must be a multiple of 8 from 64 to {top}, not {size!r}")
+    return problems
+
+
+def checked_line(where: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A matrix line's options as its command line parses them ("8" becomes 8); a value the
+    line's command would refuse is a usage error (exit 2) naming the line, before any line runs."""
+    parser = build_parser()
+    parser.prog = f"{parser.prog} ({where})"
+    parsed = run_options(parser.parse_args(options_to_argv(options)))
+    for problem in option_problems(parsed):
+        parser.error(problem)
+    return {key: parsed[key] for key in options}
+
+
 def load_matrix(spec: str) -> list[dict[str, Any]]:
     """A named matrix or a JSON file: a list of {"name", option: value ...} (or {"runs": [...]}),
-    with options flat or under "options"."""
+    with options flat or under "options". MatrixError names what is wrong."""
     if spec in MATRICES:
         return copy.deepcopy(MATRICES[spec])
     path = Path(spec)
     if not path.is_file():
-        raise SystemExit(f"--matrix: {spec!r} is neither {' nor '.join(MATRICES)} nor a file")
-    loaded = json.loads(path.read_text(encoding="utf-8"))
+        raise MatrixError(f"--matrix: {spec!r} is neither {' nor '.join(MATRICES)} nor a file")
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise MatrixError(f"--matrix {spec}: nested too deeply to be a list of runs") from None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise MatrixError(f"--matrix {spec}: not a readable JSON file ({exc})") from None
     entries = loaded.get("runs", []) if isinstance(loaded, dict) else loaded
+    if not isinstance(entries, list) or not entries:
+        raise MatrixError(f"--matrix {spec}: holds no list of runs")
     out = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise SystemExit(f"--matrix {spec}: entry {i} is not an object")
+        if not isinstance(entry, dict) or not isinstance(entry.get("options", {}), dict):
+            raise MatrixError(f"--matrix {spec}: entry {i} is not an object")
         flat = dict(entry.get("options", {}), **{k: v for k, v in entry.items() if k != "options"})
         unknown = set(flat) - set(OPTION_KEYS) - {"name"}
         if unknown:
-            raise SystemExit(f"--matrix {spec}: entry {i} has unknown options {sorted(unknown)}")
+            raise MatrixError(f"--matrix {spec}: entry {i} has unknown options {sorted(unknown)}")
         flat.setdefault("name", f"run{i + 1}")
         out.append(flat)
     return out
@@ -826,7 +868,8 @@ def matrix(args: argparse.Namespace, explicit: set[str]) -> list[dict[str, Any]]
         for key in explicit:
             if key not in entry:
                 options[key] = base[key]
-        lines.append((entry.get("name", f"run{i}"), options))
+        name = entry.get("name", f"run{i}")
+        lines.append((name, checked_line(f"--matrix {args.matrix} line {name!r}", options)))
     repeats: list[list[dict[str, Any]]] = [[] for _ in lines]
     for r in range(args.repeat):
         for i, (name, options) in enumerate(lines):
@@ -921,6 +964,8 @@ def _explicit_options(argv: list[str], parser: argparse.ArgumentParser) -> set[s
 
 
 def bench_main(argv: list[str]) -> int:
+    """Exit codes: 0 every run ok, 1 a run failed (its error is in the table and the JSON),
+    2 bad options or --matrix (nothing ran), 3 the --json file could not be written."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -928,19 +973,30 @@ def bench_main(argv: list[str]) -> int:
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1 (the first step is never "
                      "measured: it pays for lazy initialisation)")
+    for problem in option_problems(run_options(args)):
+        parser.error(problem)
     explicit = _explicit_options(argv, parser)
     if args.preset:
         choice = apply_card_preset(args, explicit)
         if not args.quiet:
             print(f"preset {choice.line()}", file=sys.stderr)
     if args.matrix or args.repeat > 1:
-        runs = matrix(args, explicit)
+        try:
+            runs = matrix(args, explicit)
+        except MatrixError as exc:  # raised before any line ran
+            parser.error(str(exc))
     else:
         runs = [single(args)]
     print(table(runs))
     for line in summary_lines(runs):
         print(line)
     if args.json:
-        write_json(args.json, runs)
+        from .files import EXIT_WRITE_FAILED, WriteError
+
+        try:
+            write_json(args.json, runs)
+        except WriteError as exc:  # the table above still has every figure
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_WRITE_FAILED
         print(f"figures written to {args.json}")
     return 0 if all(r["figures"].get("ok") for r in runs) else 1

@@ -265,8 +265,9 @@ def extract_lora_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return files.EXIT_INTERRUPTED
-    for line in report.lines():
+    for line in report.lines():  # a rank larger than every layer is said there (capped)
         print(line)
-    print(f"wrote {out} ({'locon' if args.conv_rank else 'lora'}, rank {args.rank}"
-          + (f", conv rank {args.conv_rank}" if args.conv_rank else "") + f", {args.dtype})")
+    rank, conv_rank = report.rank_used or args.rank, report.conv_rank_used or args.conv_rank
+    print(f"wrote {out} ({'locon' if args.conv_rank else 'lora'}, rank {rank}"
+          + (f", conv rank {conv_rank}" if args.conv_rank else "") + f", {args.dtype})")
     return files.EXIT_OK

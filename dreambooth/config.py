@@ -33,6 +33,10 @@ MASK_SOURCES = ("file", "alpha")  # <name>.mask.png beside the picture, or its a
 STEPS_PER_PICTURE = 100  # the seed's rule of thumb: steps = pictures x 100
 MAX_STEPS = 10_000_000
 MAX_SEED = 2 ** 32 - 1  # the WebUI's seed range
+# A config nests four levels at most (options > concepts > concept > value). Far deeper is not a
+# config, and reading it would recurse once per level until Python's stack runs out.
+MAX_NESTING = 32
+TOO_DEEP = "nested too deeply to be a training config"
 
 
 @dataclass
@@ -285,6 +289,9 @@ class TrainingConfig:
         for key, value in data.items():
             if key not in known:
                 errors.append(FieldError(key, "unknown option (check the spelling)"))
+                continue
+            if _too_deep(value, MAX_NESTING - 1):  # so nothing below recurses through it
+                errors.append(FieldError(key, TOO_DEEP))
                 continue
             if key == "concepts":
                 concepts, concept_errors = _concepts_from(value)
@@ -665,15 +672,38 @@ def _read_json_or_literal(path: Path, field_name: str) -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError([FieldError(field_name, f"{path} is not UTF-8 text")]) from exc
     try:
-        return json.loads(text)
+        data = json.loads(text)
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise _too_deep_error(path, field_name) from None
     except json.JSONDecodeError as json_error:
         try:
-            return _python_literal(text, path, field_name)
-        except ConfigError:
-            if text.lstrip().startswith(("{", "[")):
+            data = _python_literal(text, path, field_name)
+        except ConfigError as exc:
+            if text.lstrip().startswith(("{", "[")) and TOO_DEEP not in str(exc):
                 raise ConfigError([FieldError(field_name, f"{path} is not valid JSON (line "
                                               f"{json_error.lineno}: {json_error.msg})")]) from None
             raise
+    if _too_deep(data):
+        raise _too_deep_error(path, field_name)
+    return data
+
+
+def _too_deep_error(path: Path, field_name: str) -> ConfigError:
+    return ConfigError([FieldError(field_name, f"{path} is {TOO_DEEP}")])
+
+
+def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether lists, tuples and dicts in ``value`` nest more than ``limit`` levels. Walked with
+    a stack, not recursion: any depth (and a cycle) is safe to ask about."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            if depth >= limit:
+                return True
+            stack.extend((child, depth + 1)
+                         for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def read_concepts_list(path: str | Path, field_name: str = "concepts_list") -> list[Concept]:
@@ -693,7 +723,11 @@ def read_concepts_list(path: str | Path, field_name: str = "concepts_list") -> l
 def _python_literal(text: str, path: Path, field_name: str = "concepts_list") -> Any:
     try:
         module = ast.parse(text)
+    except (RecursionError, MemoryError):  # the parser's stack: e.g. 1+1+...+1, - - ... -1
+        raise _too_deep_error(path, field_name) from None
     except (SyntaxError, ValueError) as exc:
+        if "too many nested" in str(exc):  # the parser's limit on brackets
+            raise _too_deep_error(path, field_name) from None
         raise ConfigError([FieldError(
             field_name, f"{path} is neither JSON nor a Python list "
                         f"(line {getattr(exc, 'lineno', '?')})")]) from exc
@@ -704,7 +738,9 @@ def _python_literal(text: str, path: Path, field_name: str = "concepts_list") ->
                 return ast.literal_eval(node.value)
             if isinstance(node, ast.Expr):
                 return ast.literal_eval(node.value)
-    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as exc:
+    except (RecursionError, MemoryError):
+        raise _too_deep_error(path, field_name) from None
+    except (ValueError, TypeError, SyntaxError) as exc:
         raise ConfigError([FieldError(field_name, f"{path}: only plain values (lists, dicts, "
                                                   f"text, numbers) can be read ({exc})")]) from exc
     raise ConfigError([FieldError(field_name, f"{path} holds no list of concepts")])

@@ -120,7 +120,8 @@ def _reason(exc: BaseException, folder: Path, needed: int | None) -> tuple[str, 
     code = getattr(exc, "errno", None)
     text = str(exc).lower()
     free = free_bytes(folder)
-    nearly_full = free is not None and (free < (needed or 0) or free < (1 << 20))
+    # errors without an errno (safetensors') are judged by the room left; an OS error says itself
+    nearly_full = code is None and free is not None and (free < (needed or 0) or free < (1 << 20))
     if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or nearly_full \
             or any(t in text for t in _DISK_FULL_TEXT):
         return "the disk is full", True
@@ -183,15 +184,18 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool, needed_bytes: int
     On any failure the temporary is removed; OS-level failures become WriteError."""
     target = Path(target)
     folder = target.parent
-    if target.exists() and not overwrite:
-        raise OutputExistsError(target)
-    ensure_folder(folder)
+    try:  # a name too long, a folder that cannot be searched: a write failure, never a traceback
+        if target.exists() and not overwrite:
+            raise OutputExistsError(target)
+        ensure_folder(folder)
+        tmp = temp_path(target)
+        _remove(tmp)
+    except OSError as exc:
+        raise write_error(target, exc) from exc
     if needed_bytes is not None:
         free = free_bytes(folder)
         if free is not None and free < needed_bytes:
             raise WriteError(target, "the disk is full", needed=needed_bytes, free=free)
-    tmp = temp_path(target)
-    _remove(tmp)
     try:
         yield tmp
         if not tmp.exists():

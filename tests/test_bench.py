@@ -85,11 +85,13 @@ def test_options_reproduce_the_run(tiny_run):
 def test_a_failed_run_has_the_same_shape(tiny_run, tmp_path):
     """A script comparing two files can rely on the keys even when a line failed."""
     out = tmp_path / "bad.json"
-    # An invalid resolution: the config check fails inside the real engine.
-    code = bench.bench_main(FAST + ["--resolution", "60", "--no-export", "--json", str(out)])
+    # bf16 weights without bf16 compute: the config check fails inside the real engine (a bad
+    # --resolution is refused by the command line itself, exit 2, before any run)
+    code = bench.bench_main(FAST + ["--trained-precision", "bf16", "--no-export", "--json",
+                                    str(out)])
     assert code == 1
     bad = json.loads(out.read_text())["runs"][0]
-    assert bad["figures"]["ok"] is False and "resolution" in bad["figures"]["error"]
+    assert bad["figures"]["ok"] is False and "trained_precision" in bad["figures"]["error"]
     good = tiny_run["runs"][0]
     assert set(bad) == set(good)
     assert set(bad["figures"]) == set(good["figures"])

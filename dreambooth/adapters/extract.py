@@ -27,12 +27,15 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..checkpoint import CheckpointError
 from . import targets
+
+if TYPE_CHECKING:
+    from ..detect import ModelKind
 
 LAYER_CHOICES = ("attention", "attention_mlp")
 
@@ -76,10 +79,20 @@ class ComponentReport:
 
 @dataclasses.dataclass(frozen=True)
 class ExtractReport:
-    rank: int
+    rank: int  # as asked
     conv_rank: int
     layers: str
     components: dict[str, ComponentReport]
+    rank_used: int = 0  # the largest rank stored: each layer's is the rank cut to its size
+    conv_rank_used: int = 0  # the same for the 3x3 convolutions (0: none written)
+
+    def capped(self) -> list[str]:
+        """A line for a rank larger than every layer it applies to: the file holds less."""
+        asked = (("rank", self.rank, self.rank_used, "layer"),
+                 ("conv rank", self.conv_rank, self.conv_rank_used, "3x3 convolution"))
+        return [f"{name} {want} is more than any {what} holds: capped to {used}, the file's "
+                f"{'conv ' if name != 'rank' else ''}dim and alpha (each layer keeps all of its "
+                "difference)" for name, want, used, what in asked if 0 < used < want]
 
     @property
     def kept(self) -> float:
@@ -88,10 +101,11 @@ class ExtractReport:
         return min(fitted) if fitted else 1.0
 
     def lines(self) -> list[str]:
-        return [c.line() for c in self.components.values()]
+        return self.capped() + [c.line() for c in self.components.values()]
 
     def as_dict(self) -> dict:
         return {"rank": self.rank, "conv_rank": self.conv_rank, "layers": self.layers,
+                "rank_used": self.rank_used, "conv_rank_used": self.conv_rank_used,
                 "components": {k: dataclasses.asdict(v) for k, v in self.components.items()}}
 
 
@@ -158,6 +172,19 @@ def extract_layer(diff: torch.Tensor, rank: int, device=None
         up = up.reshape(out_features, r, 1, 1)
         down = down.reshape(r, *diff.shape[1:])
     return up, down, r, kept, total
+
+
+def stored_ranks(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(largest rank of the linears and 1x1 convolutions, of the 3x3 convolutions) in a LoRA's
+    tensors: what kohya's tools read as the file's dim and conv dim."""
+    linear = conv = 0
+    for key, down in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            if down.dim() == 4 and tuple(down.shape[2:]) != (1, 1):
+                conv = max(conv, down.shape[0])
+            else:
+                linear = max(linear, down.shape[0])
+    return linear, conv
 
 
 _FUSED = re.compile(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")
@@ -246,8 +273,9 @@ def extract_lora(trained_components, base_components, family, rank: int, conv_ra
             completed=len(completed))
         if log is not None:
             log(f"{component}: {written} layers extracted in {time.time() - started:.1f} s")
+    used, conv_used = stored_ranks(tensors)
     return tensors, ExtractReport(rank=rank, conv_rank=conv_rank, layers=layers,
-                                  components=reports)
+                                  components=reports, rank_used=used, conv_rank_used=conv_used)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,9 +348,7 @@ def extract_lora_file(trained_path: str | os.PathLike, base_path: str | os.PathL
     other families or shapes (one line naming both files), no layer that differs, a bad option;
     OutputExistsError when ``out`` exists and ``overwrite`` is off; WriteError when the file
     cannot be written. ``device``: where the SVDs run ("auto": the GPU when there is one)."""
-    from ..checkpoint import RESOLUTIONS
-    from ..export import build_metadata
-    from ..files import OutputExistsError
+    from ..files import write_error
     from . import file as lora_file
 
     trained_path, base_path, out = Path(trained_path), Path(base_path), Path(out)
@@ -331,8 +357,7 @@ def extract_lora_file(trained_path: str | os.PathLike, base_path: str | os.PathL
         raise CheckpointError(f"dtype must be one of {tuple(lora_file.EXPORT_DTYPES)}, not {dtype!r}")
     if out.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{out}: a LoRA file must end in .safetensors")
-    if out.exists() and not overwrite:  # before minutes of work; the writer checks again
-        raise OutputExistsError(out)
+    check_target(out, overwrite)  # before minutes of work; the writer checks again
     device = _default_device() if device == "auto" else device
     started = time.time()
     trained, trained_kind, family = _load(trained_path, "trained", log)
@@ -357,19 +382,59 @@ def extract_lora_file(trained_path: str | os.PathLike, base_path: str | os.PathL
         raise CheckpointError(f"{trained_path.name} and {base_path.name} have the same weights in "
                               f"every {layers} layer" + (" and convolution" if conv_rank else "") +
                               ": there is nothing to extract")
-    comment = f"extracted from {trained_path.name} minus {base_path.name}"
-    source = {"trained": trained_path.name, "base": base_path.name, "rank": rank,
-              "conv_rank": conv_rank, "layers": layers,
-              "kept": {name: round(c.kept, 6) for name, c in report.components.items() if c.layers}}
-    metadata = build_metadata(trained_kind, out, base=base_path if base_path.is_file() else None,
-                              dtype=dtype, trained=tuple(c.component for c in
-                                                         report.components.values() if c.layers))
-    method = "locon" if conv_rank else "lora"
-    metadata.update(lora_file.lora_metadata(
-        kind=trained_kind.kind, method=method, rank=rank, alpha=rank, conv_rank=conv_rank,
-        conv_alpha=conv_rank, dora=False, title=out.stem, resolution=RESOLUTIONS[trained_kind.kind],
-        extra={"ss_training_comment": comment, "dreambooth.extracted_from": source}))
-    result = lora_file.write_lora(out, tensors, metadata, dtype=dtype, overwrite=overwrite)
+    metadata = _metadata(trained_path, base_path, out, trained_kind, report, dtype)
+    try:
+        result = lora_file.write_lora(out, tensors, metadata, dtype=dtype, overwrite=overwrite)
+    except OSError as exc:  # raised before the writer's own guard (e.g. a disk gone read-only)
+        raise write_error(out, exc) from exc
     log(f"extracted {sum(c.layers for c in report.components.values())} layers in "
         f"{time.time() - started:.1f} s")
     return result, report
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    """OutputExistsError when ``out`` exists (without ``overwrite``); WriteError, naming the file,
+    when its folder cannot take a file: a read-only disk or folder, a file where a folder should
+    be, a name too long. An existing folder is tried with an empty file (removed at once, and
+    named like the writer's temporaries, which files.sweep clears); a missing one is made by
+    the writer."""
+    from ..files import OutputExistsError, WriteError, temp_path, write_error
+
+    try:
+        if out.exists() and not overwrite:
+            raise OutputExistsError(out)
+        folder = out.parent
+        while not folder.exists() and folder != folder.parent:  # up to one that exists
+            folder = folder.parent
+        if not folder.is_dir():
+            raise WriteError(out, f"{folder} is a file, not a folder")
+        if folder == out.parent:
+            probe = temp_path(out)
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+            os.unlink(probe)
+    except OSError as exc:  # stat too fails on a name too long, or a folder not searchable
+        raise write_error(out, exc) from exc
+
+
+def _metadata(trained_path: Path, base_path: Path, out: Path, kind: "ModelKind",
+              report: ExtractReport, dtype: str) -> dict[str, str]:
+    """The file's metadata: the ranks it really holds as dim and alpha (alpha = dim: each layer's
+    own .alpha is its rank, so every layer applies at scale 1)."""
+    from ..checkpoint import RESOLUTIONS
+    from ..export import build_metadata
+    from . import file as lora_file
+
+    rank, conv_rank = report.rank_used or report.rank, report.conv_rank_used or report.conv_rank
+    source = {"trained": trained_path.name, "base": base_path.name, "rank": report.rank,
+              "conv_rank": report.conv_rank, "layers": report.layers,
+              "kept": {name: round(c.kept, 6) for name, c in report.components.items() if c.layers}}
+    metadata = build_metadata(kind, out, base=base_path if base_path.is_file() else None,
+                              dtype=dtype, trained=tuple(c.component for c in
+                                                         report.components.values() if c.layers))
+    metadata.update(lora_file.lora_metadata(
+        kind=kind.kind, method="locon" if report.conv_rank else "lora", rank=rank, alpha=rank,
+        conv_rank=conv_rank, conv_alpha=conv_rank, dora=False, title=out.stem,
+        resolution=RESOLUTIONS[kind.kind],
+        extra={"ss_training_comment": f"extracted from {trained_path.name} minus {base_path.name}",
+               "dreambooth.extracted_from": source}))
+    return metadata
