@@ -1,7 +1,11 @@
 """The training objective, as pure functions of tensors: noise, timestep weights, the
-DreamBooth loss. The loop calls these and nothing else for its maths; tests/test_maths.py pins
-them (and the loop) to the published formulas."""
+DreamBooth loss; and :class:`DiffusionObjective`, the UNet families' way of turning clean latents
+into a training example (a family hands the loop its objective, see
+:meth:`dreambooth.families.base.Family.objective`). The loop calls these and nothing else for its
+maths; tests/test_maths.py pins them (and the loop) to the published formulas."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +97,37 @@ def offset_noise(shape: tuple[int, ...], strength: float, generator: torch.Gener
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     """A CPU generator for one step: randomness depends only on (seed, step), never on history."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))
+
+
+class DiffusionObjective:
+    """The DDPM objective of the UNet families (SD1, SD2, SDXL): timesteps drawn uniformly over
+    the schedule, the schedule's noise added, epsilon or v as the target, min-SNR-gamma row
+    weights. A family trained otherwise (flow matching) hands the loop another object with the
+    same three methods."""
+
+    def __init__(self, scheduler: Any, prediction_type: str, *, offset: float = 0.0,
+                 min_snr_gamma: float = 0.0, min_snr_on_prior: bool = True):
+        self.scheduler, self.prediction_type = scheduler, prediction_type
+        self.offset, self.gamma, self.on_prior = offset, min_snr_gamma, min_snr_on_prior
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator, device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, timesteps) of a batch, from ``generator`` alone: the noise first."""
+        noise = offset_noise(shape, self.offset, generator).to(device)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (shape[0],),
+                                  generator=generator).to(device)
+        return noise, timesteps
+
+    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor,
+                         timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's input and what it should predict (the noise, or v)."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, noise
+
+    def row_weights(self, timesteps: torch.Tensor, n_instance: int) -> torch.Tensor | None:
+        """Per-row loss weights (min-SNR-gamma; None when off)."""
+        return timestep_weights(snr(self.scheduler.alphas_cumprod, timesteps), self.gamma,
+                                self.prediction_type, n_instance=n_instance,
+                                on_prior=self.on_prior)

@@ -3,9 +3,11 @@
 The loop (``dreambooth.trainer``) never asks which family it trains. It asks the family for the
 text encoders to train or cache, for the conditioning of a batch of prompts (``encode``), for the
 extra conditioning a picture brings (``picture_conditioning``: SDXL's size and crop), for the
-UNet's keyword arguments (``unet_inputs``) and for a pipeline to make class pictures and samples.
-Defaults that differ between families (resolution, what memory a run needs) live here too. A new
-family (SD3, Flux...) is a new module with a new subclass; the loop does not change.
+training objective (``objective``: how timesteps are drawn, how noise is added and what the
+target is — epsilon, v, or a flow's velocity), for the latent layout the denoiser takes
+(``pack``), for the denoiser's call (``predict``) and for a pipeline to make class pictures and
+samples. Defaults that differ between families (resolution, what memory a run needs) live here
+too. A new family (SD3, Flux...) is a new module with a new subclass; the loop does not change.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any, Sequence
 
 
 import torch
+
+from ..objective import DiffusionObjective
 
 # The WebUI reads a prompt in chunks of 75 tokens (each with its start and end markers, 77 in all)
 # and concatenates the chunks' hidden states; a chunk that would split near a comma ends at the
@@ -90,6 +94,25 @@ class Family:
                     picture_conditioning: torch.Tensor | None) -> dict[str, Any]:
         """Keyword arguments of the UNet's forward besides the noisy latents and timesteps."""
         return {"encoder_hidden_states": conditioning.hidden}
+
+    def objective(self, scheduler, prediction_type: str, config) -> DiffusionObjective:
+        """How this family trains (:class:`dreambooth.objective.DiffusionObjective` for the UNet
+        families), with the run's offset noise and min-SNR settings."""
+        return DiffusionObjective(scheduler, prediction_type, offset=config.offset_noise,
+                                  min_snr_gamma=config.min_snr_gamma,
+                                  min_snr_on_prior=config.min_snr_on_prior)
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (batch, channels, h, w) in the layout the denoiser takes; the UNet takes them
+        as they are (a transformer takes 2x2 patches as tokens)."""
+        return latents
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: Conditioning, picture_conditioning: torch.Tensor | None
+                ) -> torch.Tensor:
+        """The denoiser's prediction for a batch (the loss compares it with the target)."""
+        return denoiser(noisy, timesteps, **self.unet_inputs(conditioning,
+                                                              picture_conditioning)).sample
 
     def pipeline(self, components, scheduler) -> Any:
         """A diffusers text-to-image pipeline over ``components`` (class pictures, samples)."""
