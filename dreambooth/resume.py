@@ -232,7 +232,7 @@ def setting_errors(point: Path, config) -> list:
     from .config import FieldError
 
     return [FieldError(name, f"the run's resume point {Path(point).name} was trained with {name} "
-                             f"= {old!r}, not {new!r}: resume with {old!r}, or start a new run "
+                             f"= {old!r}, not {new!r}: resume with it as it was ({old!r}), or start a new run "
                              "with this setting under another name (or turn on overwrite and "
                              "start it without resuming)")
             for name, old, new in changed_settings(point, config)]
