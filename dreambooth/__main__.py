@@ -6,14 +6,14 @@ import sys
 
 # Each subcommand lives in the module that owns it, imported only when used (torch is slow to load).
 COMMANDS = {
-    "train": ("dreambooth.cli", "train_main", "train a model from a config JSON"),
-    "demo": ("dreambooth.cli", "demo_main", "train the built-in tiny model on generated pictures"),
-    "check": ("dreambooth.dataset_check", "check_main", "report on the pictures of a config"),
-    "caption": ("dreambooth.cli", "caption_main", "caption pictures with the WebUI's interrogators"),
-    "convert": ("dreambooth.export", "convert_main", "single file <-> diffusers folder"),
-    "extract-lora": ("dreambooth.cli", "extract_lora_main", "a LoRA from a full fine-tune minus its base"),
-    "ui": ("dreambooth.ui", "standalone_main", "serve the tab without the WebUI"),
-    "bench": ("dreambooth.bench", "bench_main", "measure speed and memory"),
+    "train": ("dreambooth.app.cli", "train_main", "train a model from a config JSON"),
+    "demo": ("dreambooth.app.cli", "demo_main", "train the built-in tiny model on generated pictures"),
+    "check": ("dreambooth.data.dataset_check", "check_main", "report on the pictures of a config"),
+    "caption": ("dreambooth.app.cli", "caption_main", "caption pictures with the WebUI's interrogators"),
+    "convert": ("dreambooth.models.export", "convert_main", "single file <-> diffusers folder"),
+    "extract-lora": ("dreambooth.app.cli", "extract_lora_main", "a LoRA from a full fine-tune minus its base"),
+    "ui": ("dreambooth.tab.ui", "standalone_main", "serve the tab without the WebUI"),
+    "bench": ("dreambooth.app.bench", "bench_main", "measure speed and memory"),
 }
 
 

@@ -15,14 +15,14 @@ if os.path.normcase(_here) != os.path.normcase(_theirs):
     raise ImportError(f"DreamBooth: the 'dreambooth' package already loaded comes from {_theirs}, "
                       f"not from this extension ({_here}); disable the other extension.")
 
-import dreambooth.api  # noqa: E402
-import dreambooth.service  # noqa: E402
-import dreambooth.ui  # noqa: E402
-import dreambooth.webui  # noqa: E402
+import dreambooth.app.api  # noqa: E402
+import dreambooth.app.service  # noqa: E402
+import dreambooth.tab.ui  # noqa: E402
+import dreambooth.host  # noqa: E402
 from modules import script_callbacks  # noqa: E402
 
-script_callbacks.on_ui_tabs(dreambooth.ui.create_tab)
-script_callbacks.on_ui_settings(dreambooth.webui.register_settings)
-script_callbacks.on_app_started(dreambooth.api.on_app_started)
-script_callbacks.on_app_started(dreambooth.service.on_app_started)
-script_callbacks.on_script_unloaded(dreambooth.ui.stop_timers)
+script_callbacks.on_ui_tabs(dreambooth.tab.ui.create_tab)
+script_callbacks.on_ui_settings(dreambooth.host.register_settings)
+script_callbacks.on_app_started(dreambooth.app.api.on_app_started)
+script_callbacks.on_app_started(dreambooth.app.service.on_app_started)
+script_callbacks.on_script_unloaded(dreambooth.tab.ui.stop_timers)

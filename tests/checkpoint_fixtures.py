@@ -13,8 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 
-from dreambooth import export as ex  # noqa: E402
-from dreambooth import tiny  # noqa: E402
+from dreambooth.models import export as ex  # noqa: E402
+from dreambooth.models import tiny  # noqa: E402
 
 torch.set_num_threads(1)  # the suite shares two cores; one thread each wastes least
 

@@ -101,7 +101,7 @@ def fake_forge(make_fake_webui) -> FakeWebUI:
 @pytest.fixture
 def idle_runner():
     """The process's job runner (the tab and the API use it), left idle for the next test."""
-    from dreambooth.job import runner
+    from dreambooth.app.job import runner
 
     yield runner()
     runner().cancel()

@@ -1,6 +1,6 @@
 """A training process for the fault-injection tests: ``python fault_child.py ARGS...`` runs
 ``python -m dreambooth ARGS...`` with every safetensors write (resume points through
-``safetensors.torch.save_file``, models through ``dreambooth.export.write_tensors``) slowed down
+``safetensors.torch.save_file``, models through ``dreambooth.models.export.write_tensors``) slowed down
 after its bytes are out
 (the temporary is complete but not yet renamed), announcing each as ``SLOW-WRITE <n> <path>`` on
 stderr, so that the parent can kill it in the middle of a chosen export or resume-point write."""
@@ -12,7 +12,7 @@ import time
 
 import safetensors.torch
 
-from dreambooth import export
+from dreambooth.models import export
 
 DELAY = float(os.environ.get("FAULT_WRITE_DELAY", "1.0"))
 _real_save = safetensors.torch.save_file

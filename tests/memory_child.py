@@ -20,11 +20,12 @@ def rss_kib(field: str = "VmRSS") -> int:
 
 def main(folder: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository
-    from dreambooth import service, tiny
-    from dreambooth.config import Concept, TrainingConfig
-    from dreambooth.demo import draw_pictures
-    from dreambooth.job import JobRunner
-    from dreambooth.webui import StandaloneHost
+    from dreambooth.app import service
+    from dreambooth.models import tiny
+    from dreambooth.common.config import Concept, TrainingConfig
+    from dreambooth.app.demo import draw_pictures
+    from dreambooth.app.job import JobRunner
+    from dreambooth.host import StandaloneHost
 
     models = folder / "models"
     (models / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
@@ -53,7 +54,7 @@ def main(folder: Path) -> None:
     after = rss_kib()
 
     # The export alone, from components in memory (as at the end of a run).
-    from dreambooth import checkpoint, export
+    from dreambooth.models import checkpoint, export
 
     components, _ = checkpoint.load_components(base)
     trained = sum(p.numel() for m in (components.unet, components.text_encoder)

@@ -7,9 +7,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from dreambooth import api
-from dreambooth.job import runner
-from dreambooth.webui import StandaloneHost
+from dreambooth.app import api
+from dreambooth.app.job import runner
+from dreambooth.host import StandaloneHost
 
 from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
 

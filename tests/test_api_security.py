@@ -8,9 +8,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from dreambooth import api
-from dreambooth.job import runner
-from dreambooth.webui import StandaloneHost
+from dreambooth.app import api
+from dreambooth.app.job import runner
+from dreambooth.host import StandaloneHost
 
 P = api.PREFIX
 LOCAL = "http://127.0.0.1:7860"

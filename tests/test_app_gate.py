@@ -19,10 +19,10 @@ import pytest
 
 from browser_fixtures import free_port
 from conftest import write_safetensors
-from dreambooth import ui, ui_poll
-from dreambooth.config import TrainingConfig
-from dreambooth.job import runner
-from dreambooth.run_types import RunPaths, TrainResult
+from dreambooth.tab import ui, ui_poll
+from dreambooth.common.config import TrainingConfig
+from dreambooth.app.job import runner
+from dreambooth.common.run_types import RunPaths, TrainResult
 
 EVIL = "http://evil.example"
 

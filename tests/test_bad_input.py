@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dreambooth import data
-from dreambooth.config import Concept, ConfigError, TrainingConfig, merge_errors
-from dreambooth.names import MAX_NAME_BYTES, sanitize_model_name
+from dreambooth.common.config import Concept, ConfigError, TrainingConfig, merge_errors
+from dreambooth.common.names import MAX_NAME_BYTES, sanitize_model_name
 
 CASES: dict[str, str] = {}  # picture case -> expected outcome ("accepted" or words of the error)
 
@@ -314,7 +314,7 @@ def test_the_seeds_concepts_list_is_read_in_every_form(tmp_path):
     assert TrainingConfig.load(tmp_path / "run.json").concepts == expected  # relative to the config
     with_path = TrainingConfig.from_dict({"concepts_list": str(tmp_path / "concepts_list.json")})
     assert with_path.concepts == expected
-    from dreambooth.dataset_check import check_main
+    from dreambooth.data.dataset_check import check_main
 
     # `check` reads the seed's file too: it reports the missing folders, not the file's form
     assert check_main([str(tmp_path / "seed.txt"), "--no-tokenizer"]) == 2

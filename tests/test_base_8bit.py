@@ -13,11 +13,11 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("lycoris")  # imported now: it checks for bitsandbytes once, at import
 
-from dreambooth import tiny  # noqa: E402
-from dreambooth.adapters import quantize  # noqa: E402
-from dreambooth.adapters.file import read_lora  # noqa: E402
-from dreambooth.config import ConfigError  # noqa: E402
-from dreambooth.trainer import train  # noqa: E402
+from dreambooth.models import tiny  # noqa: E402
+from dreambooth.models.adapters import quantize  # noqa: E402
+from dreambooth.models.adapters.file import read_lora  # noqa: E402
+from dreambooth.common.config import ConfigError  # noqa: E402
+from dreambooth.engine.trainer import train  # noqa: E402
 
 from trainer_fixtures import RecordingReporter, base_config, run_paths, tiny_components  # noqa: E402
 
@@ -164,8 +164,8 @@ def test_checkpointing_keeps_no_activation_of_the_int8_layers(dtype):
 def test_the_leanest_adapter_preset_trains_bf16_adapters_fused_over_an_int8_base(
         tmp_path, monkeypatch):
     """The 6 GB rung of an SDXL LoRA: int8 base, fused pass, bf16 adapter weights."""
-    from dreambooth import adapters
-    from dreambooth.card_presets import ADAPTER_RUNGS
+    from dreambooth.models import adapters
+    from dreambooth.app.card_presets import ADAPTER_RUNGS
 
     _, lean = ADAPTER_RUNGS[-1]
     assert lean["fused_backward"] and lean["trained_precision"] == "bf16" and lean["base_weights_8bit"]

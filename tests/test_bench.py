@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from dreambooth import bench, tiny
+from dreambooth.app import bench
+from dreambooth.models import tiny
 
 # Short but complete: class pictures generated (1 denoising step), export on, so every phase runs.
 FAST = ["--size", "tiny", "--resolution", "64", "--steps", "2", "--warmup", "1",

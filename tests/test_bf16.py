@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreambooth import fused
-from dreambooth.trainer import train
+from dreambooth.engine import fused
+from dreambooth.engine.trainer import train
 
 from trainer_fixtures import (Crash, RecordingReporter, base_config, crash_at, flat, run_paths,
                               tiny_components)
@@ -111,7 +111,7 @@ def test_what_bf16_weights_need_is_asked_by_name(tmp_path):
     (dict(fused_backward=True), dict(fused_backward=False), "fused_backward"),
     (dict(), dict(trained_precision="bf16"), "trained_precision")])
 def test_resuming_with_other_memory_settings_names_the_field(tmp_path, written, resumed, field):
-    from dreambooth.config import ConfigError
+    from dreambooth.common.config import ConfigError
 
     settings = dict(checkpoint_every_n_steps=2, max_train_steps=4, **written)
     with pytest.raises(Crash):

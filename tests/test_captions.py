@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dreambooth import captions, cli, service, ui, ui_captions
-from dreambooth.config import Concept, TrainingConfig
-from dreambooth.job import JobRunner
-from dreambooth.webui import StandaloneHost, get_host
+from dreambooth.data import captions
+from dreambooth.app import cli, service
+from dreambooth.tab import ui, ui_captions
+from dreambooth.common.config import Concept, TrainingConfig
+from dreambooth.app.job import JobRunner
+from dreambooth.host import StandaloneHost, get_host
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 200)}
 
@@ -194,7 +196,7 @@ def test_progress_is_reported_and_cancel_stops_after_the_current_picture(webui, 
 
 
 def test_a_caption_job_shares_the_one_job_slot_with_training(fake_webui, tmp_path, monkeypatch):
-    from dreambooth.job import JobBusy
+    from dreambooth.app.job import JobBusy
     from modules import deepbooru
 
     pics = draw(tmp_path / "pics")

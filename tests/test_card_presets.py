@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from dreambooth import bench, card_presets, service
-from dreambooth.card_presets import CARDS, choose
-from dreambooth.config import ConfigError, TrainingConfig
-from dreambooth.memory_estimate import for_config
+from dreambooth.app import bench, card_presets, service
+from dreambooth.app.card_presets import CARDS, choose
+from dreambooth.common.config import ConfigError, TrainingConfig
+from dreambooth.models.memory_estimate import for_config
 
 BASE = dict(base_model="", model_name="x", train_text_encoder=True,
             with_prior_preservation=True)
@@ -153,8 +153,8 @@ def test_the_api_and_the_run_log_say_what_the_card_changed(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from dreambooth import api
-    from dreambooth.webui import StandaloneHost
+    from dreambooth.app import api
+    from dreambooth.host import StandaloneHost
 
     from test_cli import write_config
 

@@ -13,10 +13,10 @@ from checkpoint_fixtures import (KINDS, components, folder_listing, make_base, p
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth import checkpoint as ck
-from dreambooth import export as ex
-from dreambooth import tiny
-from dreambooth.checkpoint import CheckpointError
+from dreambooth.models import checkpoint as ck
+from dreambooth.models import export as ex
+from dreambooth.models import tiny
+from dreambooth.models.checkpoint import CheckpointError
 
 HALF = torch.float16
 

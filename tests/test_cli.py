@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth import checkpoint, tiny
-from dreambooth.training_log import read_log
+from dreambooth.models import checkpoint, tiny
+from dreambooth.engine.training_log import read_log
 from dreambooth.__main__ import main as cli_main
 
 from trainer_fixtures import picture_folders

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreambooth.trainer import train
+from dreambooth.engine.trainer import train
 
 from trainer_fixtures import RecordingReporter, base_config, flat, run_paths, tiny_components
 
@@ -51,7 +51,7 @@ def test_a_compiled_unet_trains_as_the_eager_one(tmp_path, monkeypatch):
 
 
 def test_compiling_is_refused_by_name_without_module_compile(tmp_path, monkeypatch):
-    from dreambooth.config import ConfigError
+    from dreambooth.common.config import ConfigError
 
     monkeypatch.delattr(torch.nn.Module, "compile")
     with pytest.raises(ConfigError, match="compile_unet"):

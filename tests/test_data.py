@@ -16,14 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth.config import Concept, TrainingConfig
+from dreambooth.common.config import Concept, TrainingConfig
 from dreambooth.data import (SEED_BUCKETS_512, DatasetError, Picture, assign_bucket,
                              bucket_batches, bucket_list, cache_flips, caption_for,
                              collect_pictures, epoch_flips, guess_identifier,
                              has_random_augmentation, identifier_hint, identifier_report,
-                             list_pictures, open_picture, picture_tensor,
-                             prompt_variant, prompt_warnings, suggest_identifiers,
-                             token_length)
+                             list_pictures, open_picture, picture_tensor, prompt_variant,
+                             prompt_warnings, suggest_identifiers, token_length)
 
 torch.set_num_threads(2)
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
@@ -57,7 +56,7 @@ def close(a, b, tolerance: int = 12) -> bool:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from dreambooth.tokenizer import load_clip_tokenizer
+    from dreambooth.models.tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer()
 
@@ -153,7 +152,7 @@ HUGE_PROBE = """
 import sys
 from pathlib import Path
 import torch
-from dreambooth.config import TrainingConfig
+from dreambooth.common.config import TrainingConfig
 from dreambooth.data import Picture, open_picture, picture_tensor
 def peak_kb():
     for line in open("/proc/self/status"):

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dreambooth.config import Concept, TrainingConfig
-from dreambooth.dataset_check import check_dataset, check_main
+from dreambooth.common.config import Concept, TrainingConfig
+from dreambooth.data.dataset_check import check_dataset, check_main
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from dreambooth.tokenizer import load_clip_tokenizer
+    from dreambooth.models.tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer()
 

@@ -2,7 +2,8 @@
 export), here with fewer steps."""
 from __future__ import annotations
 
-from dreambooth import checkpoint, demo, tiny
+from dreambooth.models import checkpoint, tiny
+from dreambooth.app import demo
 from trainer_fixtures import RecordingReporter
 
 

@@ -1,4 +1,4 @@
-"""Model-kind detection (dreambooth.detect): v-prediction and zero-terminal-SNR markers in keys,
+"""Model-kind detection (dreambooth.models.detect): v-prediction and zero-terminal-SNR markers in keys,
 safetensors metadata and diffusers scheduler configs, where the prediction type came from, and
 the one-line description the Model tab shows."""
 from __future__ import annotations
@@ -12,11 +12,11 @@ from checkpoint_fixtures import components, make_base, perturb  # noqa: I001
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth import checkpoint as ck
-from dreambooth import detect
-from dreambooth import export as ex
-from dreambooth import tiny
-from dreambooth.detect import ModelKind, describe, detect_kind
+from dreambooth.models import checkpoint as ck
+from dreambooth.models import detect
+from dreambooth.models import export as ex
+from dreambooth.models import tiny
+from dreambooth.models.detect import ModelKind, describe, detect_kind
 
 # NoobAI-style marker tensors: empty, only their names matter.
 MARKERS = {"v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}
@@ -270,8 +270,8 @@ def test_detect_does_not_import_checkpoint():
     import subprocess
     import sys
 
-    code = ("import sys, dreambooth.detect; "
-            "sys.exit(1 if 'dreambooth.checkpoint' in sys.modules else 0)")
+    code = ("import sys, dreambooth.models.detect; "
+            "sys.exit(1 if 'dreambooth.models.checkpoint' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent,
                           timeout=120).returncode == 0
 

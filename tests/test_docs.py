@@ -5,7 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from dreambooth.__main__ import COMMANDS
-from dreambooth.config import Concept, TrainingConfig
+from dreambooth.common.config import Concept, TrainingConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 

@@ -1,4 +1,4 @@
-"""Exit codes mean one thing (``dreambooth.files``): 2 bad input, 3 a file that cannot be written.
+"""Exit codes mean one thing (``dreambooth.common.files``): 2 bad input, 3 a file that cannot be written.
 
 Input that used to end in a traceback (exit 1) or in a file that says something else than it holds:
 configs nested far too deep for Python's stack, in JSON and in the seed's Python-literal form, in
@@ -17,11 +17,12 @@ import pytest
 from safetensors import safe_open
 
 from checkpoint_fixtures import components, make_base, perturb
-from dreambooth import bench, files
-from dreambooth import export as ex
+from dreambooth.app import bench
+from dreambooth.common import files
+from dreambooth.models import export as ex
 from dreambooth.__main__ import main
-from dreambooth.adapters import extract
-from dreambooth.config import ConfigError, TrainingConfig, read_concepts_list
+from dreambooth.models.adapters import extract
+from dreambooth.common.config import ConfigError, TrainingConfig, read_concepts_list
 
 DEEP = 100_000  # far past Python's recursion limit (1000)
 

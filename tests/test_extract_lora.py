@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from checkpoint_fixtures import components, make_base
-from dreambooth import checkpoint, cli
-from dreambooth import export as ex
-from dreambooth import files, tiny
-from dreambooth.adapters import extract, targets
-from dreambooth.adapters.file import read_lora
-from dreambooth.families import for_kind
+from dreambooth.models import checkpoint
+from dreambooth.app import cli
+from dreambooth.models import export as ex
+from dreambooth.common import files
+from dreambooth.models import tiny
+from dreambooth.models.adapters import extract, targets
+from dreambooth.models.adapters.file import read_lora
+from dreambooth.models.families import for_kind
 
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 FF = "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"  # attention_mlp only

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from dreambooth import files, resume
+from dreambooth.common import files
+from dreambooth.engine import resume
 from dreambooth.__main__ import main as cli_main
 
 from test_cli import env, write_config
@@ -150,7 +151,7 @@ def test_a_full_disk_at_export_keeps_the_training_and_resumes(tmp_path, monkeypa
         config = json.loads(config_path.read_text())
         base = Path(config["base_model"])
         if not mounted:  # injected ENOSPC where mounting is not allowed: the same outcome
-            from dreambooth import export
+            from dreambooth.models import export
 
             real = export.write_tensors
 
@@ -163,14 +164,14 @@ def test_a_full_disk_at_export_keeps_the_training_and_resumes(tmp_path, monkeypa
             monkeypatch.setattr(export, "write_tensors", full)
             monkeypatch.setattr(files, "free_bytes", lambda folder: 1 << 20
                                 if Path(folder) == disk else 1 << 40)
-        import dreambooth.webui as webui
+        import dreambooth.host as webui
 
         monkeypatch.setattr(webui.StandaloneHost, "output_dir", lambda self: disk)
         monkeypatch.setattr(webui.StandaloneHost, "checkpoints_dir", lambda self: disk)
         config["base_model"] = str(base)
         config_path.write_text(json.dumps(config))
         # the preflight estimate would refuse at once; a disk that fills during training is the case
-        from dreambooth import service
+        from dreambooth.app import service
 
         monkeypatch.setattr(service, "_output_errors", lambda *a, **k: [])
         code = cli_main(["train", str(config_path), "--quiet"])
@@ -251,9 +252,9 @@ def test_a_refused_config_writes_nothing_and_keeps_an_earlier_run(tmp_path, caps
 
 
 def test_a_refused_job_in_the_tab_writes_nothing(tmp_path):
-    from dreambooth.config import TrainingConfig
-    from dreambooth.job import JobRunner
-    from dreambooth.trainer import RunPaths
+    from dreambooth.common.config import TrainingConfig
+    from dreambooth.app.job import JobRunner
+    from dreambooth.engine.trainer import RunPaths
 
     config = json.loads(write_config(tmp_path).read_text())
     config["concepts"][0]["instance_data_dir"] = str(tmp_path / "empty")
@@ -283,7 +284,7 @@ def test_an_intermediate_save_never_replaces_a_users_file(tmp_path, capsys):
 
 
 def test_a_diffusers_folder_as_base_trains_and_exports_a_standard_single_file(tmp_path, capsys):
-    from dreambooth import checkpoint, tiny
+    from dreambooth.models import checkpoint, tiny
 
     folder = tiny.save_diffusers_folder(tiny.build_components("tiny", seed=0), tmp_path / "base-diffusers")
     config = write_config(tmp_path, base_model=str(folder), max_train_steps=2)

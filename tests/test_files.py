@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from dreambooth import files
-from dreambooth.files import OutputExistsError, WriteError
+from dreambooth.common import files
+from dreambooth.common.files import OutputExistsError, WriteError
 
 
 def listing(folder):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreambooth import fused, tiny
-from dreambooth.config import ConfigError
-from dreambooth.trainer import train
+from dreambooth.engine import fused
+from dreambooth.models import tiny
+from dreambooth.common.config import ConfigError
+from dreambooth.engine.trainer import train
 
 from trainer_fixtures import (Crash, RecordingReporter, base_config, crash_at, flat, run_paths,
                               tiny_components)
@@ -89,7 +90,7 @@ def test_a_fused_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_a_lora_trains_fused_too(tmp_path):
-    from dreambooth.adapters.file import read_lora
+    from dreambooth.models.adapters.file import read_lora
 
     tiny.save_checkpoint(tmp_path / "base.safetensors", size="tiny", seed=0)
     lora = dict(training_method="lora", lora_rank=4, learning_rate=1e-2, export_dtype="fp32",

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from dreambooth import job as job_module
-from dreambooth.config import ConfigError
-from dreambooth.job import JobBusy, JobRunner
-from dreambooth.resume import list_resume_points
+from dreambooth.app import job as job_module
+from dreambooth.common.config import ConfigError
+from dreambooth.app.job import JobBusy, JobRunner
+from dreambooth.engine.resume import list_resume_points
 
 from trainer_fixtures import base_config, run_paths, tiny_components
 
@@ -83,7 +83,7 @@ def test_bad_config_fails_before_a_thread_starts(tmp_path):
 
 
 def test_an_error_in_training_fails_the_job_and_keeps_the_resume_point(tmp_path, monkeypatch):
-    from dreambooth import trainer
+    from dreambooth.engine import trainer
 
     runner = JobRunner()
     real = trainer.dreambooth_loss
@@ -139,7 +139,7 @@ def test_a_finished_job_leaves_no_model_tensors_behind(tmp_path):
 
     import torch
 
-    from dreambooth import tiny
+    from dreambooth.models import tiny
 
     def live_tensor_bytes() -> int:
         gc.collect()

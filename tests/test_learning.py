@@ -35,9 +35,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dreambooth.config import Concept, TrainingConfig
-from dreambooth.tiny import build_components
-from dreambooth.trainer import Reporter, RunPaths, train
+from dreambooth.common.config import Concept, TrainingConfig
+from dreambooth.models.tiny import build_components
+from dreambooth.engine.trainer import Reporter, RunPaths, train
 
 INSTANCE_PROMPT, CLASS_PROMPT = "photo of zwx toy", "photo of a toy"
 LATENT_SCALE = 5.5  # 1 / std of the tiny VAE's raw latents (SD: 0.18215 for its VAE)

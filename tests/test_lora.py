@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth import tiny
-from dreambooth.adapters import lycoris, targets
-from dreambooth.adapters.file import read_lora
-from dreambooth.config import ConfigError
-from dreambooth.trainer import train
+from dreambooth.models import tiny
+from dreambooth.models.adapters import lycoris, targets
+from dreambooth.models.adapters.file import read_lora
+from dreambooth.common.config import ConfigError
+from dreambooth.engine.trainer import train
 
 from trainer_fixtures import (Crash, RecordingReporter, base_config, crash_at, flat, run_paths,
                               tiny_components)
@@ -250,7 +250,7 @@ def test_two_processes_train_one_lora_and_agree(tmp_path):
 
 
 def test_lora_presets_and_a_full_preset_after_them():
-    from dreambooth.config import TrainingConfig, apply_preset
+    from dreambooth.common.config import TrainingConfig, apply_preset
 
     lora = apply_preset(TrainingConfig(), "person-lora")
     assert (lora.training_method, lora.lora_rank, lora.lora_alpha) == ("lora", 32, 16.0)
@@ -261,7 +261,7 @@ def test_lora_presets_and_a_full_preset_after_them():
 
 
 def test_the_tab_says_when_lycoris_is_missing_before_train(monkeypatch):
-    from dreambooth import ui
+    from dreambooth.tab import ui
 
     assert "lycoris-lora" not in ui.method_note("lora", 1e-4)
     monkeypatch.setattr(lycoris, "unavailable", lambda: "LoRA training needs lycoris-lora (x)")
@@ -283,7 +283,7 @@ def test_gradient_checkpointing_trains_the_same_lora(tmp_path):
 
 
 def test_a_rank_above_every_layer_is_warned_with_the_most_that_helps(tmp_path):
-    from dreambooth import adapters
+    from dreambooth.models import adapters
 
     unet = tiny_components().unet
     widest = targets.largest_useful_rank(unet, targets.target_modules(

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth import data, families
-from dreambooth.config import Concept, TrainingConfig
-from dreambooth.dataset_check import check_dataset
-from dreambooth.objective import dreambooth_loss, mask_weights, posterior_latents
-from dreambooth.trainer import LatentSource, train
+from dreambooth import data
+from dreambooth.models import families
+from dreambooth.common.config import Concept, TrainingConfig
+from dreambooth.data.dataset_check import check_dataset
+from dreambooth.models.objective import dreambooth_loss, mask_weights, posterior_latents
+from dreambooth.engine.trainer import LatentSource, train
 
 from trainer_fixtures import RecordingReporter, flat, run_paths, tiny_components
 

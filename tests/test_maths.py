@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth.config import SCHEDULERS, Concept, TrainingConfig
-from dreambooth.objective import step_generator
-from dreambooth.optimizers import EMA
-from dreambooth.trainer import train
-from dreambooth.training_log import read_log
+from dreambooth.common.config import SCHEDULERS, Concept, TrainingConfig
+from dreambooth.models.objective import step_generator
+from dreambooth.engine.optimizers import EMA
+from dreambooth.engine.trainer import train
+from dreambooth.engine.training_log import read_log
 
 from trainer_fixtures import RecordingReporter, flat, run_paths, tiny_components
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from dreambooth import bench, memory_profile
-from dreambooth.memory_profile import CATEGORIES, peak_by_category
+from dreambooth.app import bench
+from dreambooth.engine import memory_profile
+from dreambooth.engine.memory_profile import CATEGORIES, peak_by_category
 
 # One warm-up, one measured step, then the profiled one; nothing else (no class pictures,
 # sample or export): the profiled step and its analysis are what takes the time.
@@ -24,7 +25,7 @@ GB = 2 ** 30
 
 @pytest.fixture(scope="module")
 def unet_bytes() -> int:
-    from dreambooth.tiny import build_components
+    from dreambooth.models.tiny import build_components
 
     unet = build_components("tiny", seed=0).unet
     return sum(p.numel() * p.element_size() for p in unet.parameters())

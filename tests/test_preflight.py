@@ -71,7 +71,7 @@ def test_an_unusable_base_model_touches_nothing_with_or_without_overwrite(tmp_pa
 
 
 def test_a_full_lora_folder_is_refused_before_training(tmp_path, monkeypatch, capsys):
-    from dreambooth import files
+    from dreambooth.common import files
 
     config = write_config(tmp_path, with_prior_preservation=False, training_method="lora")
     monkeypatch.setattr(files, "free_bytes", lambda folder: 1000)
@@ -92,8 +92,8 @@ def test_an_output_folder_that_cannot_be_made_is_refused_by_field(tmp_path, caps
 
 @pytest.mark.parametrize("claimed", [2 ** 60, 2 ** 33, 200 * 2 ** 20])
 def test_an_absurd_header_is_never_allocated(tmp_path, claimed):
-    from dreambooth.checkpoint import export_size_estimate
-    from dreambooth.detect import CheckpointError, read_safetensors_header
+    from dreambooth.models.checkpoint import export_size_estimate
+    from dreambooth.models.detect import CheckpointError, read_safetensors_header
 
     path = tmp_path / "absurd.safetensors"
     path.write_bytes(claimed.to_bytes(8, "little") + b"{}" * 10)

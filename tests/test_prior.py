@@ -8,16 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth.config import Concept, TrainingConfig
+from dreambooth.common.config import Concept, TrainingConfig
 from dreambooth.data import collect_pictures, list_pictures
-from dreambooth.prior import class_pictures_needed, generate_class_pictures
+from dreambooth.engine.prior import class_pictures_needed, generate_class_pictures
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from dreambooth.tiny import build_components
+    from dreambooth.models.tiny import build_components
 
     return build_components("tiny", seed=0).pipeline()
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth.eta import RunExtras, speed_text
-from dreambooth.job import JobRunner, _JobReporter
-from dreambooth.trainer import Reporter, train
-from dreambooth.ui_render import progress_html
+from dreambooth.engine.eta import RunExtras, speed_text
+from dreambooth.app.job import JobRunner, _JobReporter
+from dreambooth.engine.trainer import Reporter, train
+from dreambooth.tab.ui_render import progress_html
 
 from trainer_fixtures import base_config, run_paths, tiny_components
 
@@ -52,7 +52,7 @@ def test_class_pictures_samples_and_export_each_report_their_progress(tmp_path):
     cls = Path(config.concepts[0].class_data_dir)
     shutil.rmtree(cls)  # the class pictures are made by the model: 6 to make
     reporter = Calls()
-    from dreambooth import tiny
+    from dreambooth.models import tiny
 
     tiny.save_checkpoint(Path(config.base_model), size="tiny", seed=0)
     result = train(config, run_paths(tmp_path), reporter=reporter, components=tiny_components())

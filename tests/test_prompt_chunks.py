@@ -9,9 +9,9 @@ import functools
 import pytest
 import torch
 
-from dreambooth import families
-from dreambooth.families.base import CHUNK_TOKENS, chunk_count, prompt_chunks
-from dreambooth.tiny import build_components, build_variant
+from dreambooth.models import families
+from dreambooth.models.families.base import CHUNK_TOKENS, chunk_count, prompt_chunks
+from dreambooth.models.tiny import build_components, build_variant
 
 TAGS = ", ".join(f"tag{i} thing" for i in range(40))  # about 120 tokens of booru-style tags
 
@@ -82,8 +82,8 @@ def test_cached_rows_stack_to_what_the_batch_encodes(kind):
 def test_a_run_with_long_captions_trains_the_same_cached_or_not(tmp_path):
     from pathlib import Path
 
-    from dreambooth.config import TrainingConfig
-    from dreambooth.trainer import train
+    from dreambooth.common.config import TrainingConfig
+    from dreambooth.engine.trainer import train
     from trainer_fixtures import RecordingReporter, base_config, flat, run_paths, tiny_components
 
     config = base_config(tmp_path)

@@ -9,8 +9,10 @@ import pickle
 import pytest
 import torch
 
-from dreambooth import files, resume, tiny
-from dreambooth.trainer import train
+from dreambooth.common import files
+from dreambooth.engine import resume
+from dreambooth.models import tiny
+from dreambooth.engine.trainer import train
 
 from trainer_fixtures import RecordingReporter, base_config, flat, run_paths, tiny_components
 
@@ -128,7 +130,7 @@ def test_a_failed_resume_point_write_cleans_up_and_keeps_the_older_point(tmp_pat
 
 def test_a_new_run_under_a_used_name_keeps_the_earlier_runs_points(tmp_path):
     run(tmp_path, max_train_steps=3, checkpoint_every_n_steps=2)
-    from dreambooth.config import ConfigError
+    from dreambooth.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="holds resume points of an earlier run"):
         run(tmp_path, max_train_steps=3, checkpoint_every_n_steps=2)
@@ -143,7 +145,7 @@ def test_a_new_run_under_a_used_name_keeps_the_earlier_runs_points(tmp_path):
 def test_saves_a_crash_skipped_are_redone_after_resume(tmp_path, monkeypatch):
     """The intermediate save of a step comes before its resume point: a crash while saving the
     model at step 4 resumes from step 2 and writes the step-4 model after all."""
-    from dreambooth import run_output
+    from dreambooth.engine import run_output
 
     real_export = run_output.export
     crashed = {"done": False}
@@ -176,7 +178,7 @@ def test_saves_a_crash_skipped_are_redone_after_resume(tmp_path, monkeypatch):
 
 
 def test_resuming_from_the_last_step_only_exports(tmp_path, monkeypatch):
-    from dreambooth import run_output
+    from dreambooth.engine import run_output
 
     real_export = run_output.export
     monkeypatch.setattr(run_output, "export", lambda *a, **k: (_ for _ in ()).throw(

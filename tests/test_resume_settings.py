@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from dreambooth import resume
-from dreambooth.config import ConfigError
+from dreambooth.engine import resume
+from dreambooth.common.config import ConfigError
 
 from test_resume_points import run
 from trainer_fixtures import run_paths
@@ -84,7 +84,7 @@ def test_overwrite_keeps_the_earlier_runs_points_until_its_own_exist(tmp_path):
 
 
 def test_a_kill_between_the_first_save_and_the_first_resume_point_resumes(tmp_path, monkeypatch):
-    from dreambooth import run_output
+    from dreambooth.engine import run_output
     from dreambooth.__main__ import main as cli_main
 
     from test_cli import write_config

@@ -15,11 +15,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth import data, families, trainer
-from dreambooth.config import Concept, TrainingConfig
-from dreambooth.detect import detect_kind
-from dreambooth.tiny import Components, build_variant, save_checkpoint
-from dreambooth.trainer import LatentSource, train
+from dreambooth import data
+from dreambooth.models import families
+from dreambooth.engine import trainer
+from dreambooth.common.config import Concept, TrainingConfig
+from dreambooth.models.detect import detect_kind
+from dreambooth.models.tiny import Components, build_variant, save_checkpoint
+from dreambooth.engine.trainer import LatentSource, train
 from trainer_fixtures import RecordingReporter, base_config, flat, run_paths
 
 SDXL = families.for_kind("sdxl")
@@ -138,7 +140,7 @@ def test_each_part_of_the_conditioning_changes_the_unet_output():
 # ---------------------------------------------------------------------------------------------
 
 def test_prior_preservation_splits_the_loss_as_for_sd1(tmp_path, monkeypatch):
-    from dreambooth.training_log import read_log
+    from dreambooth.engine.training_log import read_log
 
     seen = []
     real = families.SDXL.unet_inputs
@@ -209,7 +211,7 @@ def test_sdxl_option_changes_training(option, sdxl_baseline):
 
 
 def test_zero_terminal_snr_changes_v_training_and_is_refused_with_epsilon(tmp_path):
-    from dreambooth.config import ConfigError
+    from dreambooth.common.config import ConfigError
 
     _, plain = run(tmp_path / "v", prediction_type="v_prediction")
     reporter = RecordingReporter()
@@ -287,7 +289,7 @@ def test_trained_sdxl_file_reloads_in_diffusers_with_its_markers(tmp_path):
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModelWithProjection
 
-    from dreambooth import checkpoint
+    from dreambooth.models import checkpoint
 
     base = _marked_base(tmp_path / "noob-vpred.safetensors")
     config = base_config(tmp_path, base_model=str(base), train_text_encoder=True,
@@ -320,7 +322,7 @@ def test_trained_sdxl_file_reloads_in_diffusers_with_its_markers(tmp_path):
     assert not torch.equal(flat(trained.text_encoder_2), flat(components.text_encoder_2))
     # the sample was made with the v / zero-SNR sampler (trailing DDIM, CFG rescale)
     assert result.steps == 3 and list(run_paths(tmp_path).samples_dir.glob("*.png"))
-    settings = json.loads(safe_open(str(out), "pt").metadata()["dreambooth.config"])
+    settings = json.loads(safe_open(str(out), "pt").metadata()["dreambooth.common.config"])
     assert settings["train_text_encoder"] is True
 
 
@@ -371,9 +373,9 @@ def test_the_api_trains_an_sdxl_base(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from dreambooth import api
-    from dreambooth.job import runner
-    from dreambooth.webui import StandaloneHost
+    from dreambooth.app import api
+    from dreambooth.app.job import runner
+    from dreambooth.host import StandaloneHost
     from ui_fixtures import quick_config
 
     host = StandaloneHost(tmp_path / "models")

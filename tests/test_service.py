@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from dreambooth import service
-from dreambooth.config import ConfigError
-from dreambooth.job import JobRunner
-from dreambooth.webui import StandaloneHost
+from dreambooth.app import service
+from dreambooth.common.config import ConfigError
+from dreambooth.app.job import JobRunner
+from dreambooth.host import StandaloneHost
 
 from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
 

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from dreambooth import tiny
-from dreambooth.tokenizer import load_clip_tokenizer, open_clip_bpe_path
+from dreambooth.models import tiny
+from dreambooth.models.tokenizer import load_clip_tokenizer, open_clip_bpe_path
 
 PROMPTS = [
     "a photo of a cat",

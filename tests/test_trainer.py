@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from dreambooth import families, resume
-from dreambooth.config import ConfigError, TrainingConfig
-from dreambooth.objective import dreambooth_loss, min_snr_weights, offset_noise, snr
-from dreambooth.optimizers import build_optimizer
-from dreambooth.trainer import train
+from dreambooth.models import families
+from dreambooth.engine import resume
+from dreambooth.common.config import ConfigError, TrainingConfig
+from dreambooth.models.objective import dreambooth_loss, min_snr_weights, offset_noise, snr
+from dreambooth.engine.optimizers import build_optimizer
+from dreambooth.engine.trainer import train
 
 from trainer_fixtures import (RecordingReporter, base_config, flat, run_paths, tiny_components)
 
@@ -417,7 +418,7 @@ def test_an_existing_output_is_refused_before_training(tmp_path):
 
 
 def test_sd2_v_prediction_model_trains(tmp_path):
-    from dreambooth.tiny import build_variant
+    from dreambooth.models.tiny import build_variant
 
     components = build_variant("sd2-v")
     before = flat(components.unet)
@@ -448,7 +449,7 @@ def test_text_embedding_cache_encodes_each_prompt_once(tmp_path, monkeypatch):
 
 
 def test_save_every_n_steps_and_save_on_cancel_export_models(tmp_path):
-    from dreambooth import tiny
+    from dreambooth.models import tiny
 
     base = tmp_path / "base.safetensors"
     tiny.save_checkpoint(base, size="tiny", seed=0)
@@ -481,7 +482,7 @@ def test_sample_options_change_the_sample(tmp_path, option, value):
     import numpy as np
     from PIL import Image
 
-    from dreambooth.sampling import generate_samples
+    from dreambooth.engine.sampling import generate_samples
 
     components = tiny_components()
     base = base_config(tmp_path, sample_steps=2, sample_prompts=["photo of zwx toy"])
@@ -495,7 +496,7 @@ def test_sample_options_change_the_sample(tmp_path, option, value):
 def test_sample_size_sets_the_picture_size(tmp_path):
     from PIL import Image
 
-    from dreambooth.sampling import generate_samples
+    from dreambooth.engine.sampling import generate_samples
 
     config = base_config(tmp_path, sample_steps=1, sample_size=48, sample_prompts=["zwx"])
     path = generate_samples(tiny_components(), config, tmp_path, 1, torch.device("cpu"))[0]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dreambooth import training_log
-from dreambooth.training_log import TrainingLog, read_log
-from dreambooth.trainer import train
+from dreambooth.engine import training_log
+from dreambooth.engine.training_log import TrainingLog, read_log
+from dreambooth.engine.trainer import train
 
 from trainer_fixtures import RecordingReporter, base_config, run_paths, tiny_components
 

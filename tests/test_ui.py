@@ -7,8 +7,9 @@ import threading
 import time
 
 
-from dreambooth import service, ui
-from dreambooth.config import Concept, TrainingConfig
+from dreambooth.app import service
+from dreambooth.tab import ui
+from dreambooth.common.config import Concept, TrainingConfig
 
 from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
 
@@ -107,7 +108,7 @@ def test_concepts_round_trip_through_the_form_and_the_export(tmp_path, fake_webu
     config, rows = ui.form_to_config(values, extra)
     assert config.concepts == concepts and rows == [0, 1, 2, 3, -1, -1]
     exported = ui.export_concepts(values, extra)
-    from dreambooth.config import read_concepts_list
+    from dreambooth.common.config import read_concepts_list
     assert read_concepts_list(exported) == concepts
 
 
@@ -171,10 +172,10 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
 
 
 def test_the_training_log_folder_is_shown_with_how_to_open_it(tmp_path):
-    from dreambooth.job import Progress
-    from dreambooth.ui_poll import logs_dir
-    from dreambooth.ui_render import training_log_html
-    from dreambooth.webui import StandaloneHost
+    from dreambooth.app.job import Progress
+    from dreambooth.tab.ui_poll import logs_dir
+    from dreambooth.tab.ui_render import training_log_html
+    from dreambooth.host import StandaloneHost
 
     host = StandaloneHost(tmp_path / "models")
     snap = Progress(job_id=3, model_name="my-toy", phase="training")
@@ -199,7 +200,7 @@ def test_load_in_txt2img_on_forge_records_the_choice(fake_forge, tmp_path):
 
 
 def test_resume_continues_a_cancelled_run_from_its_resume_point(tmp_path, idle_runner):
-    from dreambooth.webui import StandaloneHost
+    from dreambooth.host import StandaloneHost
 
     host = StandaloneHost(tmp_path / "models")
     put_base_checkpoint(host.checkpoints_dir())

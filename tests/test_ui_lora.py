@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
-from dreambooth import families, service, ui
-from dreambooth.config import PRESETS, TRAINING_METHODS, TrainingConfig
-from dreambooth.webui import StandaloneHost
+from dreambooth.models import families
+from dreambooth.app import service
+from dreambooth.tab import ui
+from dreambooth.common.config import PRESETS, TRAINING_METHODS, TrainingConfig
+from dreambooth.host import StandaloneHost
 
 from ui_fixtures import BASE_NAME, handlers, put_base_checkpoint, quick_config
 
@@ -263,7 +265,7 @@ def test_a_checkpoint_is_still_loaded_in_txt2img(fake_forge):
 # ---------------------------------------------------------------------------------------------
 def test_extract_lora_from_a_finished_full_run(fake_webui, lora_extension, tmp_path,
                                                idle_runner):
-    from dreambooth.adapters.file import read_lora
+    from dreambooth.models.adapters.file import read_lora
 
     put_base_checkpoint(fake_webui.checkpoints_dir)
     fake_webui.sd_models.list_models()

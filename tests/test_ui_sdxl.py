@@ -8,9 +8,11 @@ import time
 
 import pytest
 
-from dreambooth import families, service, ui
-from dreambooth.config import TrainingConfig
-from dreambooth.job import runner
+from dreambooth.models import families
+from dreambooth.app import service
+from dreambooth.tab import ui
+from dreambooth.common.config import TrainingConfig
+from dreambooth.app.job import runner
 
 from browser_fixtures import SHOTS, chromium, needs_chromium, served
 from conftest import FAKE_WEBUI_DIR

@@ -1,4 +1,4 @@
-"""dreambooth.webui: the host adapter, against the fake WebUI and standalone."""
+"""dreambooth.host: the host adapter, against the fake WebUI and standalone."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import write_safetensors
-from dreambooth import webui
-from dreambooth.webui import CheckpointEntry, StandaloneHost, WebUIHost, get_host, sanitize_model_name
+from dreambooth import host as webui
+from dreambooth.host import (CheckpointEntry, StandaloneHost, WebUIHost, get_host,
+                             sanitize_model_name)
 
 
 def in_thread(fn, *args) -> tuple[threading.Thread, dict]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dreambooth import service
-from dreambooth.job import JobRunner
-from dreambooth.webui import StandaloneHost, get_host
+from dreambooth.app import service
+from dreambooth.app.job import JobRunner
+from dreambooth.host import StandaloneHost, get_host
 
 from conftest import REPO_ROOT
 from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
@@ -108,7 +108,7 @@ def test_a_generation_queued_behind_training_runs_after_it(make_fake_webui, tmp_
 @pytest.mark.parametrize("flavour", ["a1111", "forge"])
 def test_the_webui_model_is_unloaded_only_when_the_setting_says_so(make_fake_webui, tmp_path,
                                                                    flavour):
-    from dreambooth.webui import register_settings
+    from dreambooth.host import register_settings
 
     webui, model = webui_with_a_loaded_model(make_fake_webui, flavour)
     register_settings()
@@ -156,7 +156,7 @@ def test_the_exported_file_says_how_it_was_trained(tmp_path):
     assert meta["ss_sd_model_name"] == BASE_NAME and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_learning_rate"] == "0.0002" and meta["ss_num_train_images"] == "3"
     assert meta["ss_resolution"] == "(64, 64)" and meta["ss_v_parameterization"] == "False"
-    assert json.loads(meta["dreambooth.config"])["learning_rate"] == 2e-4
+    assert json.loads(meta["dreambooth.common.config"])["learning_rate"] == 2e-4
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
@@ -183,8 +183,8 @@ def test_memory_goes_back_after_a_run_and_the_export_needs_one_tensor(tmp_path):
 
 @pytest.mark.parametrize("flavour", ["a1111", "forge"])
 def test_the_base_model_list_shows_what_the_webuis_own_selector_shows(make_fake_webui, flavour):
-    from dreambooth import ui
-    from dreambooth.config import TrainingConfig
+    from dreambooth.tab import ui
+    from dreambooth.common.config import TrainingConfig
 
     webui = make_fake_webui(flavour=flavour)
     path = put_base_checkpoint(webui.checkpoints_dir)

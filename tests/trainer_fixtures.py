@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.config import Concept, TrainingConfig
-from dreambooth.demo import draw_pictures
-from dreambooth.tiny import Components, build_components
-from dreambooth.trainer import Reporter, RunPaths
+from dreambooth.common.config import Concept, TrainingConfig
+from dreambooth.app.demo import draw_pictures
+from dreambooth.models.tiny import Components, build_components
+from dreambooth.engine.trainer import Reporter, RunPaths
 
 
 @functools.lru_cache(maxsize=1)

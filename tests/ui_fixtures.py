@@ -6,8 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from dreambooth.config import Concept, TrainingConfig
-from dreambooth.demo import draw_pictures
+from dreambooth.common.config import Concept, TrainingConfig
+from dreambooth.app.demo import draw_pictures
 
 BASE_NAME = "tiny-base.safetensors"
 
@@ -15,7 +15,7 @@ BASE_NAME = "tiny-base.safetensors"
 @functools.lru_cache(maxsize=1)
 def _tiny_checkpoint() -> Path:
     """The tiny model written once per test session (building it takes seconds)."""
-    from dreambooth import tiny
+    from dreambooth.models import tiny
 
     folder = Path(tempfile.mkdtemp(prefix="dreambooth-tiny-"))
     return tiny.save_checkpoint(folder / BASE_NAME, size="tiny", seed=0)
@@ -59,7 +59,7 @@ def _tiny_sdxl_checkpoint(v_pred_ztsnr: bool) -> Path:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from dreambooth import tiny
+    from dreambooth.models import tiny
 
     folder = Path(tempfile.mkdtemp(prefix="dreambooth-tiny-sdxl-"))
     path = tiny.save_checkpoint(folder / SDXL_NAME, kind="sdxl", seed=0)
