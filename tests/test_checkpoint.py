@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth.models import checkpoint as ck
 from dreambooth.models import export as ex
+from dreambooth.models import ldm_keys
 from dreambooth.models import tiny
 from dreambooth.models.checkpoint import CheckpointError
 
@@ -134,7 +135,7 @@ def test_load_ema_weights(bases, tmp_path):
 
 def test_separate_vae_file(bases, tmp_path):
     other = tiny.build_components("tiny", seed=7).vae
-    ldm = ex.vae_to_ldm(other.state_dict(), other.config)
+    ldm = ldm_keys.vae_to_ldm(other.state_dict(), other.config)
     vae_file = tmp_path / "other.vae.safetensors"  # the models/VAE layout: no prefix
     save_file({k[len("first_stage_model."):]: v.contiguous() for k, v in ldm.items()}, str(vae_file))
     loaded, _ = ck.load_components(bases["sd1"], vae_path=vae_file)
@@ -503,7 +504,7 @@ def test_configs_derived_from_real_size_shapes_match_the_bundled_ones(kind):
                 cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
                 models[name] = cls(CLIPTextConfig(**bundled[name]))
     found = ck.ModelKind(kind=kind)
-    shapes = {k: tuple(v.shape) for k, v in ex.components_to_ldm(
+    shapes = {k: tuple(v.shape) for k, v in ldm_keys.components_to_ldm(
         tiny.Components(tokenizer=None, noise_scheduler=None, **models), found).items()}
     if kind in ("sd2", "sd2-v"):  # real SD2 files hold a 24th OpenCLIP layer the WebUI skips
         for key in [k for k in shapes if ".resblocks.22." in k]:

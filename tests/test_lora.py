@@ -250,7 +250,8 @@ def test_two_processes_train_one_lora_and_agree(tmp_path):
 
 
 def test_lora_presets_and_a_full_preset_after_them():
-    from dreambooth.common.config import TrainingConfig, apply_preset
+    from dreambooth.app.presets import apply_preset
+    from dreambooth.common.config import TrainingConfig
 
     lora = apply_preset(TrainingConfig(), "person-lora")
     assert (lora.training_method, lora.lora_rank, lora.lora_alpha) == ("lora", 32, 16.0)

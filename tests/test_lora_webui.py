@@ -27,7 +27,8 @@ from dreambooth.models import tiny
 from dreambooth.models.adapters import lycoris, targets
 from dreambooth.models.adapters.file import read_lora
 from dreambooth.models.detect import detect_kind
-from dreambooth.models.export import UNET_PREFIX, components_to_ldm, unet_to_ldm
+from dreambooth.models.detect import UNET_PREFIX
+from dreambooth.models.ldm_keys import components_to_ldm, unet_to_ldm
 from dreambooth.engine.trainer import train
 from fake_webui import lora_networks as webui
 from trainer_fixtures import RecordingReporter, base_config, picture_folders, run_paths

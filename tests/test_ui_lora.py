@@ -12,7 +12,8 @@ import pytest
 from dreambooth.models import families
 from dreambooth.app import service
 from dreambooth.tab import ui
-from dreambooth.common.config import PRESETS, TRAINING_METHODS, TrainingConfig
+from dreambooth.app.presets import PRESETS
+from dreambooth.common.config import TRAINING_METHODS, TrainingConfig
 from dreambooth.host import StandaloneHost
 
 from ui_fixtures import BASE_NAME, handlers, put_base_checkpoint, quick_config

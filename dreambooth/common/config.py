@@ -7,13 +7,16 @@ its ``concepts_list`` file (JSON or the Python-literal form with ``#`` comments)
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dreambooth.common.config_files import (MAX_NESTING, TOO_DEEP, _read_json_or_literal,
+                                            _relative_to, _too_deep)
+from dreambooth.common.errors import ConfigError, FieldError, merge_errors  # noqa: F401  (theirs)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor", "sgd")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -33,57 +36,6 @@ MASK_SOURCES = ("file", "alpha")  # <name>.mask.png beside the picture, or its a
 STEPS_PER_PICTURE = 100  # the seed's rule of thumb: steps = pictures x 100
 MAX_STEPS = 10_000_000
 MAX_SEED = 2 ** 32 - 1  # the WebUI's seed range
-# A config nests four levels at most (options > concepts > concept > value). Far deeper is not a
-# config, and reading it would recurse once per level until Python's stack runs out.
-MAX_NESTING = 32
-TOO_DEEP = "nested too deeply to be a training config"
-
-
-@dataclass
-class FieldError:
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
-
-
-class ConfigError(ValueError):
-    """One or more options are wrong; ``errors`` names each field and what to do."""
-
-    def __init__(self, errors: list[FieldError]):
-        self.errors = list(errors)
-        super().__init__("invalid training config:\n" + "\n".join(f"  - {e}" for e in errors))
-
-
-def _error_root(name: str) -> str:
-    """The option a field error is about, as the config names it: an error inside a
-    concepts_list file ("concepts_list (x.json): concepts[0].instance_prompt") is about
-    ``concepts``; any other error about its own field."""
-    for key in ("concepts_list", "concepts"):
-        if name == key or name.startswith(key + " ("):
-            return "concepts"
-    return name
-
-
-def merge_errors(first: list[FieldError], later: list[FieldError]) -> list[FieldError]:
-    """``first`` (e.g. parse errors) then the ``later`` errors (e.g. a preflight of the partial
-    config) that are not about a field already in ``first``, each (field, message) once.
-
-    A later error is dropped when its field is one of ``first``'s or lies inside one
-    (``concepts[0].class_prompt`` inside ``concepts[0]`` or ``concepts``): the partial config
-    held a default there, and an error about that default would only mislead."""
-    failed = {_error_root(e.field) for e in first} | {e.field for e in first}
-
-    def inside(name: str) -> bool:
-        return any(name == f or name.startswith((f + ".", f + "[")) for f in failed)
-
-    merged: dict[tuple[str, str], FieldError] = {}
-    for error in list(first) + [e for e in later if not inside(e.field)]:
-        merged.setdefault((error.field, error.message), error)
-    return list(merged.values())
-
-
 @dataclass(frozen=True)
 class Range:
     """The values a number option may take: ``low``..``high``, either end open or closed."""
@@ -671,61 +623,6 @@ def _translate_seed_names(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _relative_to(path: str, base_dir: str | Path | None) -> Path:
-    """``path`` as given when absolute or when it exists; else relative to ``base_dir``."""
-    given = Path(path).expanduser()
-    if given.is_absolute() or base_dir is None or given.exists():
-        return given
-    return Path(base_dir) / given
-
-
-def _read_json_or_literal(path: Path, field_name: str) -> Any:
-    """A file's JSON, or the seed's Python-literal form (``concepts_list = [...]`` with ``#``
-    comments); read with ast.literal_eval, which runs no code."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([FieldError(field_name, f"cannot read {path}: "
-                                                  f"{exc.strerror or exc}")]) from exc
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([FieldError(field_name, f"{path} is not UTF-8 text")]) from exc
-    try:
-        data = json.loads(text)
-    except RecursionError:  # the decoder recurses once per level of nesting
-        raise _too_deep_error(path, field_name) from None
-    except json.JSONDecodeError as json_error:
-        try:
-            data = _python_literal(text, path, field_name)
-        except ConfigError as exc:
-            if text.lstrip().startswith(("{", "[")) and TOO_DEEP not in str(exc):
-                raise ConfigError([FieldError(field_name, f"{path} is not valid JSON (line "
-                                              f"{json_error.lineno}: {json_error.msg})")]) from None
-            raise
-    if _too_deep(data):
-        raise _too_deep_error(path, field_name)
-    return data
-
-
-def _too_deep_error(path: Path, field_name: str) -> ConfigError:
-    return ConfigError([FieldError(field_name, f"{path} is {TOO_DEEP}")])
-
-
-def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
-    """Whether lists, tuples and dicts in ``value`` nest more than ``limit`` levels. Walked with
-    a stack, not recursion: any depth (and a cycle) is safe to ask about."""
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, tuple, dict)):
-            if depth >= limit:
-                return True
-            stack.extend((child, depth + 1)
-                         for child in (item.values() if isinstance(item, dict) else item))
-    return False
-
-
 def read_concepts_list(path: str | Path, field_name: str = "concepts_list") -> list[Concept]:
     """Read a concepts_list file: JSON, or the seed's Python-literal form with ``#`` comments
     (optionally ``concepts_list = [...]``)."""
@@ -740,83 +637,8 @@ def read_concepts_list(path: str | Path, field_name: str = "concepts_list") -> l
     return concepts
 
 
-def _python_literal(text: str, path: Path, field_name: str = "concepts_list") -> Any:
-    try:
-        module = ast.parse(text)
-    except (RecursionError, MemoryError):  # the parser's stack: e.g. 1+1+...+1, - - ... -1
-        raise _too_deep_error(path, field_name) from None
-    except (SyntaxError, ValueError) as exc:
-        if "too many nested" in str(exc):  # the parser's limit on brackets
-            raise _too_deep_error(path, field_name) from None
-        raise ConfigError([FieldError(
-            field_name, f"{path} is neither JSON nor a Python list "
-                        f"(line {getattr(exc, 'lineno', '?')})")]) from exc
-    try:
-        for node in module.body:
-            if isinstance(node, ast.Assign) and any(
-                    isinstance(t, ast.Name) and t.id == "concepts_list" for t in node.targets):
-                return ast.literal_eval(node.value)
-            if isinstance(node, ast.Expr):
-                return ast.literal_eval(node.value)
-    except (RecursionError, MemoryError):
-        raise _too_deep_error(path, field_name) from None
-    except (ValueError, TypeError, SyntaxError) as exc:
-        raise ConfigError([FieldError(field_name, f"{path}: only plain values (lists, dicts, "
-                                                  f"text, numbers) can be read ({exc})")]) from exc
-    raise ConfigError([FieldError(field_name, f"{path} holds no list of concepts")])
-
-
 def write_concepts_list(concepts: list[Concept], path: str | Path) -> Path:
     from dreambooth.common.files import write_json
 
     data = [{k: v for k, v in dataclasses.asdict(c).items() if v not in ("", None)} for c in concepts]
     return write_json(Path(path), data, overwrite=True)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The seed's recipe: prior preservation, weight 1, lr 1e-6, 8-bit Adam, fp16, checkpointing.
-    # (The full presets say training_method: one applied after a LoRA preset is a full run again.)
-    "person": dict(training_method="full", with_prior_preservation=True, prior_loss_weight=1.0,
-                   learning_rate=1e-6,
-                   num_class_images=100, train_text_encoder=True, text_encoder_stop=0.3,
-                   hflip=True, aspect_ratio_buckets=False, lr_scheduler="constant"),
-    "object": dict(training_method="full", with_prior_preservation=True, prior_loss_weight=1.0,
-                   learning_rate=1e-6,
-                   num_class_images=100, train_text_encoder=False, hflip=True,
-                   aspect_ratio_buckets=False, lr_scheduler="constant"),
-    # Native training: no class pictures, per-picture captions, buckets, the style's "by [V]".
-    "style": dict(training_method="full", with_prior_preservation=False, learning_rate=2e-6,
-                  train_text_encoder=False,
-                  aspect_ratio_buckets=True, hflip=True, shuffle_tags=True, keep_tokens=1,
-                  class_clip_skip=2, clip_skip=2, lr_scheduler="cosine", lr_warmup_steps=100),
-}
-
-
-# The LoRA variants: what kohya_ss and OneTrainer users start from (rank 32 / 16, alpha = rank / 2,
-# lr 1e-4 for the UNet and 5e-5 for the text encoder).
-_LORA = dict(training_method="lora", lora_alpha=16.0, lora_rank=32, learning_rate=1e-4,
-             text_encoder_lr=5e-5, optimizer="adamw8bit", lr_scheduler="cosine")
-PRESETS.update({
-    "person-lora": {**PRESETS["person"], **_LORA, "train_text_encoder": True},
-    "object-lora": {**PRESETS["object"], **_LORA, "lora_rank": 16, "lora_alpha": 8.0},
-    "style-lora": {**PRESETS["style"], **_LORA, "training_method": "locon", "lora_conv_rank": 8,
-                   "lora_conv_alpha": 4.0},
-})
-
-
-def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:
-    if name not in PRESETS:
-        raise ConfigError([FieldError("preset", f"choose one of {', '.join(PRESETS)}")])
-    return dataclasses.replace(config, **preset_values(name))
-
-
-def preset_values(name: str) -> dict[str, Any]:
-    """What preset ``name`` sets: its values, and every option any preset sets back at its
-    default first — one preset after another is that preset, not a mix (person after
-    person-lora is a full run at 1e-6 again)."""
-    if name not in PRESETS:
-        raise ConfigError([FieldError("preset", f"choose one of {', '.join(PRESETS)}")])
-    touched = {key for values in PRESETS.values() for key in values}
-    defaults = {f.name: _default_of(f) for f in dataclasses.fields(TrainingConfig)
-                if f.name in touched}
-    return {**defaults, **PRESETS[name]}

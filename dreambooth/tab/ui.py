@@ -32,8 +32,9 @@ from dreambooth.app import service
 from dreambooth.tab import ui_captions, ui_poll
 from dreambooth.tab.ui_poll import LOG_TAIL, PollSessions
 from dreambooth.tab.ui_render import loss_plot_svg, message, progress_html, status_html
-from dreambooth.common.config import (PRESETS, ConfigError, FieldError, TrainingConfig,
-                                      read_concepts_list, write_concepts_list)
+from dreambooth.app.presets import PRESETS
+from dreambooth.common.config import (ConfigError, FieldError, TrainingConfig, read_concepts_list,
+                                      write_concepts_list)
 # The form's tables (every option of TrainingConfig, grouped, with labels and info)
 from dreambooth.tab.ui_fields import (ADAPTERS, CHOICES, CONCEPT_FIELDS, CONCEPT_LAYOUT, GROUPS,
                                       MODEL_FIELDS, NOT_IN_FORM)  # noqa: F401 (NOT_IN_FORM: read by the tests)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from dreambooth.common.config import preset_values as config_preset_values
+from dreambooth.app.presets import preset_values as config_preset_values
 from dreambooth.tab.ui_fields import (ADAPTERS, APPLIES, CHOICES, GROUPS, METHOD_INFO, applies,
                                       info_for)
 
@@ -63,6 +63,6 @@ def method_note(method: str, learning_rate: Any = None) -> str:
 
 
 def preset_values(name: str) -> dict[str, Any]:
-    """What applying preset ``name`` sets (config.preset_values: every option another preset
+    """What applying preset ``name`` sets (presets.preset_values: every option another preset
     changes goes back to its default, so "person" after "person-lora" is a full run again)."""
     return config_preset_values(name)
