@@ -171,9 +171,9 @@ def test_a_full_disk_at_export_keeps_the_training_and_resumes(tmp_path, monkeypa
         config["base_model"] = str(base)
         config_path.write_text(json.dumps(config))
         # the preflight estimate would refuse at once; a disk that fills during training is the case
-        from dreambooth.app import service
+        from dreambooth.app import preflight
 
-        monkeypatch.setattr(service, "_output_errors", lambda *a, **k: [])
+        monkeypatch.setattr(preflight, "_output_errors", lambda *a, **k: [])
         code = cli_main(["train", str(config_path), "--quiet"])
         err = capsys.readouterr().err
         assert code == files.EXIT_WRITE_FAILED, err

@@ -124,7 +124,9 @@ def test_resolution_0_from_the_form_trains_at_the_models_own_size(bases, tmp_pat
 
 def test_the_estimate_follows_the_chosen_models_family(bases, tmp_path, monkeypatch):
     # the memory figure (GPU only) is the base family's: record which family it is given
-    monkeypatch.setattr(service, "memory_estimate",
+    from dreambooth.app import estimates
+
+    monkeypatch.setattr(estimates, "memory_estimate",
                         lambda config: f"family {(families.base_family(config) or ['?'])[0].title}")
     host = ui.current_host()
     values, extra = ui.config_to_values(quick_config(tmp_path, base=SDXL_NAME), host)

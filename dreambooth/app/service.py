@@ -25,233 +25,27 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from dreambooth.common.config import Concept, ConfigError, FieldError, TrainingConfig
-from dreambooth.models.families import base_family, for_kind, with_model_resolution
 from dreambooth.app.job import JobRunner, runner as default_runner
-from dreambooth.common.names import output_file_name, sanitize_model_name
-from dreambooth.engine import resume as resume_points
-from dreambooth.engine.resume import list_resume_points, point_step, read_state
-from dreambooth.engine.model_files import planned_outputs, run_id_of
+from dreambooth.common.config import Concept, ConfigError, TrainingConfig
+from dreambooth.engine.model_files import planned_outputs
+from dreambooth.engine.resume import list_resume_points
 from dreambooth.engine.trainer import Reporter, RunPaths, TrainResult, train
-from dreambooth.host import CheckpointEntry, Host, without_hash
+from dreambooth.host import CheckpointEntry, Host
+from dreambooth.models.families import for_kind
+# The front ends reach the checks and the estimates through this module too.
+from dreambooth.app.estimates import (apply_card, card_preset, count_pictures,  # noqa: F401
+                                      identifier_check, memory_estimate, memory_figure_gb,
+                                      step_estimate, tokenizer)
+from dreambooth.app.preflight import (base_model_problem, output_file, preflight,  # noqa: F401
+                                      prepare, resolve_base_model, resolve_vae)
+from dreambooth.app.preflight import _device as preflight_device
 
 
-# ---------------------------------------------------------------------------------------------
-# Checking a config before a job starts
-# ---------------------------------------------------------------------------------------------
-def resolve_base_model(base: str, host: Host) -> Path | None:
-    """The file (or diffusers folder) behind ``base``: an existing path, else a checkpoint the
-    host lists under that title / name / hash; None when neither."""
-    text = (base or "").strip()
-    if not text:
-        return None
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    entry = host.resolve_checkpoint(text)
-    if entry is not None:
-        return Path(entry.filename)
-    # The WebUI's list may be empty for a moment (Forge rescans at every page load): a name in
-    # the checkpoints folder is that file all the same.
-    named = host.checkpoints_dir() / without_hash(text)
-    try:
-        inside = named.resolve().is_relative_to(host.checkpoints_dir().resolve())
-    except (OSError, ValueError):
-        inside = False
-    return named if inside and named.is_file() else None
-
-
-def resolve_vae(vae: str, host: Host) -> Path | None:
-    """A VAE given as a path, or by its name in the host's VAE folder (the WebUI's models/VAE)."""
-    text = (vae or "").strip()
-    if not text:
-        return None
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    for candidate in host.list_vaes():
-        if text in (candidate.name, candidate.stem, str(candidate)):
-            return candidate
-        try:
-            if text == candidate.relative_to(host.vae_dir()).as_posix():
-                return candidate
-        except ValueError:
-            pass
-    return None
-
-
-def output_file(config: TrainingConfig, host: Host) -> Path:
-    """Where the trained checkpoint will be written (the trainer's naming)."""
-    return host.output_dir() / output_file_name(config.model_name, "", config.export_format)
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _output_errors(config: TrainingConfig, host: Host, resume: bool) -> list[FieldError]:
-    """What would stop the run at its end or at an intermediate save, found before it starts:
-    a file in the way (not this run's own), resume points of an earlier run under the same
-    name, too little disk for the export."""
-    from dreambooth.models.checkpoint import export_size_estimate
-    from dreambooth.common.files import free_bytes, human_bytes
-
-    errors = []
-    work = host.work_dir(config.model_name)
-    points = list_resume_points(work / "checkpoints")
-    own_run = None
-    if resume:  # the run's own files may be replaced; its point must fit the settings
-        own = resume_points.run_points(work, work / "checkpoints")
-        own_run = ((own and str(read_state(own[-1]).get("run_id") or ""))
-                   or resume_points.read_run_id(work))
-        errors += resume_points.setting_errors(own[-1], config) if own else []
-    if points and not resume and not config.overwrite:
-        errors.append(FieldError("model_name", f"{work} holds resume points of an earlier run "
-                                 f"(step {point_step(points[-1])}): resume it, choose another "
-                                 "name, or turn on overwrite to discard them"))
-    out_dir = host.lora_dir() if config.trains_adapter else host.output_dir()
-    if not config.overwrite:
-        total = config.total_steps(count_pictures(config))
-        taken = [name for name in planned_outputs(config, total)
-                 if (out_dir / name).exists()
-                 and not (own_run and run_id_of(out_dir / name) == own_run)]
-        if taken:
-            errors.append(FieldError("model_name", f"{', '.join(taken[:3])} already "
-                                     f"exist{'s' if len(taken) == 1 else ''} in "
-                                     f"{out_dir}; choose another name or turn on "
-                                     "'overwrite'"))
-    from dreambooth.models import adapters
-
-    problem = adapters.unavailable(config)
-    if problem:
-        errors.append(FieldError("training_method", problem))
-    for folder, what in ((out_dir, "the trained model"), (work, "the run's folder")):
-        problem = _writable_problem(folder)
-        if problem:
-            errors.append(FieldError("model_name", f"{problem}: {what} cannot be written there. "
-                                     "Fix the folder's permissions or choose another models "
-                                     "folder"))
-    base = Path(config.base_model)
-    needed = (_adapter_file_bytes(config) if config.trains_adapter
-              else export_size_estimate(base, config.export_dtype) if base.exists() else None)
-    free = free_bytes(out_dir)
-    if needed and free is not None and free < needed:
-        errors.append(FieldError("model_name", f"{out_dir} has {human_bytes(free)} free; the "
-                                 f"trained model needs about {human_bytes(needed)}. Free some "
-                                 "space or choose another output folder"))
-    return errors
-
-
-def _adapter_file_bytes(config: TrainingConfig) -> int:
-    """About how many bytes the adapter file takes (its trained weights, from the estimate)."""
-    figures, _ = memory_figure_gb(config)
-    return int(figures["trained weights"] * 2 ** 30)
-
-
-def base_model_problem(base: Path, config: TrainingConfig) -> str | None:
-    """Why the base model cannot be trained (not a checkpoint, a LoRA, damaged, truncated, a
-    pickle that asks for code, an absurd header), from its header (a .safetensors file) or the
-    safe loader (.ckpt); None when it can."""
-    from dreambooth.models.detect import CheckpointError, detect_kind
-
-    try:
-        detect_kind(base, prediction_type=config.prediction_type or None)
-    except CheckpointError as exc:
-        return str(exc)
-    except (OSError, MemoryError, RecursionError) as exc:
-        return f"{base} cannot be read ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _writable_problem(folder: Path) -> str | None:
-    """Why nothing can be written in ``folder`` (or the nearest folder that exists above it,
-    where it will be made); None when it can."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, so the folder {folder} cannot be made"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
-
-
-def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
-              resume: bool = False) -> tuple[TrainingConfig, list[FieldError]]:
-    """The config with the base model, VAE and name resolved, and every error found on the way.
-
-    Cheap: reads folder listings and file headers, never pictures' pixels or model weights."""
-    errors = list(config.validate())
-    resolved = config
-    base = resolve_base_model(config.base_model, host)
-    if config.base_model.strip() and base is None:
-        errors.append(FieldError("base_model", f"{config.base_model!r} is neither a file nor a "
-                                 "checkpoint in the list; pick one (press 🔄 after adding files; on the command "
-                                 "line, give the file's path or a name in --models-dir's "
-                                 "Stable-diffusion folder)"))
-    elif base is not None:
-        problem = base_model_problem(base, config)
-        if problem:  # before the run folder, config.json or any deletion: nothing is touched
-            errors.append(FieldError("base_model", problem))
-        resolved = with_model_resolution(replace(resolved, base_model=str(base)))
-        found = base_family(resolved) if config.zero_terminal_snr else None
-        if found and found[1].prediction_type != "v_prediction" and not config.prediction_type:
-            errors.append(FieldError("zero_terminal_snr", f"needs v-prediction, and {base.name} is "
-                                     "an epsilon model: set prediction_type to v_prediction (a "
-                                     "new objective to learn), or turn it off"))
-    if config.vae_path.strip():
-        vae = resolve_vae(config.vae_path, host)
-        if vae is None:
-            errors.append(FieldError("vae_path", f"{config.vae_path!r} is not a file or a VAE in "
-                                     f"{host.vae_dir()}"))
-        else:
-            resolved = replace(resolved, vae_path=str(vae))
-    try:
-        name = sanitize_model_name(config.model_name)
-        host.work_dir(name)  # raises for a name that would leave the work folder
-        resolved = replace(resolved, model_name=name)
-        if check_output:
-            errors += _output_errors(resolved, host, resume)
-    except ValueError as exc:
-        errors.append(FieldError("model_name", str(exc)))
-    for index, concept in enumerate(config.concepts):
-        folder = concept.instance_data_dir.strip()
-        if folder and not Path(folder).expanduser().is_dir():
-            errors.append(FieldError(f"concepts[{index}].instance_data_dir",
-                                     f"{folder} is not a folder"))
-        elif folder:
-            from dreambooth.data import list_pictures
-
-            if not list_pictures(Path(folder).expanduser(), recursive=config.recursive):
-                errors.append(FieldError(f"concepts[{index}].instance_data_dir",
-                                         f"{folder} holds no pictures (PNG, JPEG, WebP ...)"))
-    if config.optimizer in ("adamw8bit", "lion8bit", "lion"):
-        from dreambooth.engine.optimizers import eight_bit_problem
-
-        problem = eight_bit_problem(_device())
-        if problem:
-            errors.append(FieldError("optimizer", problem))
-    # the same field named twice (validate() and a check here) is shown once
-    unique: dict[tuple[str, str], FieldError] = {(e.field, e.message): e for e in errors}
-    return resolved, list(unique.values())
-
-
-def prepare(config: TrainingConfig, host: Host, *, resume: bool = False
-            ) -> tuple[TrainingConfig, RunPaths]:
-    """The resolved config and its paths; ConfigError naming every field at fault."""
-    resolved, errors = preflight(config, host, resume=resume)
-    if errors:
-        raise ConfigError(errors)
-    return resolved, RunPaths(work_dir=host.work_dir(resolved.model_name),
-                              checkpoints_dir=host.output_dir(), lora_dir=host.lora_dir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +190,7 @@ def make_class_pictures(config: TrainingConfig, paths: RunPaths, *, reporter: Re
                                                   use_ema=config.base_use_ema,
                                                   vae_path=config.vae_path or None)
     config = config.with_resolution(for_kind(kind.kind).default_resolution(kind.prediction_type))
-    device = _device()
+    device = preflight_device()
     dtype = torch.float16 if device.type == "cuda" and config.mixed_precision != "no" else torch.float32
     for model in components.modules():
         model.to(device, dtype)
@@ -776,35 +570,6 @@ def open_folder(path: str | os.PathLike) -> str:
     return f"opened {folder}"
 
 
-_TOKENIZER_LOCK = threading.Lock()
-_TOKENIZER: list = []  # the tokenizer once built (a failed build is retried at the next call)
-
-
-def tokenizer() -> Any | None:
-    """The real CLIP tokenizer, built offline once (None when it cannot be built here); callers
-    arriving while it is being built wait for that build instead of starting another."""
-    with _TOKENIZER_LOCK:
-        if not _TOKENIZER:
-            try:
-                from dreambooth.models.tokenizer import load_clip_tokenizer
-
-                _TOKENIZER.append(load_clip_tokenizer())
-            except Exception as exc:  # the identifier check is advice: say why it is missing
-                print(f"DreamBooth: the CLIP tokenizer cannot be built here ({exc}); "
-                      "the identifier check is off", file=sys.stderr)
-                return None
-        return _TOKENIZER[0]
-
-
-def identifier_check(instance_prompt: str, class_prompt: str) -> dict | None:
-    """The identifier found in the prompts, as the tokenizer sees it (None: nothing to say)."""
-    from dreambooth.data import identifier_hint
-
-    if not (instance_prompt or "").strip():
-        return None
-    return identifier_hint(instance_prompt, class_prompt or "", tokenizer())
-
-
 def describe_model(host: Host, base: str) -> str:
     """One line about the chosen base model: kind, prediction type, EMA, VAE."""
     path = resolve_base_model(base, host)
@@ -818,84 +583,6 @@ def describe_model(host: Host, base: str) -> str:
         return f"{path.name}: cannot be trained ({exc})"
     size = for_kind(kind.kind).default_resolution(kind.prediction_type)
     return f"{path.name}: {describe(kind)}; trains at {size} px unless you set a resolution"
-
-
-def count_pictures(config: TrainingConfig) -> int:
-    from dreambooth.data import list_pictures
-
-    total = 0
-    for concept in config.concepts:
-        folder = Path(concept.instance_data_dir.strip() or "\0").expanduser()
-        if concept.instance_data_dir.strip() and folder.is_dir():
-            total += len(list_pictures(folder, recursive=config.recursive))
-    return total
-
-
-def step_estimate(config: TrainingConfig) -> str:
-    """Steps the run will take (the seed's pictures x 100 rule when max_train_steps is 0), epochs,
-    and the run's rough memory estimate."""
-    pictures = count_pictures(config)
-    steps = config.total_steps(pictures)
-    rule = "" if config.max_train_steps else f" ({pictures} pictures × 100, the rule of thumb)"
-    per_step = config.train_batch_size * config.gradient_accumulation_steps
-    epochs = (steps * per_step / pictures) if pictures else 0
-    text = f"{steps} steps{rule}; {pictures} instance pictures, ≈{epochs:.1f} epochs"
-    return f"{text}; {memory_estimate(config)}"
-
-
-def memory_figure_gb(config: TrainingConfig) -> tuple[dict[str, float], Any]:
-    """(GB by category and "total", family): the rough GPU figure of ``config``'s run for its
-    base model's family (SD1.x when the base is not known yet), its method and memory settings
-    (:mod:`dreambooth.models.memory_estimate`)."""
-    from dreambooth.models.memory_estimate import for_config
-
-    found = base_family(config)
-    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
-                                                                             "epsilon")
-    resolution = config.resolution or family.default_resolution(prediction)
-    return for_config(config, family.name, resolution), family
-
-
-def card_preset(card: str, config: TrainingConfig, processes: int = 1):
-    """The card-size preset ``card`` for ``config``'s run (:func:`dreambooth.app.card_presets.choose`,
-    for its base model's family and resolution)."""
-    from dreambooth.app.card_presets import choose
-
-    found = base_family(config)
-    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
-                                                                             "epsilon")
-    return choose(card, config, family.name,
-                  config.resolution or family.default_resolution(prediction), processes)
-
-
-def apply_card(card: str, config: TrainingConfig, processes: int = 1
-               ) -> tuple[TrainingConfig, list[str], Any]:
-    """``config`` with the card preset's settings, the lines that say what it chose and changed
-    (``field: before → after``) for the CLI, the API and the run's log, and the choice.
-    ConfigError by field when the preset would have to override the user (see card_presets)."""
-    choice = card_preset(card, config, processes)
-    changed = replace(config, **choice.values).check()
-    lines = [f"card preset {choice.line()}"] + [f"  {line}" for line in choice.change_lines()]
-    return changed, lines, choice
-
-
-def memory_estimate(config: TrainingConfig) -> str:
-    """The run's expected GPU memory, by category (rough; ``bench --memory`` measures it), and
-    the GPU's own size where there is one."""
-    from dreambooth.models.memory_estimate import describe
-
-    figures, family = memory_figure_gb(config)
-    what = family.title if not config.trains_adapter else f"{family.title} {config.training_method}"
-    text = f"GPU memory {describe(figures)}, rough, {what}"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-            text += f"; this GPU has {gpu_gb:.0f} GB"
-    except Exception:  # a broken CUDA setup: the estimate stands alone
-        pass
-    return text
 
 
 def status() -> dict[str, Any]:

@@ -1,0 +1,119 @@
+"""What the tab shows before a run: the identifier check, the steps and epochs, the memory a run
+needs by category (and the GPU's size), and the card-size preset applied to a config."""
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from dreambooth.common.config import TrainingConfig
+from dreambooth.models.families import base_family, for_kind
+
+
+_TOKENIZER_LOCK = threading.Lock()
+_TOKENIZER: list = []  # the tokenizer once built (a failed build is retried at the next call)
+
+
+def tokenizer() -> Any | None:
+    """The real CLIP tokenizer, built offline once (None when it cannot be built here); callers
+    arriving while it is being built wait for that build instead of starting another."""
+    with _TOKENIZER_LOCK:
+        if not _TOKENIZER:
+            try:
+                from dreambooth.models.tokenizer import load_clip_tokenizer
+
+                _TOKENIZER.append(load_clip_tokenizer())
+            except Exception as exc:  # the identifier check is advice: say why it is missing
+                print(f"DreamBooth: the CLIP tokenizer cannot be built here ({exc}); "
+                      "the identifier check is off", file=sys.stderr)
+                return None
+        return _TOKENIZER[0]
+
+
+def identifier_check(instance_prompt: str, class_prompt: str) -> dict | None:
+    """The identifier found in the prompts, as the tokenizer sees it (None: nothing to say)."""
+    from dreambooth.data import identifier_hint
+
+    if not (instance_prompt or "").strip():
+        return None
+    return identifier_hint(instance_prompt, class_prompt or "", tokenizer())
+
+
+def count_pictures(config: TrainingConfig) -> int:
+    from dreambooth.data import list_pictures
+
+    total = 0
+    for concept in config.concepts:
+        folder = Path(concept.instance_data_dir.strip() or "\0").expanduser()
+        if concept.instance_data_dir.strip() and folder.is_dir():
+            total += len(list_pictures(folder, recursive=config.recursive))
+    return total
+
+
+def step_estimate(config: TrainingConfig) -> str:
+    """Steps the run will take (the seed's pictures x 100 rule when max_train_steps is 0), epochs,
+    and the run's rough memory estimate."""
+    pictures = count_pictures(config)
+    steps = config.total_steps(pictures)
+    rule = "" if config.max_train_steps else f" ({pictures} pictures × 100, the rule of thumb)"
+    per_step = config.train_batch_size * config.gradient_accumulation_steps
+    epochs = (steps * per_step / pictures) if pictures else 0
+    text = f"{steps} steps{rule}; {pictures} instance pictures, ≈{epochs:.1f} epochs"
+    return f"{text}; {memory_estimate(config)}"
+
+
+def memory_figure_gb(config: TrainingConfig) -> tuple[dict[str, float], Any]:
+    """(GB by category and "total", family): the rough GPU figure of ``config``'s run for its
+    base model's family (SD1.x when the base is not known yet), its method and memory settings
+    (:mod:`dreambooth.models.memory_estimate`)."""
+    from dreambooth.models.memory_estimate import for_config
+
+    found = base_family(config)
+    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
+                                                                             "epsilon")
+    resolution = config.resolution or family.default_resolution(prediction)
+    return for_config(config, family.name, resolution), family
+
+
+def card_preset(card: str, config: TrainingConfig, processes: int = 1):
+    """The card-size preset ``card`` for ``config``'s run (:func:`dreambooth.app.card_presets.choose`,
+    for its base model's family and resolution)."""
+    from dreambooth.app.card_presets import choose
+
+    found = base_family(config)
+    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
+                                                                             "epsilon")
+    return choose(card, config, family.name,
+                  config.resolution or family.default_resolution(prediction), processes)
+
+
+def apply_card(card: str, config: TrainingConfig, processes: int = 1
+               ) -> tuple[TrainingConfig, list[str], Any]:
+    """``config`` with the card preset's settings, the lines that say what it chose and changed
+    (``field: before → after``) for the CLI, the API and the run's log, and the choice.
+    ConfigError by field when the preset would have to override the user (see card_presets)."""
+    choice = card_preset(card, config, processes)
+    changed = replace(config, **choice.values).check()
+    lines = [f"card preset {choice.line()}"] + [f"  {line}" for line in choice.change_lines()]
+    return changed, lines, choice
+
+
+def memory_estimate(config: TrainingConfig) -> str:
+    """The run's expected GPU memory, by category (rough; ``bench --memory`` measures it), and
+    the GPU's own size where there is one."""
+    from dreambooth.models.memory_estimate import describe
+
+    figures, family = memory_figure_gb(config)
+    what = family.title if not config.trains_adapter else f"{family.title} {config.training_method}"
+    text = f"GPU memory {describe(figures)}, rough, {what}"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+            text += f"; this GPU has {gpu_gb:.0f} GB"
+    except Exception:  # a broken CUDA setup: the estimate stands alone
+        pass
+    return text
