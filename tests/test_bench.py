@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from dreambooth.app import bench
+from dreambooth.app import bench, bench_run
 from dreambooth.models import tiny
 
 # Short but complete: class pictures generated (1 denoising step), export on, so every phase runs.
@@ -167,10 +167,10 @@ def test_bad_matrix_files_are_explained(tmp_path):
 
 
 def test_spread_figures():
-    s = bench.spread([1.0, 2.0, 3.0, 4.0])
+    s = bench_run.spread([1.0, 2.0, 3.0, 4.0])
     assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 4.0 and s["n"] == 4
-    assert bench.spread([]) is None
-    assert bench.spread([2.0])["iqr_pct"] == 0
+    assert bench_run.spread([]) is None
+    assert bench_run.spread([2.0])["iqr_pct"] == 0
 
 
 def test_repeats_report_the_median_one(tiny_run):

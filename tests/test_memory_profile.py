@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from dreambooth.app import bench
+from dreambooth.app import bench_run as run_figures
 from dreambooth.engine import memory_profile
 from dreambooth.engine.memory_profile import CATEGORIES, peak_by_category
 
@@ -68,7 +69,7 @@ def test_the_categories_at_the_peak_add_up_to_the_peak(full_run):
     # The profiled step is not one of the measured ones, and its peaks stay out of the totals.
     assert f["measured_steps"] == 1 and f["step_s"]["n"] == 1
     by_phase = f["memory_mb"]["by_phase"]
-    assert bench.PROFILED_STEP in by_phase and "training" in by_phase
+    assert run_figures.PROFILED_STEP in by_phase and "training" in by_phase
     assert "--memory" in full_run["command"] and full_run["options"]["memory"] is True
 
 
@@ -109,9 +110,9 @@ def test_without_memory_the_figures_are_null(tmp_path):
     assert set(f) == set(bench.FIGURE_KEYS)
     assert f["memory_peak_gb"] is None and f["memory_by_category_gb"] is None
     assert f["memory_profile"] is None
-    assert bench.PROFILED_STEP not in f["memory_mb"]["by_phase"]
+    assert run_figures.PROFILED_STEP not in f["memory_mb"]["by_phase"]
     assert run["options"]["memory"] is False and "--no-memory" in run["command"]
-    empty = bench.empty_figures()
+    empty = run_figures.empty_figures()
     assert empty["memory_peak_gb"] is None and set(empty) == set(f)
 
 
