@@ -12,7 +12,7 @@ COMMANDS = {
     "caption": ("dreambooth.app.cli", "caption_main", "caption pictures with the WebUI's interrogators"),
     "convert": ("dreambooth.models.export", "convert_main", "single file <-> diffusers folder"),
     "extract-lora": ("dreambooth.app.cli", "extract_lora_main", "a LoRA from a full fine-tune minus its base"),
-    "ui": ("dreambooth.tab.ui", "standalone_main", "serve the tab without the WebUI"),
+    "ui": ("dreambooth.tab.standalone", "standalone_main", "serve the tab without the WebUI"),
     "bench": ("dreambooth.app.bench", "bench_main", "measure speed and memory"),
 }
 

@@ -19,7 +19,7 @@ import pytest
 
 from browser_fixtures import free_port
 from conftest import write_safetensors
-from dreambooth.tab import ui, ui_poll
+from dreambooth.tab import form, standalone, ui_poll
 from dreambooth.common.config import TrainingConfig
 from dreambooth.app.job import runner
 from dreambooth.common.run_types import RunPaths, TrainResult
@@ -60,7 +60,7 @@ def served(tmp_path_factory):
     os.chdir(home)  # gradio 3 serves its working folder: the app's must stay closed
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     port = free_port()
-    demo, app, url = ui.standalone_app(models, port, [])
+    demo, app, url = standalone.standalone_app(models, port, [])
     job = runner().start(TrainingConfig(model_name="toy"),
                          RunPaths(models / "dreambooth" / "toy", models / "Stable-diffusion"),
                          work=stand_in_job, validate=False)
@@ -72,7 +72,8 @@ def served(tmp_path_factory):
         runner().wait(30)
         demo.close()
         os.chdir(cwd)
-        ui_poll.ALLOWED_PATHS[:], ui._HOST = allowed, None  # what standalone_app set
+        ui_poll.ALLOWED_PATHS[:] = allowed  # what standalone_app set
+        form.set_host(None)
 
 
 def request(served, method: str, path: str, headers: dict, **kwargs) -> tuple[int, bytes]:

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     script_callbacks.app_started_callback(demo, app)
     print(f"fake WebUI ({shared.flavour}, gradio {gr.__version__}): {url}", flush=True)
 
-    from dreambooth.tab.ui import serve_until_stopped
+    from dreambooth.tab.standalone import serve_until_stopped
 
     serve_until_stopped(demo, wait_s=30)
     return 0
