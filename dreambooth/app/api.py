@@ -47,8 +47,8 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dreambooth.app import service
-from dreambooth.common.config import ConfigError, FieldError, TrainingConfig, merge_errors
 from dreambooth.app.job import JobBusy, runner
+from dreambooth.common.config import ConfigError, FieldError, TrainingConfig, merge_errors
 from dreambooth.host import Host, api_auth_setting, get_host, request_policy_settings
 
 PREFIX = "/dreambooth/v1"

@@ -31,9 +31,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from dreambooth.app.bench_run import (FIGURE_KEYS, OPTION_KEYS, PHASES, PRESET_OPTIONS,  # noqa: F401
-                                      SCHEMA, SIZE_FAMILY, SIZES, _cuda_available, _loadavg,
-                                      empty_figures, environment, run_once)
+from dreambooth.app.bench_run import (FIGURE_KEYS, OPTION_KEYS, PHASES,  # noqa: F401
+                                      PRESET_OPTIONS, SCHEMA, SIZE_FAMILY, SIZES, _cuda_available,
+                                      _loadavg, empty_figures, environment, run_once)
 from dreambooth.app.bench_tables import _fmt, summary_lines, table
 
 # The default matrix follows the issue: each line adds one thing to the one above, except

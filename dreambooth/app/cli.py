@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from dreambooth.app.card_presets import CARDS
@@ -94,8 +94,8 @@ def train_main(argv: list[str]) -> int:
                         "of this size (the tab's Card size preset) over the config's")
     args = parser.parse_args(argv)
     main = is_main_process()
-    from dreambooth.common import files
     from dreambooth.app import service
+    from dreambooth.common import files
     from dreambooth.host import StandaloneHost
 
     try:
@@ -159,8 +159,8 @@ def caption_main(argv: list[str]) -> int:
     """``python -m dreambooth caption [FOLDER ...] [--config CONFIG.json] ...``: caption files for
     the pictures that have none, with the WebUI's interrogators. They exist only inside the
     WebUI's process: anywhere else this says so and ends with exit code 2 (nothing written)."""
-    from dreambooth.data import captions
     from dreambooth.common import files
+    from dreambooth.data import captions
     from dreambooth.data.captions import CaptionError, CaptionFolder, InterrogatorError
     from dreambooth.host import get_host
 

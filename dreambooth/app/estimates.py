@@ -11,7 +11,6 @@ from typing import Any
 from dreambooth.common.config import TrainingConfig
 from dreambooth.models.families import base_family, for_kind
 
-
 _TOKENIZER_LOCK = threading.Lock()
 _TOKENIZER: list = []  # the tokenizer once built (a failed build is retried at the next call)
 

@@ -75,8 +75,8 @@ def _output_errors(config: TrainingConfig, host: Host, resume: bool) -> list[Fie
     """What would stop the run at its end or at an intermediate save, found before it starts:
     a file in the way (not this run's own), resume points of an earlier run under the same
     name, too little disk for the export."""
-    from dreambooth.models.checkpoint import export_size_estimate
     from dreambooth.common.files import free_bytes, human_bytes
+    from dreambooth.models.checkpoint import export_size_estimate
 
     errors = []
     work = host.work_dir(config.model_name)

@@ -30,22 +30,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from dreambooth.app.job import JobRunner, runner as default_runner
+# The front ends reach the checks and the estimates through this module too.
+from dreambooth.app.estimates import (apply_card, card_preset, count_pictures,  # noqa: F401
+                                      identifier_check, memory_estimate, memory_figure_gb,
+                                      step_estimate, tokenizer)
+from dreambooth.app.job import JobRunner
+from dreambooth.app.job import runner as default_runner
+from dreambooth.app.preflight import _device as preflight_device
+from dreambooth.app.preflight import (base_model_problem, output_file, preflight,  # noqa: F401
+                                      prepare, resolve_base_model, resolve_vae)
 from dreambooth.common.config import Concept, ConfigError, TrainingConfig
 from dreambooth.engine.model_files import planned_outputs
 from dreambooth.engine.resume import list_resume_points
 from dreambooth.engine.trainer import Reporter, RunPaths, TrainResult, train
 from dreambooth.host import CheckpointEntry, Host
 from dreambooth.models.families import for_kind
-# The front ends reach the checks and the estimates through this module too.
-from dreambooth.app.estimates import (apply_card, card_preset, count_pictures,  # noqa: F401
-                                      identifier_check, memory_estimate, memory_figure_gb,
-                                      step_estimate, tokenizer)
-from dreambooth.app.preflight import (base_model_problem, output_file, preflight,  # noqa: F401
-                                      prepare, resolve_base_model, resolve_vae)
-from dreambooth.app.preflight import _device as preflight_device
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +180,8 @@ def make_class_pictures(config: TrainingConfig, paths: RunPaths, *, reporter: Re
     """A job that only makes the missing class pictures (the tab's "Generate class pictures")."""
     import torch
 
-    from dreambooth.models import checkpoint
     from dreambooth.engine import prior
+    from dreambooth.models import checkpoint
 
     started = time.time()
     reporter.phase("loading")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 class Cancelled(Exception):
     """Raised inside the loop when the user asked to stop."""
 

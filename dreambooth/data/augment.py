@@ -14,6 +14,7 @@ from dreambooth.common.config import TrainingConfig
 from dreambooth.data.pictures import (RANDOM_CROP_MAX_ZOOM, Picture, _decode, background_color,
                                       open_mask)
 
+
 def has_random_augmentation(config: TrainingConfig) -> bool:
     """True when pictures change from epoch to epoch beyond a flip (random crop, rotation,
     brightness or contrast jitter): latents then cannot be cached exactly."""

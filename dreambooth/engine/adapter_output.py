@@ -11,9 +11,9 @@ import torch
 
 from dreambooth.common.config import TrainingConfig
 from dreambooth.common.run_types import Reporter, RunPaths
-from dreambooth.models.components import Components
 from dreambooth.models.adapters import file as lora_file
 from dreambooth.models.adapters import lycoris
+from dreambooth.models.components import Components
 
 
 def tag_frequency(config: TrainingConfig) -> dict[str, dict[str, int]]:
@@ -39,11 +39,11 @@ def export_adapter(config: TrainingConfig, paths: RunPaths, components: Componen
                    suffix: str = "", *, overwrite: bool = False, run_id: str = "",
                    pictures: tuple[int, int] = (0, 0)) -> Path:
     """Write the adapter (``trained``: its networks by component name) as a LoRA file."""
-    from dreambooth.models import checkpoint
-    from dreambooth.models.export import build_metadata
     from dreambooth.common.files import ensure_folder, write_bytes
     from dreambooth.engine.model_files import (ema_weights, export_metadata, model_file_name,
-                                              resolve_base_model)
+                                               resolve_base_model)
+    from dreambooth.models import checkpoint
+    from dreambooth.models.export import build_metadata
 
     reporter.phase("saving")
     folder = ensure_folder(paths.output_dir(True))

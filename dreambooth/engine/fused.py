@@ -29,6 +29,7 @@ import torch
 
 from dreambooth.common.config import FieldError, TrainingConfig
 
+
 def runtime_problem(precision: str, processes: int) -> FieldError | None:
     """What the fused pass cannot do on this machine, known once the device is."""
     if precision == "fp16":

@@ -5,6 +5,7 @@ import torch
 
 from dreambooth.common.config import ConfigError, FieldError, TrainingConfig
 
+
 def build_optimizer(name: str, param_groups: list[dict], config: TrainingConfig, device):
     """AdamW, 8-bit AdamW, Lion (32/8-bit), Prodigy, Adafactor or SGD over the parameter groups."""
     betas = (config.adam_beta1, config.adam_beta2)

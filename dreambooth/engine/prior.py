@@ -25,8 +25,8 @@ from typing import Callable
 from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.common.config import TrainingConfig
-from dreambooth.data import FILEWORDS, caption_path, collect_pictures, fill_template, list_pictures
 from dreambooth.common.files import write_bytes
+from dreambooth.data import FILEWORDS, caption_path, collect_pictures, fill_template, list_pictures
 
 NAME_PREFIX = "class"
 

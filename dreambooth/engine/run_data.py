@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth import data
-from dreambooth.models import families
 from dreambooth.common.config import ConfigError, FieldError, TrainingConfig
+from dreambooth.common.run_types import Cancelled
+from dreambooth.models import families
 from dreambooth.models.families.base import CHUNK_TOKENS, chunk_count
 from dreambooth.models.objective import mask_weights, posterior_latents
-from dreambooth.common.run_types import Cancelled
 
 
 @dataclass

@@ -7,12 +7,11 @@ from pathlib import Path
 import torch
 
 from dreambooth.common.config import TrainingConfig
-from dreambooth.models.schedules import is_zero_terminal_snr
 from dreambooth.common.run_types import Reporter, RunPaths
-from dreambooth.models.components import Components
 from dreambooth.engine.model_files import (ema_weights, export_metadata, model_file_name,
                                            resolve_base_model, run_id_of)
-
+from dreambooth.models.components import Components
+from dreambooth.models.schedules import is_zero_terminal_snr
 
 
 class RunWriter:
@@ -72,8 +71,8 @@ class RunWriter:
     def rescue(self, step: int, failure: Exception, saved_step: int | None) -> Exception:
         """After a failed write: keep the trained weights as a resume point (unless that was the
         write that failed, or the newest point already holds this step) and say so in the error."""
-        from dreambooth.engine import resume
         from dreambooth.common.files import WriteError, with_note
+        from dreambooth.engine import resume
 
         if step <= 0:
             return failure
@@ -114,10 +113,10 @@ def export(config: TrainingConfig, paths: RunPaths, components: Components, acce
     """Write the model into the checkpoints folder: into the base file's own layout, or (a
     diffusers folder as the base) as a new single file in the standard layout. ``trained``: the
     trained models by component name (their weights are the components', trained in place)."""
-    from dreambooth.models import checkpoint
-    from dreambooth.models import export as export_module
     from dreambooth.common.files import ensure_folder
     from dreambooth.common.names import output_file_name
+    from dreambooth.models import checkpoint
+    from dreambooth.models import export as export_module
 
     reporter.phase("saving")
     ensure_folder(paths.checkpoints_dir)

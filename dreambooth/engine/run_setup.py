@@ -11,17 +11,17 @@ from typing import Any
 
 import torch
 
-from dreambooth.models import adapters, families
 from dreambooth import data
-from dreambooth.engine import fused
-from dreambooth.engine import resume as resume_points
 from dreambooth.common.config import ConfigError, FieldError, TrainingConfig
 from dreambooth.common.memory import give_memory_back
-from dreambooth.engine.optimizers import build_optimizer, eight_bit_problem
-from dreambooth.engine.model_files import model_file_name, resolve_base_model
 from dreambooth.common.run_types import Cancelled, Reporter, RunPaths
-from dreambooth.models.schedules import noise_schedule
+from dreambooth.engine import fused
+from dreambooth.engine import resume as resume_points
+from dreambooth.engine.model_files import model_file_name, resolve_base_model
+from dreambooth.engine.optimizers import build_optimizer, eight_bit_problem
+from dreambooth.models import adapters, families
 from dreambooth.models.components import Components
+from dreambooth.models.schedules import noise_schedule
 
 
 # ---------------------------------------------------------------------------------------------

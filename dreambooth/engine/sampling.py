@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 
 from dreambooth.common.config import TrainingConfig
-from dreambooth.models.schedules import guidance_rescale
 from dreambooth.common.files import write_bytes
 from dreambooth.models.components import Components
+from dreambooth.models.schedules import guidance_rescale
 
 
 def sample_prompts(config: TrainingConfig) -> list[str]:

@@ -19,25 +19,25 @@ from typing import Any, Callable
 
 import torch
 
-from dreambooth.models import adapters
 from dreambooth import data
+from dreambooth.common.config import ConfigError, TrainingConfig
+from dreambooth.common.memory import give_memory_back
+from dreambooth.common.run_types import Cancelled, Reporter, RunPaths, TrainResult
 from dreambooth.engine import fused
 from dreambooth.engine import resume as resume_points
-from dreambooth.common.config import ConfigError, TrainingConfig
 from dreambooth.engine.eta import RunExtras
-from dreambooth.common.memory import give_memory_back
-from dreambooth.models.objective import dreambooth_loss, step_generator
 from dreambooth.engine.optimizers import EMA, freeze_text_encoder
 from dreambooth.engine.run_data import (Encoded, LatentSource, TextConditioning, batch_inputs,
                                         class_partner, micro_batches, step_record)
 from dreambooth.engine.run_output import RunWriter, make_samples
 from dreambooth.engine.run_setup import (Model, Pictures, Start, TrainedEncoder, frozen_dtype,
                                          gather_pictures, latent_dtype, load_model, make_optimizer,
-                                         open_model, place_models, prepared, release,
-                                         set_attention, start_run, trained_encoders)
-from dreambooth.common.run_types import Cancelled, Reporter, RunPaths, TrainResult
-from dreambooth.models.components import Components
+                                         open_model, place_models, prepared, release, set_attention,
+                                         start_run, trained_encoders)
 from dreambooth.engine.training_log import TrainingLog
+from dreambooth.models import adapters
+from dreambooth.models.components import Components
+from dreambooth.models.objective import dreambooth_loss, step_generator
 
 # Re-exported: the job runner, the CLI, the demo and the tests take these from here.
 __all__ = ["Cancelled", "Reporter", "RunPaths", "TrainResult", "train", "run_training",

@@ -22,18 +22,16 @@ from typing import Iterable, Mapping
 
 import torch
 
+from dreambooth.models.components import Components
 # Detection moved to .detect; these names stay importable from here for existing callers.
-from dreambooth.models.detect import read_safetensors_header
-from dreambooth.models.detect import (  # noqa: F401
-                                      CONFIG_ROOT, KEY_SD1_TEXT, KEY_SD2_TEXT, KEY_SDXL_TEXT1,
-                                      KEY_SDXL_TEXT2, KEY_UNET_IN, KEY_V_PRED, KEY_VAE, KEY_ZTSNR,
-                                      KINDS, LORA_MARKERS, READABLE_SUFFIXES, UNET_PREFIX,
-                                      VAE_PREFIX, CheckpointError, ModelKind, _damaged,
+from dreambooth.models.detect import (CONFIG_ROOT, KEY_SD1_TEXT, KEY_SD2_TEXT,  # noqa: F401
+                                      KEY_SDXL_TEXT1, KEY_SDXL_TEXT2, KEY_UNET_IN, KEY_V_PRED,
+                                      KEY_VAE, KEY_ZTSNR, KINDS, LORA_MARKERS, READABLE_SUFFIXES,
+                                      UNET_PREFIX, VAE_PREFIX, CheckpointError, ModelKind, _damaged,
                                       _kind_from_folder, _refuse_non_checkpoint, _refused_pickle,
                                       _require_file, _suffix, _torch_load, _with_kind,
                                       _yaml_prediction, describe, detect_kind, kind_from_shapes,
-                                      read_metadata, read_shapes)
-from dreambooth.models.components import Components
+                                      read_metadata, read_safetensors_header, read_shapes)
 
 V2_V_YAML = CONFIG_ROOT / "v2-inference-v.yaml"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from dreambooth.common.memory import TrimEvery
 from dreambooth.models.checkpoint import (ARCHITECTURES, DTYPES, IMPLEMENTATIONS, KINDS,
                                           RESOLUTIONS, SINGLE_FILE_SUFFIXES, TEXT_PREFIXES,
                                           UNET_PREFIX, V2_V_YAML, VAE_PREFIX, WEIGHT_PREFIXES,
@@ -37,10 +38,9 @@ from dreambooth.models.checkpoint import (ARCHITECTURES, DTYPES, IMPLEMENTATIONS
                                           derive_configs, file_hash, kind_from_shapes,
                                           load_components, normalize_text_keys, read_shapes,
                                           read_state_dict, read_subset)
+from dreambooth.models.components import Components
 from dreambooth.models.detect import read_metadata, read_safetensors_header
 from dreambooth.models.ldm_keys import components_to_ldm, schedule_buffers
-from dreambooth.common.memory import TrimEvery
-from dreambooth.models.components import Components
 
 # --------------------------------------------------------------------------------------------
 # Tracing diffusers' conversion back to the LDM keys

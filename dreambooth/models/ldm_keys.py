@@ -11,7 +11,6 @@ from dreambooth.models.checkpoint import TEXT_PREFIXES, normalize_text_keys
 from dreambooth.models.components import Components
 from dreambooth.models.detect import UNET_PREFIX, VAE_PREFIX, CheckpointError, ModelKind
 
-
 RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                  ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"),
                  ("conv_shortcut", "skip_connection"))

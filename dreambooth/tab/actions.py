@@ -19,6 +19,7 @@ from dreambooth.tab.form import (CONCEPT_SLOTS, NO_VAE, current_host, describe_f
 from dreambooth.tab.ui_fields import ADAPTERS, CONCEPT_FIELDS, GROUPS
 from dreambooth.tab.ui_render import message
 
+
 def poll(model_name: str, seen: str | dict | None) -> tuple:
     return ui_poll.poll(model_name, seen, current_host())
 

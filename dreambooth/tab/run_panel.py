@@ -8,9 +8,8 @@ from typing import Any
 
 from dreambooth.app import service
 from dreambooth.app.job import runner
-from dreambooth.tab.actions import (cancel_job, check_dataset_report, extract_lora,
-                                    extract_visible, poll, restore_form, start_from_form,
-                                    use_output)
+from dreambooth.tab.actions import (cancel_job, check_dataset_report, extract_lora, extract_visible,
+                                    poll, restore_form, start_from_form, use_output)
 from dreambooth.tab.form import TabForm, label_updates, values_of
 from dreambooth.tab.ui_poll import LOG_TAIL, PollSessions
 from dreambooth.tab.ui_render import loss_plot_svg, message, progress_html, status_html

@@ -33,14 +33,21 @@ from dreambooth.tab import concepts_tab, model_tab, parameters_tab, run_panel
 from dreambooth.tab.actions import (check_dataset_report, checkpoint_choices,  # noqa: F401
                                     estimate_html, export_concepts, extract_lora, extract_visible,
                                     identifier_html, load_output, model_name_note, poll,
-                                    refresh_checkpoints, restore_form, resume_run,
-                                    start_from_form, use_output)
+                                    refresh_checkpoints, restore_form, resume_run, start_from_form,
+                                    use_output)
 from dreambooth.tab.form import (CONCEPT_SLOTS, TabForm, config_to_values,  # noqa: F401
                                  current_host, form_keys, form_to_config, label_updates,
                                  option_names)
 from dreambooth.tab.ui_fields import GROUPS, MODEL_FIELDS, NOT_IN_FORM  # noqa: F401
 from dreambooth.tab.ui_method import method_note, preset_values  # noqa: F401
 
+__all__ = ["build_tab", "create_tab", "stop_timers", "TAB_TITLE", "TAB_ELEM_ID",
+           "check_dataset_report", "checkpoint_choices", "estimate_html", "export_concepts",
+           "extract_lora", "extract_visible", "identifier_html", "load_output", "model_name_note",
+           "poll", "refresh_checkpoints", "restore_form", "resume_run", "start_from_form",
+           "use_output", "CONCEPT_SLOTS", "config_to_values", "current_host", "form_keys",
+           "form_to_config", "label_updates", "option_names", "GROUPS", "MODEL_FIELDS",
+           "NOT_IN_FORM", "method_note", "preset_values"]
 TAB_TITLE = "DreamBooth"
 TAB_ELEM_ID = "dreambooth"
 _TIMERS_STOPPED = threading.Event()

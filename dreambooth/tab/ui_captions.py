@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dreambooth.app import service
-from dreambooth.data.captions import DEFAULT_INTERROGATOR, INSTANCE, INTERROGATORS, CaptionError
-from dreambooth.common.config import ConfigError, TrainingConfig
 from dreambooth.app.job import JobBusy
-from dreambooth.tab.ui_render import message
+from dreambooth.common.config import ConfigError, TrainingConfig
+from dreambooth.data.captions import DEFAULT_INTERROGATOR, INSTANCE, INTERROGATORS, CaptionError
 from dreambooth.host import Host
+from dreambooth.tab.ui_render import message
 
 NEEDS_WEBUI = ("Captioning uses the WebUI's interrogators (BLIP/CLIP, DeepBooru): it works in "
                "the DreamBooth tab inside AUTOMATIC1111 or Forge, not in this standalone app.")

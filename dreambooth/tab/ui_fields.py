@@ -4,8 +4,8 @@ Data only: ``ui.py`` builds the components from these tables."""
 from __future__ import annotations
 
 from dreambooth.common.config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, LATENT_SOURCES,
-                                      LORA_LAYERS, MASK_SOURCES, OPTIMIZERS, PRECISIONS,
-                                      SCHEDULERS, TRAINING_METHODS)
+                                      LORA_LAYERS, MASK_SOURCES, OPTIMIZERS, PRECISIONS, SCHEDULERS,
+                                      TRAINING_METHODS)
 
 MODEL_FIELDS = ("base_model", "vae_path", "prediction_type", "base_use_ema", "model_name")
 NOT_IN_FORM = ("concepts", "models_dir")  # concepts have their own rows; folders come from the host

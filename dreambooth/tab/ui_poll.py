@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.app import service
-from dreambooth.common.config import ConfigError, TrainingConfig
 from dreambooth.app.job import runner
+from dreambooth.common.config import ConfigError, TrainingConfig
 from dreambooth.common.run_types import RunPaths
 from dreambooth.engine.training_log import tensorboard_problem
+from dreambooth.host import Host
 from dreambooth.tab.ui_render import (gallery_items, loss_plot_svg, message, progress_html,
                                       status_html, training_log_html)
-from dreambooth.host import Host
 
 LOG_TAIL = 8  # lines shown: exactly the log box's height, so the newest line is always visible
 

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from dreambooth.models.checkpoint import CheckpointError
 from dreambooth.models.adapters import targets
+from dreambooth.models.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
     from dreambooth.models.detect import ModelKind
@@ -420,9 +420,9 @@ def _metadata(trained_path: Path, base_path: Path, out: Path, kind: "ModelKind",
               report: ExtractReport, dtype: str) -> dict[str, str]:
     """The file's metadata: the ranks it really holds as dim and alpha (alpha = dim: each layer's
     own .alpha is its rank, so every layer applies at scale 1)."""
+    from dreambooth.models.adapters import file as lora_file
     from dreambooth.models.checkpoint import RESOLUTIONS
     from dreambooth.models.export import build_metadata
-    from dreambooth.models.adapters import file as lora_file
 
     rank, conv_rank = report.rank_used or report.rank, report.conv_rank_used or report.conv_rank
     source = {"trained": trained_path.name, "base": base_path.name, "rank": report.rank,

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-
 import torch
 
 from dreambooth.models.objective import DiffusionObjective
