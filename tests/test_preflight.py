@@ -100,3 +100,13 @@ def test_an_absurd_header_is_never_allocated(tmp_path, claimed):
     with pytest.raises(CheckpointError, match="header claims"):
         read_safetensors_header(path)
     assert export_size_estimate(path, "fp16") is None
+
+
+def test_a_missing_base_model_says_what_to_do_on_the_command_line(tmp_path, capsys):
+    config = write_config(tmp_path, with_prior_preservation=False)
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "base_model": "no-such-model.safetensors"}))
+    assert cli_main(["train", str(config), "--quiet"]) == 2
+    said = capsys.readouterr().err
+    assert "base_model:" in said and "on the command line, give the file's path" in said
+    assert not (tmp_path / "models" / "dreambooth").exists()

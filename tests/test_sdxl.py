@@ -322,7 +322,7 @@ def test_trained_sdxl_file_reloads_in_diffusers_with_its_markers(tmp_path):
     assert not torch.equal(flat(trained.text_encoder_2), flat(components.text_encoder_2))
     # the sample was made with the v / zero-SNR sampler (trailing DDIM, CFG rescale)
     assert result.steps == 3 and list(run_paths(tmp_path).samples_dir.glob("*.png"))
-    settings = json.loads(safe_open(str(out), "pt").metadata()["dreambooth.common.config"])
+    settings = json.loads(safe_open(str(out), "pt").metadata()["dreambooth.config"])
     assert settings["train_text_encoder"] is True
 
 

@@ -156,7 +156,7 @@ def test_the_exported_file_says_how_it_was_trained(tmp_path):
     assert meta["ss_sd_model_name"] == BASE_NAME and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_learning_rate"] == "0.0002" and meta["ss_num_train_images"] == "3"
     assert meta["ss_resolution"] == "(64, 64)" and meta["ss_v_parameterization"] == "False"
-    assert json.loads(meta["dreambooth.common.config"])["learning_rate"] == 2e-4
+    assert json.loads(meta["dreambooth.config"])["learning_rate"] == 2e-4
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")

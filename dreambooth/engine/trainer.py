@@ -223,7 +223,6 @@ def micro_step(run: Run, micro: int, batch: list[int]) -> torch.Tensor:
     prompts = [data.prompt_variant(p.caption, config, rng) for p, _ in rows]
     latents, pixel_weights, picture_conditioning = batch_inputs(
         encoded, step_generator(config.seed, micro, salt=1), config.mask_background_weight, device)
-    latents = family.pack(latents)
     noise, timesteps = objective.draw(tuple(latents.shape), step_generator(config.seed, micro),
                                       device)
     noisy, target = objective.noisy_and_target(latents, noise, timesteps)

@@ -4,8 +4,8 @@ The loop (``dreambooth.engine.trainer``) never asks which family it trains. It a
 text encoders to train or cache, for the conditioning of a batch of prompts (``encode``), for the
 extra conditioning a picture brings (``picture_conditioning``: SDXL's size and crop), for the
 training objective (``objective``: how timesteps are drawn, how noise is added and what the
-target is — epsilon, v, or a flow's velocity), for the latent layout the denoiser takes
-(``pack``), for the denoiser's call (``predict``) and for a pipeline to make class pictures and
+target is — epsilon, v, or a flow's velocity), for the denoiser's call in the layout it takes
+(``predict``: a transformer's packing lives there) and for a pipeline to make class pictures and
 samples. Defaults that differ between families (resolution, what memory a run needs) live here
 too. A new family (SD3, Flux...) is a new module with a new subclass; the loop does not change.
 """
@@ -101,15 +101,13 @@ class Family:
                                   min_snr_gamma=config.min_snr_gamma,
                                   min_snr_on_prior=config.min_snr_on_prior)
 
-    def pack(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (batch, channels, h, w) in the layout the denoiser takes; the UNet takes them
-        as they are (a transformer takes 2x2 patches as tokens)."""
-        return latents
-
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: Conditioning, picture_conditioning: torch.Tensor | None
                 ) -> torch.Tensor:
-        """The denoiser's prediction for a batch (the loss compares it with the target)."""
+        """The denoiser's prediction for a batch, in the latents' own layout (batch, channels,
+        h, w), which the loss compares with the target. The UNet takes that layout as it is; a
+        denoiser that takes another (a transformer's 2x2 patches as tokens) is given its layout
+        here and its prediction put back, so targets and masks stay in one layout."""
         return denoiser(noisy, timesteps, **self.unet_inputs(conditioning,
                                                               picture_conditioning)).sample
 
