@@ -182,6 +182,14 @@ def test_dataset_check_reports_pictures_with_and_without_masks(tmp_path):
     assert "masks:" not in off.to_text()
 
 
+def test_the_run_log_says_masks_were_used(tmp_path):
+    _, reporter = run(tmp_path, mask_background_weight=0.25)
+    (line,) = [line for line in reporter.lines if line.startswith("masked training:")]
+    assert "2 of 2 instance pictures have a mask (<name>.mask.png)" in line and "0.25" in line
+    _, plain = run(tmp_path / "plain", masked_training=False)
+    assert not any(line.startswith("masked training:") for line in plain.lines)
+
+
 def test_masked_training_without_any_mask_says_so(tmp_path):
     inst = tmp_path / "instance"
     inst.mkdir()

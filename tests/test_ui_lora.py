@@ -336,3 +336,27 @@ def test_extract_lora_finds_the_base_of_an_intermediate_save(fake_webui, tmp_pat
     assert service.extraction_base(host, lonely) is None  # the tiny base names no base
     assert "base model of other.safetensors is not found" in ui.extract_lora(str(lonely), 4, 0,
                                                                               False, host)
+
+
+@pytest.mark.parametrize("method, lr, warned", [
+    ("loha", 1e-3, True), ("loha", 1e-4, False), ("lora", 1e-3, False), ("lora", 5e-3, True),
+    ("locon", 1e-4, False), ("lokr", 1e-6, True), ("full", 1e-6, False), ("full", 1e-4, True)])
+def test_the_learning_rate_is_judged_per_method(method, lr, warned):
+    """LoHa at 1e-3 (ten times its preset) gave NaN generations in A1111: warned, by the tab
+    and in the run's log (the config's warnings), while LoRA at 1e-3 is fine."""
+    assert ("⚠" in ui.method_note(method, lr)) == warned
+    config = TrainingConfig(training_method=method, learning_rate=lr)
+    assert any("learning rate" in note for note in config.warnings()) == warned
+    if method == "loha" and warned:
+        assert "NaN" in ui.method_note(method, lr)
+
+
+def test_no_preset_sets_a_text_encoder_rate_for_a_frozen_text_encoder():
+    """object-lora set a text-encoder lr with the text encoder off: a setting with no effect."""
+    for name in PRESETS:
+        values = ui.preset_values(name)
+        inert = not values["train_text_encoder"] and (values.get("text_encoder_lr")
+                                                      or values.get("text_encoder_2_lr"))
+        assert not inert, name
+    frozen = TrainingConfig(train_text_encoder=False, text_encoder_lr=5e-5)
+    assert any("does nothing" in note for note in frozen.warnings())

@@ -27,11 +27,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # The LoRA variants: what kohya_ss and OneTrainer users start from (rank 32 / 16, alpha = rank / 2,
-# lr 1e-4 for the UNet and 5e-5 for the text encoder).
+# lr 1e-4 for the UNet and, where the text encoder trains (person-lora), 5e-5 for it; the others
+# leave it frozen, and so its lr at the default).
 _LORA = dict(training_method="lora", lora_alpha=16.0, lora_rank=32, learning_rate=1e-4,
-             text_encoder_lr=5e-5, optimizer="adamw8bit", lr_scheduler="cosine")
+             optimizer="adamw8bit", lr_scheduler="cosine")
 PRESETS.update({
-    "person-lora": {**PRESETS["person"], **_LORA, "train_text_encoder": True},
+    "person-lora": {**PRESETS["person"], **_LORA, "train_text_encoder": True,
+                    "text_encoder_lr": 5e-5},
     "object-lora": {**PRESETS["object"], **_LORA, "lora_rank": 16, "lora_alpha": 8.0},
     "style-lora": {**PRESETS["style"], **_LORA, "training_method": "locon", "lora_conv_rank": 8,
                    "lora_conv_alpha": 4.0},

@@ -393,12 +393,43 @@ class TrainingConfig:
         if self.with_prior_preservation and len(self.concepts) > 1:
             notes.append("subjects trained together cannot appear together in one picture: "
                          "their features blend")
+        advice = learning_rate_advice(self.training_method, self.learning_rate)
+        if advice:
+            notes.append(advice)
+        if not self.train_text_encoder and (self.text_encoder_lr or self.text_encoder_2_lr):
+            notes.append("text_encoder_lr is set but train_text_encoder is off: the text encoder "
+                         "stays frozen and its learning rate does nothing")
         for concept in self.concepts:
             words = concept.instance_prompt.lower().replace(",", " ").split()
             if "sks" in words:
                 notes.append(f"'sks' in {concept.instance_prompt!r} is a poor identifier (it is a "
                              "rifle); pick a rare single token")
         return notes
+
+
+# The learning rates each training method trains well at: full fine-tunes about 1e-6 (the
+# seed's), the adapters about 1e-4 (their presets'). LoHa's update is the product of two low-rank
+# pairs, about 50x LoCon's at the same rate: at 1e-3 its A1111 generations were all NaN, so its
+# ceiling is lower. Outside the range the tab and the run's log warn; nothing is refused.
+LEARNING_RATES = {"full": (1e-7, 5e-5), "lora": (1e-5, 1e-3), "locon": (1e-5, 1e-3),
+                  "loha": (1e-5, 3e-4), "lokr": (1e-5, 1e-3)}
+
+
+def learning_rate_advice(method: str, lr: float) -> str | None:
+    """A warning when ``lr`` is far from what ``method`` trains well with (None: it is not)."""
+    low, high = LEARNING_RATES.get(method, LEARNING_RATES["lora"])
+    if method == "full" and lr >= high:
+        return (f"learning rate {lr:g} is a LoRA's: a full fine-tune at that rate overcooks in a "
+                "few hundred steps (1e-6 is the classic value)")
+    if method != "full" and lr < low:
+        return (f"learning rate {lr:g} is a full fine-tune's: {method} usually trains at 1e-4 "
+                "(the -lora presets set it)")
+    if method != "full" and lr > high:
+        why = (" (LoHa multiplies two low-rank pairs: its update is about 50x LoCon's, and at 1e-3 "
+               "its generations came out NaN)" if method == "loha" else "")
+        return (f"learning rate {lr:g} is high for {method}{why}: it trains well at 1e-4, up to "
+                f"{high:g}")
+    return None
 
 
 # Every number option and the values it may take (checked before any work starts).

@@ -328,6 +328,12 @@ def gather_pictures(model: Model, start: Start, reporter: Reporter) -> Pictures:
                                       f"are only {len(found.instances)} instance pictures")])
     for line in data.prompt_warnings(pictures, model.components.tokenizer):
         reporter.log(f"warning: {line}")
+    if config.masked_training:  # said, so a run's log shows whether its masks were found
+        source = "their alpha channel" if config.mask_source == "alpha" else "<name>.mask.png"
+        masked = sum(p.mask is not None for p in found.instances)
+        reporter.log(f"masked training: {masked} of {len(found.instances)} instance pictures "
+                     f"have a mask ({source}), background weight "
+                     f"{config.mask_background_weight:g}")
     return found
 
 

@@ -7,6 +7,7 @@ import html
 from typing import Any
 
 from dreambooth.app.presets import preset_values as config_preset_values
+from dreambooth.common.config import learning_rate_advice
 from dreambooth.tab.ui_fields import (ADAPTERS, APPLIES, CHOICES, GROUPS, METHOD_INFO, applies,
                                       info_for)
 
@@ -43,9 +44,8 @@ def method_note(method: str, learning_rate: Any = None) -> str:
         text = (f"{method}: the base model stays as it is; the run writes a small file to the "
                 "Lora folder (always .safetensors), used with <lora:name:1> in a prompt. "
                 "EMA, the text encoder and its learning rate apply to the adapter.")
-        if lr is not None and lr < 1e-5:
-            warning = (f"⚠ learning rate {lr:g} is a full fine-tune's: LoRA usually trains at "
-                       "1e-4 (the -lora presets set it).")
+        advice = learning_rate_advice(method, lr) if lr is not None else None
+        warning = f"⚠ {advice}." if advice else ""
         from dreambooth.models.adapters import lycoris
 
         missing = lycoris.unavailable()
@@ -54,9 +54,8 @@ def method_note(method: str, learning_rate: Any = None) -> str:
     else:
         text = ("full: every weight of the UNet (and the text encoder when ticked) trains; the "
                 "run writes a whole checkpoint.")
-        if lr is not None and lr >= 5e-5:
-            warning = (f"⚠ learning rate {lr:g} is a LoRA's: a full fine-tune at that rate "
-                       "overcooks in a few hundred steps (1e-6 is the classic value).")
+        advice = learning_rate_advice("full", lr) if lr is not None else None
+        warning = f"⚠ {advice}." if advice else ""
     warn = f" <span class='dreambooth-warning-text'>{html.escape(warning)}</span>" if warning else ""
     return (f"<div class='dreambooth-note' id='dreambooth_method_note_text'>{html.escape(text)}"
             f"{warn}</div>")
