@@ -64,8 +64,29 @@ def test_the_targets_of_the_issue_are_what_the_presets_aim_at():
 
 
 def test_the_service_uses_the_base_models_family():
+    from dreambooth.app.estimates import device_type
+
     config = TrainingConfig(**BASE)
-    assert service.card_preset("8gb", config) == choose("8gb", config, "sd1", 512)
+    assert service.card_preset("8gb", config) == choose("8gb", config, "sd1", 512,
+                                                        device=device_type())
+
+
+def test_on_the_cpu_the_presets_and_the_estimate_know_the_device():
+    """An SDXL LoRA with --card 6gb on a CPU-only machine peaked at 21.9 GB of RAM: the preset's
+    fp16 trained in fp32 there. On the CPU a preset's half precision is bf16, and the estimate
+    counts fp16 as fp32 and no CUDA context."""
+    lora = TrainingConfig(**{**BASE, "train_text_encoder": False}, training_method="lora",
+                          lora_rank=32)
+    for card in CARDS:
+        on_cpu = choose(card, lora, "sdxl", 1024, device="cpu").values
+        assert on_cpu["mixed_precision"] == "bf16"
+    assert choose("24gb", lora, "sdxl", 1024, device="cuda").values["mixed_precision"] == "fp16"
+    gpu, _ = service.memory_figure_gb(lora, "cuda")
+    cpu, _ = service.memory_figure_gb(lora, "cpu")
+    assert "CUDA context" in gpu and "CUDA context" not in cpu
+    assert cpu["activations"] > gpu["activations"]  # fp16 counted as the fp32 it trains in
+    line = service.memory_estimate(lora)  # this machine has no GPU
+    assert line.startswith("no GPU here") and "CUDA context" not in line
 
 
 def test_the_bench_applies_a_preset_and_the_command_line_wins(tmp_path):

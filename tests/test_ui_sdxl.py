@@ -4,6 +4,8 @@ size that resolution 0 trains at, a run from the tab finishes, joins the WebUI's
 in txt2img" makes the WebUI load it as an SDXL model (the config A1111 picks from its keys)."""
 from __future__ import annotations
 
+import dataclasses
+import html
 import time
 
 import pytest
@@ -251,3 +253,22 @@ def test_in_the_page_picking_the_sdxl_base_shows_sdxl_and_1024(tmp_path):
         except BaseException:
             page.screenshot(path=str(SHOTS / f"sdxl-model-line-{flavour}-failure.png"))
             raise
+
+
+def test_fit_to_card_uses_the_chosen_models_family(bases, tmp_path):
+    """Pressed with a WebUI title in the form (before the model line appeared), it estimated
+    with SD1 sizes."""
+    from dreambooth.app.estimates import card_preset
+
+    host = ui.current_host()
+    values, extra = ui.config_to_values(quick_config(tmp_path, base=SDXL_NAME, name="x",
+                                                     optimizer="adamw8bit"), host)
+    values["resolution"] = 0  # the model's own: 1024 for SDXL
+    blocks, _ = built_tab()
+    (fit, outputs), = handlers(blocks, "dreambooth_apply_card", "click")
+    note = fit("12gb", *[values[k] for k in ui.form_keys()], extra)[-1]
+    resolved = dataclasses.replace(ui.form_to_config(values, extra)[0],
+                                   base_model=str(service.resolve_base_model(SDXL_NAME, host)))
+    sdxl_line = card_preset("12gb", resolved).line()
+    title_only = card_preset("12gb", ui.form_to_config(values, extra)[0]).line()  # SD1's sizes
+    assert sdxl_line != title_only and html.escape(sdxl_line) in note

@@ -116,16 +116,26 @@ def _runs(config: TrainingConfig, values: dict[str, Any]) -> bool:
                for e in dataclasses.replace(config, **values).validate())
 
 
+def for_device(rung: dict[str, Any], device: str) -> dict[str, Any]:
+    """A rung's settings for ``device``: on the CPU, half precision is bf16 (fp16 would train in
+    fp32 there, at twice the memory the preset was chosen for)."""
+    if device == "cpu" and rung.get("mixed_precision") == "fp16":
+        return {**rung, "mixed_precision": "bf16"}
+    return rung
+
+
 def choose(card: str, config: TrainingConfig, family: str, resolution: int,
-           processes: int = 1) -> CardChoice:
+           processes: int = 1, device: str = "cuda") -> CardChoice:
     """The first rung of ``config``'s method whose estimate fits ``card`` (see the module),
-    among those that keep the user's recipe settings. ConfigError naming those settings when a
-    rung that would fit was left out for them and none of the others fits."""
+    among those that keep the user's recipe settings, for ``device`` ("cuda" or "cpu").
+    ConfigError naming those settings when a rung that would fit was left out for them and none
+    of the others fits."""
     if card not in CARDS:
         raise ConfigError([FieldError("preset", f"choose one of {', '.join(CARDS)}")])
     budget = CARDS[card] * MARGIN
     choice, previous, kept, refused = None, None, [], []
     for name, rung in rungs_for(config):
+        rung = for_device(rung, device)
         values, mine = _split(config, rung)
         kept += [f"your {field_} {getattr(config, field_)!r}" for field_ in mine]
         # a rung that cannot run with the user's settings, or is the rung before once they are

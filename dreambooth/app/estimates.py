@@ -63,17 +63,35 @@ def step_estimate(config: TrainingConfig) -> str:
     return f"{text}; {memory_estimate(config)}"
 
 
-def memory_figure_gb(config: TrainingConfig) -> tuple[dict[str, float], Any]:
-    """(GB by category and "total", family): the rough GPU figure of ``config``'s run for its
-    base model's family (SD1.x when the base is not known yet), its method and memory settings
-    (:mod:`dreambooth.models.memory_estimate`)."""
+def device_type() -> str:
+    """"cuda" where training runs on a GPU, else "cpu"."""
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # a broken CUDA setup trains on the CPU
+        return "cpu"
+
+
+def memory_figure_gb(config: TrainingConfig, device: str | None = None
+                     ) -> tuple[dict[str, float], Any]:
+    """(GB by category and "total", family): the rough figure of ``config``'s run for its base
+    model's family (SD1.x when the base is not known yet), its method and memory settings
+    (:mod:`dreambooth.models.memory_estimate`), on ``device`` (this machine's by default): on
+    the CPU, fp16 trains in fp32 and there is no CUDA context."""
     from dreambooth.models.memory_estimate import for_config
 
+    device = device or device_type()
     found = base_family(config)
     family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
                                                                              "epsilon")
     resolution = config.resolution or family.default_resolution(prediction)
-    return for_config(config, family.name, resolution), family
+    if device == "cpu" and config.mixed_precision == "fp16":
+        config = replace(config, mixed_precision="no")
+    figures = for_config(config, family.name, resolution)
+    if device == "cpu":
+        figures["total"] -= figures.pop("CUDA context", 0.0)
+    return figures, family
 
 
 def card_preset(card: str, config: TrainingConfig, processes: int = 1):
@@ -85,7 +103,8 @@ def card_preset(card: str, config: TrainingConfig, processes: int = 1):
     family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
                                                                              "epsilon")
     return choose(card, config, family.name,
-                  config.resolution or family.default_resolution(prediction), processes)
+                  config.resolution or family.default_resolution(prediction), processes,
+                  device_type())
 
 
 def apply_card(card: str, config: TrainingConfig, processes: int = 1
@@ -104,15 +123,18 @@ def memory_estimate(config: TrainingConfig) -> str:
     the GPU's own size where there is one."""
     from dreambooth.models.memory_estimate import describe
 
-    figures, family = memory_figure_gb(config)
+    device = device_type()
+    figures, family = memory_figure_gb(config, device)
     what = family.title if not config.trains_adapter else f"{family.title} {config.training_method}"
+    if device == "cpu":  # the run trains here, on the CPU: its tensors are in RAM
+        half = " (fp16 trains in fp32 on the CPU)" if config.mixed_precision == "fp16" else ""
+        return f"no GPU here: tensors in RAM {describe(figures)}, rough, {what}{half}"
     text = f"GPU memory {describe(figures)}, rough, {what}"
     try:
         import torch
 
-        if torch.cuda.is_available():
-            gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-            text += f"; this GPU has {gpu_gb:.0f} GB"
+        gpu_gb = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+        text += f"; this GPU has {gpu_gb:.0f} GB"
     except Exception:  # a broken CUDA setup: the estimate stands alone
         pass
     return text

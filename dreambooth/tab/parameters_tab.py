@@ -2,6 +2,7 @@
 and card-size presets, the estimate line, then every other option in its group."""
 from __future__ import annotations
 
+import dataclasses
 import html
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,10 @@ def wire(gr, form: TabForm, tab: ParametersTab) -> None:
     def on_card(name, *args):  # the memory fields of the rung that fits, and what it changed
         try:
             config, _ = form_to_config(*values_of(args))
+            # the base model's family, from its file (a WebUI title resolved first)
+            base = service.resolve_base_model(config.base_model, host)
+            if base is not None:
+                config = dataclasses.replace(config, base_model=str(base))
             choice = service.card_preset(name, config)
         except ConfigError as exc:
             return form.unchanged(gr) + [message(str(exc), "error")]
