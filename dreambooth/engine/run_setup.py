@@ -136,8 +136,9 @@ def _refusals(config: TrainingConfig, paths: RunPaths, resume: bool, export_mode
                                       "resume it, choose another name, or turn on overwrite to "
                                       "discard them")])
     own_points = resume_points.run_points(paths.work_dir, paths.resume_dir) if resume else []
-    if own_points and resume_points.setting_errors(own_points[-1], config):
-        raise ConfigError(resume_points.setting_errors(own_points[-1], config))  # nothing written
+    changed = resume_points.setting_errors(own_points[-1], config) if own_points else []
+    if changed:
+        raise ConfigError(changed)  # before anything is written
     return own_points
 
 
