@@ -73,6 +73,15 @@ def device_type() -> str:
         return "cpu"
 
 
+def family_and_resolution(config: TrainingConfig) -> tuple[Any, int]:
+    """The base model's family (SD1.x when it cannot be told yet) and the run's resolution
+    (the family's own when the config says 0)."""
+    found = base_family(config)
+    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
+                                                                             "epsilon")
+    return family, config.resolution or family.default_resolution(prediction)
+
+
 def memory_figure_gb(config: TrainingConfig, device: str | None = None
                      ) -> tuple[dict[str, float], Any]:
     """(GB by category and "total", family): the rough figure of ``config``'s run for its base
@@ -82,10 +91,7 @@ def memory_figure_gb(config: TrainingConfig, device: str | None = None
     from dreambooth.models.memory_estimate import for_config
 
     device = device or device_type()
-    found = base_family(config)
-    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
-                                                                             "epsilon")
-    resolution = config.resolution or family.default_resolution(prediction)
+    family, resolution = family_and_resolution(config)
     if device == "cpu" and config.mixed_precision == "fp16":
         config = replace(config, mixed_precision="no")
     figures = for_config(config, family.name, resolution)
@@ -99,12 +105,8 @@ def card_preset(card: str, config: TrainingConfig, processes: int = 1):
     for its base model's family and resolution)."""
     from dreambooth.app.card_presets import choose
 
-    found = base_family(config)
-    family, prediction = (found[0], found[1].prediction_type) if found else (for_kind("sd1"),
-                                                                             "epsilon")
-    return choose(card, config, family.name,
-                  config.resolution or family.default_resolution(prediction), processes,
-                  device_type())
+    family, resolution = family_and_resolution(config)
+    return choose(card, config, family.name, resolution, processes, device_type())
 
 
 def apply_card(card: str, config: TrainingConfig, processes: int = 1

@@ -134,10 +134,10 @@ def base_model_problem(base: Path, config: TrainingConfig) -> str | None:
     """Why the base model cannot be trained (not a checkpoint, a LoRA, damaged, truncated, a
     pickle that asks for code, an absurd header), from its header (a .safetensors file) or the
     safe loader (.ckpt); None when it can."""
-    from dreambooth.models.detect import CheckpointError, detect_kind
+    from dreambooth.models.detect import CheckpointError, detect_kind_cached
 
     try:
-        detect_kind(base, prediction_type=config.prediction_type or None)
+        detect_kind_cached(base, prediction_type=config.prediction_type or None)
     except CheckpointError as exc:
         return str(exc)
     except (OSError, MemoryError, RecursionError) as exc:

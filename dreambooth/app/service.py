@@ -575,9 +575,9 @@ def describe_model(host: Host, base: str) -> str:
     if path is None:
         return "" if not (base or "").strip() else f"{base}: not found"
     try:
-        from dreambooth.models.detect import describe, detect_kind
+        from dreambooth.models.detect import describe, detect_kind_cached
 
-        kind = detect_kind(path)
+        kind = detect_kind_cached(path)
     except Exception as exc:  # CheckpointError and unreadable files: say why, do not raise
         return f"{path.name}: cannot be trained ({exc})"
     size = for_kind(kind.kind).default_resolution(kind.prediction_type)

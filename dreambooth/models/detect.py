@@ -10,6 +10,7 @@ never imports it, so detection stays cheap to import and free of import cycles.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -443,3 +444,20 @@ def _with_kind(found: ModelKind, kind: str | None) -> ModelKind:
         raise CheckpointError(f"the checkpoint is {found.kind}; it cannot be read as {kind}")
     return replace(found, kind=kind, prediction_type="v_prediction" if kind == "sd2-v" else "epsilon",
                    prediction_source=SOURCE_CHOICE)
+
+
+@functools.lru_cache(maxsize=32)
+def _kind_of_file(path: str, size: int, mtime_ns: int, prediction_type: str | None) -> ModelKind:
+    return detect_kind(path, prediction_type=prediction_type)
+
+
+def detect_kind_cached(path: str | os.PathLike, *, prediction_type: str | None = None
+                       ) -> ModelKind:
+    """:func:`detect_kind` of a file, remembered while the file is unchanged (size and mtime):
+    the checks before a run, the resolution and the model line ask about the same base, and a
+    .ckpt is read whole each time otherwise. Folders are read each time."""
+    path = Path(path)
+    if not path.is_file():
+        return detect_kind(path, prediction_type=prediction_type)
+    stat = path.stat()
+    return _kind_of_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns, prediction_type)

@@ -35,13 +35,13 @@ def base_family(config):
     says why. Reads file headers only."""
     from pathlib import Path
 
-    from dreambooth.models.detect import detect_kind
+    from dreambooth.models.detect import detect_kind_cached
 
     path = Path(config.base_model).expanduser()
     if not config.base_model.strip() or not path.exists():
         return None
     try:
-        kind = detect_kind(path, prediction_type=config.prediction_type or None)
+        kind = detect_kind_cached(path, prediction_type=config.prediction_type or None)
     except Exception:  # CheckpointError, unreadable files
         return None
     return for_kind(kind.kind), kind
