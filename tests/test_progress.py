@@ -59,7 +59,7 @@ def test_class_pictures_samples_and_export_each_report_their_progress(tmp_path):
     assert result.output_path is not None
     calls = reporter.calls
     made = [c[2:] for c in calls if c[0] == "progress" and c[1] == "class_images"]
-    assert made == [(n, 6) for n in range(1, 7)]
+    assert made == [(n, 6) for n in range(0, 7)]  # "0 / 6" before the first picture
     sampling = [c[2] for c in calls if c[0] == "detail" and c[1] == "sampling"]
     assert sampling == ["sampling step 2: 0 / 2 pictures", "sampling step 2: 1 / 2 pictures",
                         "sampling step 2: 2 / 2 pictures", "sampling step 4: 0 / 2 pictures",
@@ -94,12 +94,14 @@ def test_the_eta_of_every_counted_phase_and_the_extras_of_training(monkeypatch):
     reporter = _JobReporter(runner, 1)
     clock = [1000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
+    reporter.progress(5, 5, None, None)  # what the phase before counted
     reporter.phase("class_images")
+    assert (runner.snapshot().step, runner.snapshot().total) == (0, 0)  # not "5 / 5"
     for done in range(3):
         reporter.progress(done, 10, None, None)
         clock[0] += 4.0  # 4 s per class picture
-    snap = runner.snapshot()
-    assert snap.it_per_s == pytest.approx(0.25) and snap.eta_seconds == pytest.approx(32.0)
+    snap = runner.snapshot()  # 4 s after the last count: the ETA counts down meanwhile
+    assert snap.it_per_s == pytest.approx(0.25) and snap.eta_seconds == pytest.approx(32.0 - 4.0)
     reporter.phase("training")
     assert runner.snapshot().eta_seconds is None
     reporter.extra_time(100.0)  # samples and export still to come
@@ -108,11 +110,13 @@ def test_the_eta_of_every_counted_phase_and_the_extras_of_training(monkeypatch):
         clock[0] += 2.0
     snap = runner.snapshot()
     assert snap.it_per_s == pytest.approx(0.5)
-    assert snap.eta_seconds == pytest.approx(18 / 0.5 + 100.0)
+    assert snap.eta_seconds == pytest.approx(18 / 0.5 + 100.0 - 2.0)
     reporter.phase("sampling")
     reporter.detail("sampling step 2: 1 / 4 pictures")
     snap = runner.snapshot()
     assert snap.phase == "sampling" and snap.eta_seconds == pytest.approx(100.0)
+    clock[0] += 30.0  # the samples report no steps: their ETA still counts down
+    assert runner.snapshot().eta_seconds == pytest.approx(70.0)
     assert "sampling step 2: 1 / 4 pictures" in progress_html(snap)
     assert "2.00 s/it" in progress_html(snap)
 
@@ -135,3 +139,25 @@ def test_the_rest_of_the_run_counts_each_extra_at_its_measured_cost(tmp_path):
                                          (0.25, "4.00 s/it"), (None, "")])
 def test_speed_is_written_like_the_webui(rate, text):
     assert speed_text(rate) == text
+
+
+def test_each_phase_shows_its_count_at_once_and_its_eta_after_its_first_item(monkeypatch):
+    """A1111 showed the class-picture phase as its bare name and the training ETA only after
+    the second step: the class pictures count from "0 / N", and the trainer's order (the step
+    count, then the phase) gives an ETA after the first step."""
+    runner = JobRunner()
+    reporter = _JobReporter(runner, 1)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    reporter.phase("class_images")
+    reporter.progress(0, 4, None, None)
+    assert "0 / 4" in progress_html(runner.snapshot())
+    clock[0] += 10.0
+    reporter.progress(1, 4, None, None)
+    assert runner.snapshot().eta_seconds == pytest.approx(30.0)  # after the first picture
+    reporter.progress(0, 50, None, 1e-4)  # loop(): the step count first, then the phase
+    reporter.phase("training")
+    clock[0] += 3.0
+    reporter.progress(1, 50, 0.2, 1e-4)
+    snap = runner.snapshot()
+    assert snap.eta_seconds == pytest.approx(49 * 3.0) and "ETA" in progress_html(snap)

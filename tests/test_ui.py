@@ -79,6 +79,21 @@ def test_model_dropdown_lists_the_webuis_checkpoints_and_follows_a_title_change(
     assert service.resolve_base_model("a.safetensors", ui.current_host()).name == "a.safetensors"
 
 
+def test_the_poll_gives_the_model_list_the_hash_the_webui_added_after_the_page_was_built(
+        fake_webui, idle_runner):
+    """A1111 hashes the model it loads at start-up when its hash was not cached, after the
+    page was built: its own selector then shows "name [hash]", and ours did not."""
+    fake_webui.add_checkpoint("a.safetensors")
+    _, comps = built_tab()
+    seen = ui.poll("", {})[-1]
+    assert "choices" not in ui.poll("", seen)[-2]  # unchanged: nothing re-sent
+    info = fake_webui.sd_models.checkpoints_list["a.safetensors"]
+    info.calculate_shorthash()
+    update = ui.poll("", seen)[-2]
+    assert update["choices"] in ([info.title], [(info.title, info.title)])
+    assert info.title.startswith("a.safetensors [")
+
+
 def test_train_shows_errors_next_to_the_fields(fake_webui, tmp_path, idle_runner):
     import gradio as gr
 
@@ -136,7 +151,7 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
     assert "my-toy.safetensors" in titles  # refreshed without pressing 🔄
 
     # a page opened now (or reloaded) shows the finished run from the runner, not from the page
-    status, progress, plot, gallery, log, output, logs, note, runs, seen = ui.poll("my-toy", {})
+    status, progress, plot, gallery, log, output, logs, note, runs, models, seen = ui.poll("my-toy", {})
     assert runs["choices"] == ["my-toy"]  # the previous-runs list follows the work folder
     assert "data-phase='done'" in status and "3 / 3 steps" in progress
     assert output.endswith("my-toy.safetensors") and gallery and "<polyline" in plot

@@ -165,7 +165,7 @@ def test_a_run_on_an_sdxl_base_loads_in_txt2img_as_sdxl(bases, tmp_path, idle_ru
     snap = idle_runner.wait(300)
     assert snap.phase == "done", snap.log
     assert f"{name}.safetensors" in bases.sd_models.checkpoints_list  # refreshed, no 🔄 needed
-    status, progress, plot, gallery, log, output, logs, note, runs, seen = ui.poll(name, {})
+    status, progress, plot, gallery, log, output, logs, note, runs, models, seen = ui.poll(name, {})
     assert "2 / 2 steps" in progress
     assert output.endswith(f"{name}.safetensors")
     # the result is an SDXL model too, as the model line says when it is picked as a base

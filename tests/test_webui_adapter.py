@@ -309,3 +309,20 @@ def test_sanitize_keeps_good_names(name, expected):
 def test_sanitize_refuses_names_that_escape_or_are_empty(name):
     with pytest.raises(ValueError):
         sanitize_model_name(name)
+
+
+@pytest.mark.parametrize("kind", ["blip", "clip"])
+def test_an_interrogator_offline_says_which_file_it_needs_and_where(fake_webui, kind):
+    """A1111 offline: its model download fails, load_models returns no file, and the WebUI's
+    IndexError reached the user as "IndexError: list index out of range"."""
+    from PIL import Image
+
+    fake_webui.shared.interrogator.offline = True
+    with pytest.raises(webui.InterrogatorError) as caught:
+        get_host().interrogate(kind, Image.new("RGB", (16, 16), (200, 30, 30)))
+    message = str(caught.value)
+    assert "model_base_caption_capfilt_large.pth" in message
+    assert str(Path(fake_webui.shared.models_path) / "BLIP") in message
+    assert "no internet" in message and "https://" in message
+    fake_webui.shared.interrogator.offline = False
+    assert get_host().interrogate(kind, Image.new("RGB", (16, 16), (200, 30, 30)))

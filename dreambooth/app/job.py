@@ -47,7 +47,8 @@ class Progress:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     lr_history: list[tuple[int, float]] = field(default_factory=list)
     it_per_s: float | None = None
-    eta_seconds: float | None = None
+    eta_seconds: float | None = None  # counted down from eta_at in every snapshot
+    eta_at: float | None = None  # when eta_seconds was measured
     peak_gpu_mb: float | None = None
     holds_generation: bool = False  # txt2img/img2img wait for this job (the WebUI's lock)
     detail: str = ""  # what the phase is doing now ("sampling step 500: 2 / 4 pictures")
@@ -88,7 +89,14 @@ class _JobReporter(Reporter):
         else:
             changes["it_per_s"] = self._rate.get(name)
             changes["eta_seconds"] = None
-            self._last.pop(name, None)  # a phase entered again measures from its new start
+            # The phase's clock starts now, from the count it starts at (training: the step the
+            # trainer reported just before; any other phase counts from 0), so its first
+            # progress already gives a speed and an ETA, and a phase entered again measures
+            # from its new start rather than across the samples or saves in between.
+            step = self.runner.snapshot().step if name == "training" else 0
+            if name != "training":
+                changes.update(step=0, total=0)  # not the previous phase's "n / N"
+            self._last[name] = (time.time(), step)
         self.runner._update(**changes)
         self.log(f"phase: {name}")
         self.current = name
@@ -156,12 +164,17 @@ class JobRunner:
 
     # -- reading ---------------------------------------------------------------------------------
     def snapshot(self) -> Progress:
+        """A copy of the progress, its ETA counted down to now (a save or the final samples
+        report no steps, and their ETA must not stand still while they run)."""
         with self._lock:
             p = self._progress
+            eta = p.eta_seconds
+            if eta is not None and p.eta_at is not None:
+                eta = max(0.0, eta - max(0.0, time.time() - p.eta_at))
             return Progress(**{**p.__dict__, "loss_history": list(p.loss_history),
                                "switch": dict(p.switch) if p.switch else None,
                                "lr_history": list(p.lr_history), "samples": list(p.samples),
-                               "log": list(self._log_lines)})
+                               "log": list(self._log_lines), "eta_seconds": eta})
 
     @property
     def running(self) -> bool:
@@ -259,6 +272,8 @@ class JobRunner:
         return {"phase": "failed", "error": message}
 
     def _update(self, _history: tuple | None = None, **changes) -> None:
+        if "eta_seconds" in changes:
+            changes["eta_at"] = time.time()
         with self._lock:
             for key, value in changes.items():
                 setattr(self._progress, key, value)

@@ -160,6 +160,8 @@ def generate_class_pictures(config: TrainingConfig, pipeline, *,
         if guidance_rescale(scheduler):  # a zero-terminal-SNR model: CFG rescaled
             extra["guidance_rescale"] = guidance_rescale(scheduler)
     done = 0
+    if progress is not None:  # "0 / N" at once: the first batch may take a minute
+        progress(0, total)
     batch_size = max(1, config.class_batch_size)
     for index, missing in needed:
         concept = config.concepts[index]

@@ -116,7 +116,8 @@ def wire_poll(gr, form: TabForm, panel: RunPanel, previous: Any) -> None:
     # gradio injects the request by this annotation (a real class: this module's
     # annotations are strings, and gradio is imported by the caller, not at the top)
     poll_page.__annotations__ = {"request": gr.Request}
-    panel.poll_btn.click(poll_page, inputs=None, outputs=panel.live + [form.action_msg, previous],
+    panel.poll_btn.click(poll_page, inputs=None,
+                         outputs=panel.live + [form.action_msg, previous, form.comps["base_model"]],
                          queue=False, show_progress=HIDDEN)
 
 

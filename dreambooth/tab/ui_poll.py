@@ -55,7 +55,7 @@ def _digest(value: Any) -> str:
 
 def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
     """One poll: (status, progress, plot, gallery, log, output path, training log folder,
-    message, previous runs, seen).
+    message, previous runs, base models, seen).
 
     ``seen`` (JSON in a hidden textbox: a gr.State input makes gradio 4's client warn at every
     poll) is this browser session's record of what it last got: unchanged parts go back as
@@ -117,7 +117,15 @@ def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
         if seen.get("runs") != _digest(runs):
             seen["runs"] = _digest(runs)
             runs_update = gr.update(choices=runs)
-    return (*out, note, runs_update, json.dumps(seen))
+    # The base-model list follows the WebUI's: a file the WebUI hashes after the page was built
+    # (the model it loads at start-up, when its hash was not cached) is titled "name [hash]"
+    # in its own selector from then on, and so in ours.
+    models_update = gr.update()
+    models = [e.shown for e in host.list_checkpoints()]
+    if seen.get("models") != _digest(models):
+        seen["models"] = _digest(models)
+        models_update = gr.update(choices=models)
+    return (*out, note, runs_update, models_update, json.dumps(seen))
 
 
 class PollSessions:

@@ -12,7 +12,9 @@
   do nothing (Forge's memory manager moves models out when it needs the room).
 
 Fake only: captions come from the picture's mean colour (``modules.fake_pictures``); ``calls``
-records (what, whether queue_lock was held); ``fail`` makes the next calls fail inside.
+records (what, whether queue_lock was held); ``fail`` makes the next calls fail inside;
+``offline`` makes ``load()`` fail as A1111's does offline: ``modelloader.load_models`` returns no
+file when the download fails, and ``blip_decoder(pretrained=files[0])`` raises IndexError.
 """
 from __future__ import annotations
 
@@ -37,8 +39,12 @@ class InterrogateModels:
         self.device = {"blip": None, "clip": None}  # fake only: "cuda" / "cpu"
         self.calls: list = []  # fake only
         self.fail = False  # fake only
+        self.offline = False  # fake only
 
     def load(self):
+        if self.offline:
+            files: list = []  # modelloader.load_models(...) after a failed download
+            return files[0]
         if self.fail:
             raise RuntimeError("fake: cannot download model_base_caption_capfilt_large.pth")
         if self.blip_model is None:
