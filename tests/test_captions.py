@@ -1,10 +1,11 @@
 """Captions for the user's pictures, from the WebUI's interrogators (the fake WebUI's, which
 caption a picture by its mean colour): only pictures without a caption, overwrite, prefix, the
-interrogator's choice, progress and cancel through the job runner, the standalone refusal, the
-tab's panel and the CLI. Both lanes: A1111 and Forge."""
+interrogator's choice, progress and cancel through the job runner, the WebUI's interrogators
+refused where there is none (ours offered instead), the tab's panel and the CLI. Both lanes:
+A1111 and Forge. Our own captioners: test_captioners.py."""
 from __future__ import annotations
 
-import html
+import os
 import subprocess
 import sys
 import threading
@@ -114,7 +115,7 @@ def test_compose_joins_prefix_and_caption_on_one_line():
 def test_the_interrogator_choice_changes_the_text(webui, tmp_path):
     pics = draw(tmp_path / "pics", ["red"])
     host = get_host()
-    assert ui_captions.interrogator_choices(host) == ["blip", "clip", "deepbooru"]
+    assert ui_captions.interrogator_choices(host)[-3:] == ["blip", "clip", "deepbooru"]
     expected = {"blip": "a picture of red",
                 "clip": "a picture of red, flat colour, dark, hex c81e1e",  # as Interrogate CLIP
                 "deepbooru": "red theme, simple background, hex c81e1e"}
@@ -215,25 +216,37 @@ def test_a_caption_job_shares_the_one_job_slot_with_training(fake_webui, tmp_pat
         jobs.wait(30)
 
 
-def test_without_the_webui_captioning_says_it_needs_it(tmp_path):
+def test_without_the_webui_its_interrogators_are_refused_and_ours_offered(tmp_path):
     pics = draw(tmp_path / "pics")
     host = StandaloneHost(tmp_path / "models")
     assert host.interrogators() == []
-    with pytest.raises(captions.CaptionError, match="WebUI's interrogators.*no WebUI here"):
+    with pytest.raises(captions.CaptionError, match="WebUI's interrogators.*ours instead: blip-base"):
         service.start_captions(config_for(pics), host, JobRunner(), interrogator="blip")
-    assert html.escape(ui_captions.NEEDS_WEBUI) in ui_captions.panel_note(host)
-    answer = ui_captions.start_from_form(lambda: config_for(pics), "blip", "", False, host)
-    assert "no WebUI here" in answer and "dreambooth-error" in answer
+    assert "dreambooth-error" not in ui_captions.panel_note(host)
+    assert "blip" not in ui_captions.interrogator_choices(host)
+    answer = ui_captions.start_from_form(lambda: config_for(pics), "deepbooru", "", False,
+                                         host=host)
+    assert "no WebUI interrogator here" in answer and "dreambooth-error" in answer
     assert not list(pics.glob("*.txt"))
 
 
-def test_cli_without_the_webui_exits_2_and_says_why(tmp_path):
+def test_cli_without_the_webui_refuses_its_interrogators_with_exit_2(tmp_path):
     pics = draw(tmp_path / "pics")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DREAMBOOTH_MODELS_DIR": str(tmp_path / "models")}
+    done = subprocess.run([sys.executable, "-m", "dreambooth", "caption", str(pics),
+                           "--interrogator", "blip"], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "WebUI" in done.stderr and "blip-base" in done.stderr
+    assert "Traceback" not in done.stderr
+    # without a choice it takes our BLIP, which is not downloaded, and offline cannot be
     done = subprocess.run([sys.executable, "-m", "dreambooth", "caption", str(pics)],
                           capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          cwd=Path(__file__).resolve().parent.parent, env=env)
     assert done.returncode == 2, done.stderr
-    assert "WebUI" in done.stderr and "Traceback" not in done.stderr
+    assert "blip-base" in done.stderr and "HF_HUB_OFFLINE" in done.stderr
+    assert str(tmp_path / "models" / "captioners" / "blip-image-captioning-base") in done.stderr
+    assert "Traceback" not in done.stderr
     assert not list(pics.glob("*.txt"))
 
 
@@ -282,7 +295,8 @@ def test_the_tab_captions_the_forms_folders_and_polls_the_job(webui, tmp_path, i
     host = ui.current_host()
     values, extra = ui.config_to_values(config_for(pics, prompt="photo of ohwx toy"), host)
     form = [values[k] for k in ui.form_keys()] + [extra]
-    dep, answer = _click(blocks, "dreambooth_caption", *form, "clip", "[instance]", False)
+    tagger = [0.35, 0.85, False, True, True, "", 0]  # the tagger's fields (hidden for clip)
+    dep, answer = _click(blocks, "dreambooth_caption", *form, "clip", "[instance]", False, *tagger)
     assert dep["queue"] is False and "Captioning" in answer, answer
     snap = idle_runner.wait(60)
     assert snap.phase == "done", snap.log
@@ -291,5 +305,5 @@ def test_the_tab_captions_the_forms_folders_and_polls_the_job(webui, tmp_path, i
     assert "data-phase='done'" in status and "3 / 3 pictures captioned" in progress
     assert ui.restore_form(host) is None  # a caption job leaves a new page's form alone
     # clicked again: every picture has a caption now, and the tab says so
-    _, answer = _click(blocks, "dreambooth_caption", *form, "blip", "", False)
+    _, answer = _click(blocks, "dreambooth_caption", *form, "blip", "", False, *tagger)
     assert "nothing to caption" in answer

@@ -156,25 +156,36 @@ def demo_main(argv: list[str]) -> int:
 
 
 def caption_main(argv: list[str]) -> int:
-    """``python -m dreambooth caption [FOLDER ...] [--config CONFIG.json] ...``: caption files for
-    the pictures that have none, with the WebUI's interrogators. They exist only inside the
-    WebUI's process: anywhere else this says so and ends with exit code 2 (nothing written)."""
+    """``python -m dreambooth caption [FOLDER ...] [--config CONFIG.json] [--captioner NAME] ...``:
+    caption files for the pictures that have none. Our captioners (blip-base, blip-large,
+    wd-*-tagger-v3) run anywhere, their model downloaded on first use into
+    ``<models>/captioners``; the WebUI's interrogators (``--interrogator blip|clip|deepbooru``)
+    only inside the WebUI's process (elsewhere: exit code 2, nothing written)."""
     from dreambooth.common import files
     from dreambooth.data import captions
+    from dreambooth.data.captioners import TaggerOptions
     from dreambooth.data.captions import CaptionError, CaptionFolder, InterrogatorError
-    from dreambooth.host import get_host
+    from dreambooth.host import StandaloneHost, get_host
 
+    names = list(captions.CAPTIONERS) + list(captions.INTERROGATORS)
+    defaults = TaggerOptions()
     parser = argparse.ArgumentParser(
         prog="python -m dreambooth caption",
-        description="Write caption files for pictures that have none, with the WebUI's "
-                    "interrogators (needs the WebUI's process).")
+        description="Write caption files for pictures that have none, with our captioners (no "
+                    "WebUI needed) or the WebUI's interrogators (inside its process).")
     parser.add_argument("folders", nargs="*", help="picture folders (default: the config's "
                                                    "instance folders)")
     parser.add_argument("--config", help="a TrainingConfig JSON: its instance folders, caption "
                                          "extension, subfolder and background settings")
-    parser.add_argument("--interrogator", default=captions.DEFAULT_INTERROGATOR,
-                        choices=list(captions.INTERROGATORS),
-                        help="; ".join(f"{k}: {v}" for k, v in captions.INTERROGATORS.items()))
+    parser.add_argument("--captioner", choices=names, help="; ".join(
+        f"{k}: {captions.describe(k)}" for k in names) + " (default: the WebUI's blip inside "
+        f"the WebUI, else {captions.DEFAULT_CAPTIONER})")
+    parser.add_argument("--interrogator", choices=list(captions.INTERROGATORS),
+                        help="the WebUI's interrogator (the same as --captioner blip|clip|"
+                             "deepbooru)")
+    parser.add_argument("--models-dir", help="models folder: our captioners' files are in its "
+                        "captioners/ subfolder (default: the WebUI's, else "
+                        "$DREAMBOOTH_MODELS_DIR or ./models)")
     parser.add_argument("--prefix", default="", help="text every caption starts with, e.g. "
                         f"'ohwx dog,'; {captions.INSTANCE} = the concept's instance prompt (--config)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing caption files")
@@ -182,32 +193,59 @@ def caption_main(argv: list[str]) -> int:
                                             "else .txt)")
     parser.add_argument("--recursive", action="store_true", help="pictures in subfolders too")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    tagger = parser.add_argument_group("WD tagger options (wd-*-tagger-v3)")
+    tagger.add_argument("--general-threshold", type=float, default=defaults.general_threshold,
+                        help=f"general tags above this confidence (default "
+                             f"{defaults.general_threshold})")
+    tagger.add_argument("--character-threshold", type=float,
+                        default=defaults.character_threshold,
+                        help=f"character tags above this confidence (default "
+                             f"{defaults.character_threshold})")
+    tagger.add_argument("--rating", action="store_true", help="add the rating tag")
+    tagger.add_argument("--no-characters", action="store_true", help="leave character tags out")
+    tagger.add_argument("--keep-underscores", action="store_true",
+                        help="write long_hair, not long hair")
+    tagger.add_argument("--exclude", default="", help="comma-separated tags never written")
+    tagger.add_argument("--max-tags", type=int, default=0,
+                        help="at most this many tags, the most confident first (default 0: no "
+                             "limit)")
     args = parser.parse_args(argv)
+    options = TaggerOptions(general_threshold=args.general_threshold,
+                            character_threshold=args.character_threshold,
+                            include_rating=args.rating, include_characters=not args.no_characters,
+                            underscores_to_spaces=not args.keep_underscores,
+                            exclude=TaggerOptions.parse_exclude(args.exclude),
+                            max_tags=args.max_tags)
     try:
         config = TrainingConfig.load(args.config) if args.config else TrainingConfig()
-        request = captions.request_from_config(config, interrogator=args.interrogator,
-                                               prefix=args.prefix, overwrite=args.overwrite)
+        host = get_host()
+        webui = host.interrogators() if host.is_webui else []
+        name = args.captioner or args.interrogator or captions.default_captioner(webui)
+        models = Path(args.models_dir).expanduser() if args.models_dir else None
+        root = captions.models_root(StandaloneHost(models) if models else host)
+        request = captions.request_from_config(config, captioner=name, prefix=args.prefix,
+                                               overwrite=args.overwrite, tagger=options,
+                                               models_dir=root)
         if args.folders:
             request = replace(request, folders=tuple(CaptionFolder(Path(f).expanduser(), args.prefix)
                                                      for f in args.folders))
         request = replace(request, recursive=request.recursive or args.recursive,
                           caption_extension=args.extension or request.caption_extension)
-        host = get_host()
-        tasks = captions.check(request, host.interrogators() if host.is_webui else [])
-        reporter = ConsoleReporter(quiet=args.quiet)
+        tasks = captions.check(request, webui)
+        reporter = _CaptionConsole(quiet=args.quiet)
         previous = signal.getsignal(signal.SIGINT)
         reporter.stop_on_ctrl_c()  # first Ctrl+C: stop after the current picture
         try:
-            summary = captions.caption_pictures(request, tasks, host.interrogate, reporter)
+            summary = captions.caption_pictures(request, tasks, host, reporter)
         finally:
             signal.signal(signal.SIGINT, previous)
-    except InterrogatorError as exc:  # the WebUI's own failure (its console has the traceback)
+    except InterrogatorError as exc:  # the captioner failed (the WebUI's console has details)
         print(f"error: {exc}", file=sys.stderr)
         return files.EXIT_ERROR
     except files.WriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return files.EXIT_WRITE_FAILED
-    except (CaptionError, ValueError) as exc:  # no WebUI, bad folder or config
+    except (CaptionError, ValueError) as exc:  # no such captioner here, no model offline, bad input
         print(f"error: {exc}", file=sys.stderr)
         return files.EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -215,6 +253,14 @@ def caption_main(argv: list[str]) -> int:
         return files.EXIT_INTERRUPTED
     reporter.phase("cancelled" if summary.cancelled else "done")
     return files.EXIT_CANCELLED if summary.cancelled else files.EXIT_OK
+
+
+class _CaptionConsole(ConsoleReporter):
+    """The console reporter, which also prints a captioner's download progress."""
+
+    def detail(self, text: str) -> None:
+        if self.current == "downloading" and not self.quiet:
+            self.log(text)
 
 
 def extract_lora_main(argv: list[str]) -> int:

@@ -21,7 +21,7 @@ from dreambooth.common.memory import give_memory_back
 from dreambooth.engine.trainer import Reporter, RunPaths, TrainResult, train
 
 PHASES = ("idle", "loading", "class_images", "caching", "training", "sampling", "saving",
-          "captioning", "extracting", "done", "cancelled", "failed")
+          "downloading", "captioning", "extracting", "done", "cancelled", "failed")
 FINISHED = ("idle", "done", "cancelled", "failed")
 LOG_LINES = 300
 HISTORY = 2000

@@ -1,8 +1,9 @@
-"""Captions for the user's pictures, written by the WebUI's own interrogators.
+"""Captions for the user's pictures, written by our own captioners (``captioners/``: WD tagger
+v3, BLIP) or by the WebUI's interrogators where the host has them.
 
 A caption run looks at the instance folders, and for each picture without a caption file (the
-config's ``caption_extension`` beside it: ``dog1.jpg`` -> ``dog1.txt``) asks the host's
-interrogator for a caption and writes it. The rules it keeps:
+config's ``caption_extension`` beside it: ``dog1.jpg`` -> ``dog1.txt``) asks the captioner for a
+caption and writes it. The rules it keeps:
 
 * **A user's caption is never replaced** unless ``overwrite`` is on: pictures that have a caption
   file are left out of the run, and a caption file that appears while the run goes (the user
@@ -11,38 +12,64 @@ interrogator for a caption and writes it. The rules it keeps:
   when complete); a cancel stops before the next picture, so the files written so far are
   complete and no half-written one is left.
 * **A bad picture is skipped with a warning that names it**, and the run goes on; a failing
-  interrogator (a model it cannot download...) stops the run, since every picture would fail.
-* The interrogators belong to the WebUI (``webui.py`` reaches them): without a WebUI there are
-  none, and the run is refused with a message that says so.
+  captioner (a model it cannot download or load...) stops the run, since every picture would fail.
+* **One model per run**: our captioner is opened (downloaded first when its folder lacks it)
+  once, before the first picture, and closed after the last, its memory given back.
+* The interrogators (``blip``, ``clip``, ``deepbooru``) belong to the WebUI (``host.py`` reaches
+  them): without a WebUI, or in Forge Neo, there are none, and ours remain.
 
-Nothing here imports gradio or ``modules.*``; the interrogator is a function handed in.
+Nothing here imports gradio or ``modules.*``; the WebUI's interrogators come through the host.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from dreambooth.common.config import TrainingConfig
 from dreambooth.common.files import OutputExistsError, write_text
+from dreambooth.data import captioners
+from dreambooth.data.captioners import (CAPTIONERS, CaptionError, CaptionerError,
+                                        CaptionerUnavailable, TaggerOptions)
 from dreambooth.host import InterrogatorError
 
-# name -> what it writes (the tab's and the CLI's help)
+# The WebUI's interrogators: name -> what it writes (the tab's and the CLI's help)
 INTERROGATORS: dict[str, str] = {
-    "blip": "BLIP: one plain sentence (\"a dog sitting on a couch\")",
-    "clip": "CLIP: the BLIP sentence and CLIP's style words (artists, mediums), as the WebUI's "
-            "Interrogate CLIP",
-    "deepbooru": "DeepBooru: comma-separated tags (\"1girl, solo, smile\"), for anime-style models",
+    "blip": "the WebUI's BLIP: one plain sentence (\"a dog sitting on a couch\")",
+    "clip": "the WebUI's CLIP: the BLIP sentence and CLIP's style words (artists, mediums), as "
+            "its Interrogate CLIP",
+    "deepbooru": "the WebUI's DeepBooru: comma-separated tags (\"1girl, solo, smile\"), for "
+                 "anime-style models",
 }
-# BLIP by default: CLIP's added artist and medium words become part of what the model learns
-# about the subject, and tags suit only the anime family of models.
+# BLIP by default (the WebUI's where it has it, else ours): CLIP's added artist and medium words
+# become part of what the model learns about the subject, and tags suit only anime models.
 DEFAULT_INTERROGATOR = "blip"
+DEFAULT_CAPTIONER = captioners.DEFAULT_CAPTIONER
 INSTANCE = "[instance]"  # in a prefix: each concept's instance prompt (without [filewords])
 
 
-class CaptionError(ValueError):
-    """A caption run cannot start or go on; the message says why and what to do."""
+def describe(name: str) -> str:
+    """What captioner ``name`` writes (ours or the WebUI's)."""
+    return CAPTIONERS[name].text if name in CAPTIONERS else INTERROGATORS.get(name, name)
+
+
+def choices(webui_interrogators: Iterable[str]) -> list[str]:
+    """Ours always, then the WebUI's interrogators this host has (BLIP first)."""
+    have = set(webui_interrogators)
+    return list(CAPTIONERS) + [name for name in INTERROGATORS if name in have]
+
+
+def default_captioner(webui_interrogators: Iterable[str]) -> str:
+    """The WebUI's BLIP where the host has it (as before), else our BLIP."""
+    return DEFAULT_INTERROGATOR if DEFAULT_INTERROGATOR in set(webui_interrogators) \
+        else DEFAULT_CAPTIONER
+
+
+def models_root(host) -> Path:
+    """Where our captioners keep their models: ``<the host's models folder>/captioners``."""
+    return Path(host.models_dir()) / captioners.FOLDER
 
 
 @dataclass(frozen=True)
@@ -56,11 +83,13 @@ class CaptionFolder:
 @dataclass(frozen=True)
 class CaptionRequest:
     folders: tuple[CaptionFolder, ...]
-    interrogator: str = DEFAULT_INTERROGATOR
+    captioner: str = DEFAULT_INTERROGATOR  # one of ours (CAPTIONERS) or the WebUI's (INTERROGATORS)
     overwrite: bool = False  # replace existing caption files
     caption_extension: str = ".txt"
     recursive: bool = False
-    background: str = "white"  # transparent pixels are shown to the interrogator on this
+    background: str = "white"  # transparent pixels are shown to the captioner on this
+    tagger: TaggerOptions = field(default_factory=TaggerOptions)  # a WD tagger's options
+    models_dir: Path | None = None  # our captioners' folder (<models>/captioners)
 
 
 @dataclass(frozen=True)
@@ -121,8 +150,10 @@ def compose(prefix: str, caption: str) -> str:
     return f"{head} {text}" if head.endswith(",") else f"{head}, {text}"
 
 
-def request_from_config(config: TrainingConfig, *, interrogator: str = DEFAULT_INTERROGATOR,
-                        prefix: str = "", overwrite: bool = False) -> CaptionRequest:
+def request_from_config(config: TrainingConfig, *, captioner: str = DEFAULT_INTERROGATOR,
+                        prefix: str = "", overwrite: bool = False,
+                        tagger: TaggerOptions | None = None,
+                        models_dir: Path | None = None) -> CaptionRequest:
     """The instance folders of ``config``'s concepts (each once), with its caption extension,
     subfolder and background settings; ``[instance]`` in the prefix becomes each concept's
     instance words."""
@@ -132,9 +163,11 @@ def request_from_config(config: TrainingConfig, *, interrogator: str = DEFAULT_I
         if text:
             path = Path(text).expanduser()
             folders.setdefault(path, CaptionFolder(path, resolve_prefix(prefix, concept.instance_prompt)))
-    return CaptionRequest(tuple(folders.values()), interrogator=interrogator, overwrite=overwrite,
+    return CaptionRequest(tuple(folders.values()), captioner=captioner, overwrite=overwrite,
                           caption_extension=config.caption_extension or ".txt",
-                          recursive=config.recursive, background=config.alpha_background)
+                          recursive=config.recursive, background=config.alpha_background,
+                          tagger=tagger or TaggerOptions(),
+                          models_dir=Path(models_dir) if models_dir is not None else None)
 
 
 def plan(request: CaptionRequest) -> list[CaptionTask]:
@@ -149,60 +182,110 @@ def plan(request: CaptionRequest) -> list[CaptionTask]:
     return tasks
 
 
-def check(request: CaptionRequest, available: Iterable[str]) -> list[CaptionTask]:
-    """The pictures to caption; CaptionError when the run cannot start (no WebUI, an
-    interrogator this WebUI lacks, a missing folder, nothing to caption)."""
-    available = list(available)
-    if not available:
-        raise CaptionError("captioning uses the WebUI's interrogators (BLIP/CLIP, DeepBooru), and "
-                           "there is no WebUI here: run it from the DreamBooth tab inside "
-                           "AUTOMATIC1111 or Forge (or write the caption files yourself)")
-    if request.interrogator not in available:
-        raise CaptionError(f"unknown interrogator {request.interrogator!r}; this WebUI has: "
-                           + ", ".join(available))
+def check(request: CaptionRequest, webui_interrogators: Iterable[str]) -> list[CaptionTask]:
+    """The pictures to caption; CaptionError when the run cannot start (a WebUI interrogator
+    this host lacks, an unknown captioner, bad tagger options, our model missing while offline,
+    a missing folder)."""
+    have = list(webui_interrogators)
+    name = request.captioner
+    ours = ", ".join(CAPTIONERS)
+    if name in INTERROGATORS and name not in have:
+        if not have:
+            raise CaptionError(f"{name!r} is one of the WebUI's interrogators, and there is no "
+                               f"WebUI interrogator here (no WebUI, or Forge Neo, which removed "
+                               f"them): choose one of ours instead: {ours}")
+        raise CaptionError(f"this WebUI has no {name!r} interrogator (it has: {', '.join(have)});"
+                           f" ours: {ours}")
+    if name not in CAPTIONERS and name not in INTERROGATORS:
+        raise CaptionError(f"unknown captioner {name!r}; choose one of: "
+                           + ", ".join(choices(have)))
+    if captioners.is_tagger(name) and request.tagger.problems():
+        raise CaptionError("tagger options: " + "; ".join(request.tagger.problems()))
     if not request.folders:
         raise CaptionError("no instance folder: fill in a concept's instance pictures folder")
     missing = [str(f.path) for f in request.folders if not f.path.is_dir()]
     if missing:
         raise CaptionError(f"not a folder: {', '.join(missing)}")
+    if name in CAPTIONERS and request.models_dir is not None:
+        from dreambooth.data.captioners import hub
+
+        spec, folder = CAPTIONERS[name], captioners.model_folder(request.models_dir, name)
+        if hub.offline() and hub.missing(spec, folder):  # said now, not after a job starts
+            raise hub.unavailable(spec, folder, "HF_HUB_OFFLINE is set (offline mode)")
     return plan(request)
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def caption_pictures(request: CaptionRequest, tasks: list[CaptionTask],
-                     interrogate: Callable[[str, object], str], reporter) -> CaptionSummary:
-    """Caption the ``tasks`` that need it (all of them with ``overwrite``); ``reporter`` is a
-    trainer Reporter (phase, progress, detail, log, should_stop). Raises InterrogatorError when
-    the interrogator fails, WriteError when a caption cannot be written; what was written stays."""
+@contextmanager
+def opened(request: CaptionRequest, host, reporter) -> Iterator[Callable[[object], str] | None]:
+    """The run's captioner as ``caption(image) -> str``: ours opened once (downloaded first when
+    missing) and closed after the run; the WebUI's through the host. None when the run was
+    cancelled while the model came down."""
+    name = request.captioner
+    if name not in CAPTIONERS:
+        yield lambda image: host.interrogate(name, image)
+        return
+    root = request.models_dir if request.models_dir is not None else models_root(host)
+    reporter.detail(f"loading the captioner {name}")
+    captioner = captioners.open_captioner(name, root, tagger=request.tagger, reporter=reporter,
+                                          should_stop=reporter.should_stop)
+    if captioner is None:
+        yield None
+        return
+    try:
+        yield captioner.caption
+    finally:
+        captioner.close()
+
+
+def caption_pictures(request: CaptionRequest, tasks: list[CaptionTask], host,
+                     reporter) -> CaptionSummary:
+    """Caption the ``tasks`` that need it (all of them with ``overwrite``); ``host`` gives the
+    WebUI's interrogators, ``reporter`` is a trainer Reporter (phase, progress, detail, log,
+    should_stop). Raises InterrogatorError (CaptionerError for ours) when the captioner fails,
+    CaptionerUnavailable when our model is missing and cannot be downloaded, WriteError when a
+    caption cannot be written; what was written stays."""
     from dreambooth.data import open_picture
 
     started = time.time()
     todo = [t for t in tasks if request.overwrite or not t.exists]
     summary = CaptionSummary(kept=len(tasks) - len(todo), total=len(todo))
     reporter.phase("captioning")
-    reporter.log(f"captioning {len(todo)} picture(s) with {request.interrogator}"
+    reporter.log(f"captioning {len(todo)} picture(s) with {request.captioner}"
                  + (f"; {summary.kept} already have a caption and are kept" if summary.kept else ""))
+    if todo:
+        with opened(request, host, reporter) as caption:
+            if caption is None:
+                summary.cancelled, summary.left = True, len(todo)
+            else:
+                if getattr(reporter, "current", "captioning") != "captioning":
+                    reporter.phase("captioning")  # back from downloading the model
+                _caption_all(request, todo, caption, summary, reporter, open_picture)
+    summary.seconds = time.time() - started
+    reporter.log(summary.text())
+    return summary
+
+
+def _caption_all(request: CaptionRequest, todo: list[CaptionTask], caption, summary, reporter,
+                 open_picture) -> None:
     reporter.progress(0, len(todo), None, None)
     for done, task in enumerate(todo, start=1):
         if reporter.should_stop():
             summary.cancelled, summary.left = True, len(todo) - done + 1
             break
         try:
-            # the interrogators resize to 384-512 px themselves: a smaller decode is enough
+            # the captioners resize to 384-512 px themselves: a smaller decode is enough
             image = open_picture(task.picture, background=request.background, max_side=1024)
         except Exception as exc:  # Pillow raises many kinds; each means "cannot be read"
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             summary.bad.append(f"{task.picture.name} ({why})")
             reporter.log(f"warning: skipped {task.picture.name}: cannot be read ({why})")
         else:
-            caption = compose(task.prefix, interrogate(request.interrogator, image))
-            _write(task, caption, request.overwrite, summary, reporter)
+            _write(task, compose(task.prefix, caption(image)), request.overwrite, summary,
+                   reporter)
         reporter.progress(done, len(todo), None, None)
-    summary.seconds = time.time() - started
-    reporter.log(summary.text())
-    return summary
 
 
 def _write(task: CaptionTask, caption: str, overwrite: bool, summary: CaptionSummary,
@@ -217,7 +300,9 @@ def _write(task: CaptionTask, caption: str, overwrite: bool, summary: CaptionSum
     reporter.detail(f"{task.picture.name}: {caption[:80]}")
 
 
-__all__ = ["CaptionError", "CaptionFolder", "CaptionRequest", "CaptionSummary", "CaptionTask",
+__all__ = ["CAPTIONERS", "CaptionError", "CaptionFolder", "CaptionRequest", "CaptionSummary",
+           "CaptionTask", "CaptionerError", "CaptionerUnavailable", "DEFAULT_CAPTIONER",
            "DEFAULT_INTERROGATOR", "INSTANCE", "INTERROGATORS", "InterrogatorError",
-           "caption_pictures", "check", "compose", "instance_words", "plan", "request_from_config",
+           "TaggerOptions", "caption_pictures", "check", "choices", "compose", "default_captioner",
+           "describe", "instance_words", "models_root", "opened", "plan", "request_from_config",
            "resolve_prefix"]

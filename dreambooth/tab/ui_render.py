@@ -11,7 +11,8 @@ from dreambooth.engine.eta import speed_text
 PHASE_TEXT = {"idle": "Idle", "loading": "Loading the model", "class_images": "Making class pictures",
               "caching": "Caching latents", "training": "Training",
               "sampling": "Making sample pictures", "saving": "Saving the checkpoint",
-              "captioning": "Captioning pictures", "extracting": "Extracting a LoRA",
+              "downloading": "Downloading the captioner", "captioning": "Captioning pictures",
+              "extracting": "Extracting a LoRA",
               "done": "Done", "cancelled": "Cancelled",
               "failed": "Failed"}
 
