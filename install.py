@@ -24,8 +24,10 @@ HOST_PACKAGES = (
     "torch", "torchvision", "transformers", "accelerate", "gradio", "safetensors", "pillow",
     "numpy", "fastapi", "pydantic", "huggingface-hub",
 )
-# The extension's own packages (requirements.txt).
-OWN_PACKAGES = ("diffusers", "bitsandbytes", "prodigyopt", "lycoris-lora", "ftfy", "regex", "tqdm")
+# The extension's own packages (requirements.txt). onnxruntime-gpu counts as onnxruntime (Neo's
+# --onnxruntime-gpu installs it; both import as onnxruntime).
+OWN_PACKAGES = ("diffusers", "bitsandbytes", "prodigyopt", "lycoris-lora", "ftfy", "regex", "tqdm",
+                "onnxruntime", "onnxruntime-gpu")
 # LoRA/LoCon/LoHa/LoKr training (lycoris-lora: torch, einops, toml; none of them host-pinned
 # beyond torch, which the constraints keep). 4.1 is the API the adapters are written against.
 LYCORIS = ("lycoris-lora>=4.1,<4.2", "4.1", "4.2")
@@ -103,7 +105,23 @@ def diffusers_choice(transformers_version: str | None) -> tuple[str, str, str | 
     return "diffusers>=0.31", "0.31", None
 
 
-def plan_installs(installed: dict[str, str]) -> list[tuple[str, str]]:
+def accelerate_choice(transformers_version: str | None) -> str:
+    """The accelerate to add where the host has none (Forge Classic: its own code needs none):
+    with transformers < 4.47, A1111's 0.21.0, the release the training is tested with there."""
+    t = parse_version(transformers_version or "")[:2]
+    return "accelerate==0.21.0" if t and t < (4, 47) else "accelerate>=1.0,<2"
+
+
+def host_manages_bitsandbytes(launch_module) -> bool:
+    """Forge Neo installs bitsandbytes itself, and only when started with ``--bnb`` (its first
+    releases: unless ``--disable-bnb``): its launcher's arguments have those options. There we
+    never install it; the 8-bit options say to start Neo with --bnb."""
+    args = getattr(launch_module, "args", None)
+    return hasattr(args, "bnb") or hasattr(args, "disable_bnb")
+
+
+def plan_installs(installed: dict[str, str], *, host_manages_bitsandbytes: bool = False
+                  ) -> list[tuple[str, str]]:
     """What to install, as (requirement, reason) pairs; empty when everything fits.
 
     ``installed`` maps package names (any spelling) to installed versions; a missing key means
@@ -112,8 +130,11 @@ def plan_installs(installed: dict[str, str]) -> list[tuple[str, str]]:
     have = {normalize(k): v for k, v in installed.items()}
     plan = []
 
+    if "accelerate" not in have:
+        plan.append((accelerate_choice(have.get("transformers")), "missing; the training runs on it"))
+
     torch = have.get("torch")
-    if torch is not None:
+    if torch is not None and not host_manages_bitsandbytes:
         req, low, below = bitsandbytes_choice(torch)
         bnb = have.get("bitsandbytes")
         if bnb is None:
@@ -141,6 +162,8 @@ def plan_installs(installed: dict[str, str]) -> list[tuple[str, str]]:
     for name in ("prodigyopt", "ftfy", "regex", "tqdm"):
         if name not in have:
             plan.append((name, "missing"))
+    if "onnxruntime" not in have and "onnxruntime-gpu" not in have:
+        plan.append(("onnxruntime", "missing; runs the WD tagger captioners"))
     return plan
 
 
@@ -159,14 +182,14 @@ def run(installed: dict[str, str] | None = None, launch_module=None) -> int:
     """Installs what ``plan_installs`` asks for; one line per package. Returns 0 always:
     a failing install.py is only reported by the WebUI, and the tab says what is missing."""
     installed = installed_versions() if installed is None else installed
-    plan = plan_installs(installed)
-    if not plan:
-        return 0
     if launch_module is None:
         try:
             import launch as launch_module  # the WebUI's, on PYTHONPATH when the WebUI runs us
         except Exception:
             launch_module = None
+    plan = plan_installs(installed, host_manages_bitsandbytes=host_manages_bitsandbytes(launch_module))
+    if not plan:
+        return 0
     if launch_module is None:
         reqs = " ".join(f'"{req}"' for req, _ in plan)
         print(f"{PREFIX} not running inside the WebUI; install these yourself: pip install {reqs}")

@@ -34,33 +34,15 @@ import re
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping
 
+from dreambooth.common.host_types import (ALL_FAMILIES, FAMILIES_BY_WEBUI, HOLD_GENERATION_KEY,
+                                          OUTPUT_SUBDIR_KEY, SETTINGS, SETTINGS_CATEGORY,
+                                          SETTINGS_SECTION, UNLOAD_MODEL_KEY, WORK_DIR_KEY,
+                                          CheckpointEntry, Host, InterrogatorError)
+from dreambooth.common.interrogators import interrogator_download_hint, interrogator_failure
 from dreambooth.common.names import sanitize_model_name, sanitize_subfolder
-
-SETTINGS_SECTION = ("dreambooth", "DreamBooth")
-SETTINGS_CATEGORY = "training"  # the WebUI's "Training" category in the settings page
-
-WORK_DIR_KEY = "dreambooth_work_dir"
-OUTPUT_SUBDIR_KEY = "dreambooth_output_subdir"
-UNLOAD_MODEL_KEY = "dreambooth_unload_model"
-HOLD_GENERATION_KEY = "dreambooth_hold_generation"
-
-# key -> (default, label, info)
-SETTINGS: dict[str, tuple[Any, str, str]] = {
-    WORK_DIR_KEY: ("", "DreamBooth work folder",
-                   "configs, logs, samples, resume points and caches; empty: models/dreambooth"),
-    OUTPUT_SUBDIR_KEY: ("", "Subfolder of the checkpoints folder for trained models",
-                        "empty: the checkpoints folder itself"),
-    UNLOAD_MODEL_KEY: (True, "Unload the WebUI's model while training",
-                       "frees its GPU memory and RAM for training; it is loaded again when "
-                       "training ends (Forge: at the next generation)"),
-    HOLD_GENERATION_KEY: (True, "Hold generation while training",
-                          "txt2img/img2img wait until training ends, as with the Train tab; "
-                          "off: they run alongside and may run out of GPU memory"),
-}
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
 VAE_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
@@ -81,96 +63,6 @@ def _inside(root: Path, child: Path) -> Path:
     if resolved != root.resolve() and root.resolve() not in resolved.parents:
         raise ValueError(f"{child} is outside {root}")
     return child
-
-
-@dataclass(frozen=True)
-class CheckpointEntry:
-    """One checkpoint as the WebUI lists it. ``title`` changes to ``"name [hash]"`` once hashed."""
-
-    title: str
-    filename: str
-    name: str
-    hash: str | None = None
-    label: str = ""  # what the WebUI's own checkpoint selector shows (Forge: the name, no hash)
-
-    @property
-    def shown(self) -> str:
-        return self.label or self.title
-
-
-class Host(Protocol):
-    """What the engine and the tab need from wherever they run."""
-
-    is_webui: bool
-
-    def list_checkpoints(self) -> list[CheckpointEntry]: ...
-    def resolve_checkpoint(self, title_or_name: str) -> CheckpointEntry | None: ...
-    def models_dir(self) -> Path: ...
-    def checkpoints_dir(self) -> Path: ...
-    def output_dir(self) -> Path: ...
-    def lora_dir(self) -> Path: ...
-    def vae_dir(self) -> Path: ...
-    def list_vaes(self) -> list[Path]: ...
-    def work_root(self) -> Path: ...
-    def work_dir(self, name: str) -> Path: ...
-    def refresh_checkpoints(self) -> None: ...
-    def add_checkpoints(self, paths: list[Path]) -> None: ...
-    def refresh_loras(self) -> bool: ...
-    def unload_webui_model(self) -> Any: ...
-    def restore_webui_model(self, unloaded: Any) -> str | None: ...
-    def load_checkpoint(self, title: str, wait_s: float = 30.0,
-                        on_done: Callable[[BaseException | None], None] | None = None) -> bool: ...
-    def loads_lazily(self) -> bool: ...
-    def generation_busy(self) -> bool: ...
-    def register_settings(self) -> None: ...
-    def setting(self, key: str, default: Any = None) -> Any: ...
-    def set_webui_progress(self, job: str, step: int, total: int, text: str = "") -> None: ...
-    def show_webui_preview(self, image: Any) -> None: ...
-    def hold_generation(self, on_wait: Callable[[], None] | None = None) -> Any: ...
-    def interrogators(self) -> list[str]: ...
-    def interrogate(self, kind: str, image: Any) -> str: ...
-
-
-class InterrogatorError(ValueError):
-    """The WebUI's interrogator could not caption a picture (its console has the details).
-
-    A ValueError, so that the job runner shows the message as it is, without a traceback."""
-
-
-# The files the WebUI's interrogators download on first use (A1111 1.10 modules/interrogate.py
-# and modules/deepbooru.py, through modelloader.load_models): offline, load_models returns no
-# file and the WebUI indexes the empty list, so the user saw only "IndexError: list index out of
-# range".
-INTERROGATOR_FILES = {
-    "blip": ("BLIP", "model_base_caption_capfilt_large.pth",
-             "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
-             "model_base_caption_capfilt_large.pth"),
-    "deepbooru": ("torch_deepdanbooru", "model-resnet_custom_v3.pt",
-                  "https://github.com/AUTOMATIC1111/TorchDeepDanbooru/releases/download/v1/"
-                  "model-resnet_custom_v3.pt"),
-}
-INTERROGATOR_FILES["clip"] = INTERROGATOR_FILES["blip"]  # then CLIP ViT-L/14 (the clip package)
-_OFFLINE_WORDS = re.compile(r"urlopen|connection|resolve|network|offline|timed out|getaddrinfo",
-                            re.IGNORECASE)
-
-
-def interrogator_download_hint(kind: str, models_dir: Path) -> str:
-    """Where the WebUI's ``kind`` interrogator keeps the file it downloads, and from where."""
-    folder, name, url = INTERROGATOR_FILES[kind]
-    return (f"it fetches {name} into {Path(models_dir) / folder} on first use (no internet?): "
-            f"connect once and caption again, or put the file there by hand from {url}"
-            + (" (CLIP also downloads ViT-L/14 into ~/.cache/clip)" if kind == "clip" else "")
-            + "; or choose one of the extension's own captioners")
-
-
-def interrogator_failure(kind: str, exc: BaseException, models_dir: Path) -> str:
-    """What to tell the user when the WebUI's interrogator raised ``exc``: a missing download
-    named with its folder and address, anything else as it came."""
-    why = f"{type(exc).__name__}: {exc}"
-    if kind in INTERROGATOR_FILES and (isinstance(exc, IndexError) or _OFFLINE_WORDS.search(why)):
-        return (f"the WebUI's {kind} interrogator has no model file and could not download it: "
-                f"{interrogator_download_hint(kind, models_dir)} ({why})")
-    return f"the WebUI's {kind} interrogator failed: {why}"
 
 
 class _FolderLayout:
@@ -224,10 +116,33 @@ def _m(name: str):
     return importlib.import_module(f"modules.{name}")
 
 
+def _optional_module(name: str) -> Any:
+    """A module that only some WebUIs have (None elsewhere)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
 class WebUIHost(_FolderLayout):
     """Inside the WebUI (A1111 1.10, Forge 2.0, reForge)."""
 
     is_webui = True
+
+    # --- which WebUI -------------------------------------------------------------------------
+    def webui_name(self) -> str:
+        """Forge Neo (the only one with ``--ckpt-dirs``), Forge (lazy loading), Forge Classic
+        (ComfyUI's memory manager, no interrogators), reForge (the same, with them) or A1111."""
+        if hasattr(_m("shared").cmd_opts, "ckpt_dirs"):
+            return "Forge Neo"
+        if self.loads_lazily():
+            return "Forge"
+        if _optional_module("ldm_patched.modules.model_management") is not None:
+            return "reForge" if _optional_module("modules.interrogate") is not None else "Forge Classic"
+        return "AUTOMATIC1111"
+
+    def families(self) -> frozenset[str]:
+        return FAMILIES_BY_WEBUI.get(self.webui_name(), ALL_FAMILIES)
 
     # --- checkpoints -------------------------------------------------------------------------
     @staticmethod
@@ -308,6 +223,10 @@ class WebUIHost(_FolderLayout):
     # --- settings ----------------------------------------------------------------------------
     def register_settings(self) -> None:
         shared = _m("shared")
+        try:  # A1111 registers the "Training" heading itself; Forge Neo and Classic do not
+            _m("options").categories.register_category(SETTINGS_CATEGORY, "Training")
+        except Exception:  # WebUIs before 1.7 have no categories (register_category is idempotent)
+            pass
         for key, (default, label, info) in SETTINGS.items():
             try:
                 option = shared.OptionInfo(default, label, section=SETTINGS_SECTION, category_id=SETTINGS_CATEGORY)
@@ -374,6 +293,12 @@ class WebUIHost(_FolderLayout):
                 if hasattr(data, "loaded_sd_models"):
                     data.loaded_sd_models.clear()
                 getattr(sd_models, "checkpoints_loaded", {}).clear()
+                # Forge Classic: send_model_to_trash does nothing, and its ComfyUI-style memory
+                # manager keeps the weights until asked to let them go
+                classic = _optional_module("ldm_patched.modules.model_management")
+                if classic is not None:
+                    classic.unload_all_models()
+                    classic.soft_empty_cache()
 
         self._under_lock(unload)
         from dreambooth.common.memory import give_memory_back
@@ -662,6 +587,12 @@ class StandaloneHost(_FolderLayout):
 
     def interrogators(self) -> list[str]:
         return []  # the interrogators are the WebUI's: none without it
+
+    def webui_name(self) -> str:
+        return "standalone"
+
+    def families(self) -> frozenset[str]:
+        return ALL_FAMILIES
 
     def interrogate(self, kind: str, image: Any) -> str:
         raise InterrogatorError("captioning uses the WebUI's interrogators; there is no WebUI here")

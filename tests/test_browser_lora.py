@@ -14,6 +14,7 @@ import pytest
 
 from browser_fixtures import SHOTS, chromium, needs_chromium, served
 from conftest import FAKE_WEBUI_DIR
+from test_browser_webui import FLAVOURS, skip_unless_this_lane_runs
 from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
 
 GRADIO_MAJOR = int(importlib.metadata.version("gradio").split(".")[0])
@@ -42,10 +43,9 @@ def visible(page, elem_id: str) -> bool:
     return page.locator(f"#{elem_id}").first.is_visible()
 
 
-@pytest.mark.parametrize("flavour", ["a1111", "forge"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
 def test_use_in_txt2img_puts_the_lora_tag_into_the_prompt_once(tmp_path: Path, flavour):
-    if (flavour == "forge") != (GRADIO_MAJOR >= 4):
-        pytest.skip(f"{flavour} does not run on gradio {GRADIO_MAJOR}")
+    skip_unless_this_lane_runs(flavour)
     root = tmp_path / "webui"
     put_base_checkpoint(root / "models" / "Stable-diffusion")
     env = {"FAKE_WEBUI_ROOT": str(root), "FAKE_WEBUI_ARGS": "", "FAKE_WEBUI_FLAVOUR": flavour}

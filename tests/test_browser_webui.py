@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +22,13 @@ from ui_fixtures import BASE_NAME, put_base_checkpoint, quick_config
 
 GRADIO_MAJOR = int(importlib.metadata.version("gradio").split(".")[0])
 # The text field of the checkpoint dropdown at the top of the page.
-FIELD = {"forge": ".model_selection input", "a1111": "#setting_sd_model_checkpoint input"}
+FIELD = {"forge": ".model_selection input", "a1111": "#setting_sd_model_checkpoint input",
+         "neo": ".model_selection input", "classic": "#setting_sd_model_checkpoint input"}
+# Each lane drives the page of its own WebUI (the Makefile says which lane this is; run by hand,
+# the gradio version tells A1111 from Forge)
+FLAVOURS = ["a1111", "forge", "neo", "classic"]
+LANE = os.environ.get("DREAMBOOTH_LANE", "").strip()
+THIS_FLAVOUR = LANE if LANE in FLAVOURS else ("forge" if GRADIO_MAJOR >= 4 else "a1111")
 NEW_NAME = "browser-toy"
 
 pytest.importorskip("playwright.sync_api")
@@ -29,8 +36,8 @@ pytestmark = needs_chromium
 
 
 def skip_unless_this_lane_runs(flavour: str) -> None:
-    if (flavour == "forge") != (GRADIO_MAJOR >= 4):
-        pytest.skip(f"{flavour} does not run on gradio {GRADIO_MAJOR} (A1111 1.10: 3.41, Forge 2.0: 4.40)")
+    if flavour != THIS_FLAVOUR:
+        pytest.skip(f"the {flavour} page runs in the {flavour} lane (this one: {THIS_FLAVOUR})")
 
 
 def get_json(url: str) -> dict:
@@ -82,7 +89,7 @@ def listed_choices(page, flavour: str) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("flavour", ["a1111", "forge"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
 def test_load_in_txt2img_shows_the_new_checkpoint_in_the_webui_dropdown(tmp_path, flavour):
     skip_unless_this_lane_runs(flavour)
     with fake_webui_page(tmp_path, flavour) as (url, root, log_path), chromium() as browser:
@@ -129,7 +136,7 @@ def test_load_in_txt2img_shows_the_new_checkpoint_in_the_webui_dropdown(tmp_path
                                      f"console: {console[-10:]}")
             page.wait_for_timeout(1500)  # still there once every pending update has arrived
             shown = field_value(page, flavour)
-            if flavour == "forge":
+            if flavour in ("forge", "neo"):
                 assert shown == f"{NEW_NAME}.safetensors", shown  # Forge lists names, no hash
             else:
                 assert shown.startswith(f"{NEW_NAME}.safetensors"), shown
@@ -142,7 +149,7 @@ def test_load_in_txt2img_shows_the_new_checkpoint_in_the_webui_dropdown(tmp_path
             assert any(n.startswith(f"{NEW_NAME}.safetensors") for n in after), after
             assert field_value(page, flavour).startswith(f"{NEW_NAME}.safetensors")
             opts = get_json(url + "fake/opts")
-            if flavour == "forge":
+            if flavour in ("forge", "neo"):
                 assert opts["sd_model_checkpoint"] == f"{NEW_NAME}.safetensors", opts
             else:
                 assert opts["sd_model_checkpoint"].startswith(f"{NEW_NAME}.safetensors"), opts
@@ -153,7 +160,7 @@ def test_load_in_txt2img_shows_the_new_checkpoint_in_the_webui_dropdown(tmp_path
             raise
 
 
-@pytest.mark.parametrize("flavour", ["a1111", "forge"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
 def test_while_training_txt2img_says_why_it_waits_and_a_new_page_shows_the_form(tmp_path, flavour):
     """A long run holds generation: the txt2img tab shows a notice with the training's progress;
     a page opened meanwhile fills its form with the running job's settings; the polling adds no

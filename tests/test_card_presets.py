@@ -64,11 +64,12 @@ def test_the_targets_of_the_issue_are_what_the_presets_aim_at():
 
 
 def test_the_service_uses_the_base_models_family():
+    from dreambooth.app.card_presets import bitsandbytes_installed
     from dreambooth.app.estimates import device_type
 
     config = TrainingConfig(**BASE)
-    assert service.card_preset("8gb", config) == choose("8gb", config, "sd1", 512,
-                                                        device=device_type())
+    assert service.card_preset("8gb", config) == choose(
+        "8gb", config, "sd1", 512, device=device_type(), bitsandbytes=bitsandbytes_installed())
 
 
 def test_on_the_cpu_the_presets_and_the_estimate_know_the_device():
@@ -89,6 +90,7 @@ def test_on_the_cpu_the_presets_and_the_estimate_know_the_device():
     assert line.startswith("no GPU here") and "CUDA context" not in line
 
 
+@pytest.mark.bitsandbytes
 def test_the_bench_applies_a_preset_and_the_command_line_wins(tmp_path):
     out = tmp_path / "run.json"
     argv = ["--size", "tiny", "--steps", "1", "--warmup", "1", "--no-prior", "--class-pictures",
@@ -104,6 +106,7 @@ def test_the_bench_applies_a_preset_and_the_command_line_wins(tmp_path):
     assert options["fused_backward"] is False and options["trained_precision"] == "bf16"
 
 
+@pytest.mark.bitsandbytes
 def test_train_on_the_command_line_takes_a_card(tmp_path, capsys):
     from dreambooth.__main__ import main as cli_main
 
@@ -170,6 +173,7 @@ def test_several_processes_never_get_the_fused_pass():
     assert not lora.values.get("fused_backward")
 
 
+@pytest.mark.bitsandbytes
 def test_the_api_and_the_run_log_say_what_the_card_changed(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
@@ -206,3 +210,28 @@ def test_the_api_and_the_run_log_say_what_the_card_changed(tmp_path):
     assert trained.fused_backward and "  max_grad_norm: 1.0 → 0.0" in notes
     assert refused.status_code == 422
     assert refused.json()["errors"][0]["field"] == "gradient_accumulation_steps"
+
+
+def test_without_bitsandbytes_a_card_preset_uses_plain_adamw_and_no_8bit_base():
+    """Forge Neo without --bnb: a preset must not choose what would be refused (8-bit AdamW, an
+    8-bit base); its first rung says so in its name, and the change is said as any other."""
+    lora = TrainingConfig(**BASE, training_method="lora")
+    with_bnb = choose("6gb", lora, "sdxl", 1024)
+    without = choose("6gb", lora, "sdxl", 1024, bitsandbytes=False)
+    assert with_bnb.values["optimizer"] == "adamw8bit" and with_bnb.values["base_weights_8bit"]
+    assert without.values["optimizer"] == "adamw" and not without.values["base_weights_8bit"]
+    assert without.figures["total"] > with_bnb.figures["total"]  # AdamW's state is bigger
+    full = choose("24gb", TrainingConfig(**BASE), "sd1", 512, bitsandbytes=False)
+    assert "no bitsandbytes" in full.rung and full.values["optimizer"] == "adamw"
+    assert ("optimizer", "adamw8bit", "adamw") in full.changes
+
+
+def test_a_new_form_starts_with_adamw_where_bitsandbytes_is_missing(monkeypatch):
+    import sys
+
+    from dreambooth.app.card_presets import bitsandbytes_installed
+    from dreambooth.tab.ui import starting_config
+
+    assert starting_config().optimizer == ("adamw8bit" if bitsandbytes_installed() else "adamw")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert starting_config().optimizer == "adamw"

@@ -85,3 +85,23 @@ def test_files_and_engine_functions_stay_readable():
                     and node.end_lineno - node.lineno + 1 > 80:
                 long_functions.append(f"{path.name}:{node.name}")
     assert long_functions == []
+
+
+# Removed from the standard library by Python 3.12 and 3.13 (PEP 594 and PEP 632): Forge Neo runs
+# Python 3.13, which these machines cannot install, so the code is kept clean of them by reading.
+REMOVED_BY_313 = {"aifc", "asynchat", "asyncore", "audioop", "cgi", "cgitb", "chunk", "crypt",
+                  "distutils", "imghdr", "imp", "mailcap", "msilib", "nis", "nntplib",
+                  "ossaudiodev", "pipes", "smtpd", "sndhdr", "spwd", "sunau", "telnetlib", "uu",
+                  "xdrlib", "lib2to3"}
+
+
+def test_nothing_imports_what_python_313_removed():
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "scripts").glob("*.py"),
+             PACKAGE.parent / "install.py", PACKAGE.parent / "preload.py"]
+    found = []
+    for path in (p for p in files if p.is_file()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0] in REMOVED_BY_313]
+    assert not found, found

@@ -110,3 +110,23 @@ def test_a_missing_base_model_says_what_to_do_on_the_command_line(tmp_path, caps
     said = capsys.readouterr().err
     assert "base_model:" in said and "on the command line, give the file's path" in said
     assert not (tmp_path / "models" / "dreambooth").exists()
+
+
+def test_without_bitsandbytes_the_8bit_options_are_refused_by_field_before_anything(
+        tmp_path, capsys, monkeypatch):
+    """Forge Neo installs bitsandbytes only when started with --bnb (and we leave it to Neo):
+    there the 8-bit optimizer and the int8 base are refused by field, saying so, before the
+    first write."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as an environment without it
+    config = write_config(tmp_path, with_prior_preservation=False)
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "optimizer": "adamw8bit", "training_method": "lora",
+                                  "base_weights_8bit": True}))
+    assert cli_main(["train", str(config), "--quiet"]) == 2
+    said = capsys.readouterr().err
+    for field in ("optimizer:", "base_weights_8bit:"):
+        line = next(ln for ln in said.splitlines() if field in ln)
+        assert "bitsandbytes is not installed" in line and "--bnb" in line
+    assert not (tmp_path / "models" / "dreambooth").exists()

@@ -71,7 +71,7 @@ def test_counts_prompt_files_and_existing_pictures_count(tmp_path, pipeline):
         with Image.open(path) as image:
             assert image.size == (64, 64)
             assert "Negative prompt: blurry" in image.info["parameters"]
-    assert progress == [(2, 3), (3, 3)]
+    assert progress == [(0, 3), (2, 3), (3, 3)]  # "0 / 3" before the first batch
     assert [len(call["prompt"]) for call in spy.calls] == [2, 1]  # batched by class_batch_size
     assert spy.calls[0]["negative_prompt"] == ["blurry", "blurry"]
     assert spy.calls[0]["num_inference_steps"] == 2

@@ -47,9 +47,11 @@ def test_nested_state_round_trips_exactly():
         resume.flatten({"x": object()}, {})
 
 
-def test_a_resume_point_holds_no_pickle(tmp_path):
+@pytest.mark.parametrize("optimizer", [pytest.param("adamw8bit", marks=pytest.mark.bitsandbytes),
+                                       "adamw"])
+def test_a_resume_point_holds_no_pickle(tmp_path, optimizer):
     run(tmp_path / "b", max_train_steps=3, checkpoint_every_n_steps=2, train_text_encoder=True,
-        use_ema=True, optimizer="adamw8bit", lr_scheduler="cosine", lr_warmup_steps=1)
+        use_ema=True, optimizer=optimizer, lr_scheduler="cosine", lr_warmup_steps=1)
     (point,) = resume.list_resume_points(run_paths(tmp_path / "b").resume_dir)
     names = sorted(p.name for p in point.iterdir())
     assert names == ["state.json", "text_encoder.safetensors", "training_state.json",

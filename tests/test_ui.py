@@ -85,7 +85,10 @@ def test_the_poll_gives_the_model_list_the_hash_the_webui_added_after_the_page_w
     page was built: its own selector then shows "name [hash]", and ours did not."""
     fake_webui.add_checkpoint("a.safetensors")
     _, comps = built_tab()
-    seen = ui.poll("", {})[-1]
+    built = choices_of(comps["base_model"])
+    first = ui.poll("", {}, built)  # a new page has the list it was built with: not re-sent
+    assert "choices" not in first[-2]
+    seen = first[-1]
     assert "choices" not in ui.poll("", seen)[-2]  # unchanged: nothing re-sent
     info = fake_webui.sd_models.checkpoints_list["a.safetensors"]
     info.calculate_shorthash()
@@ -242,3 +245,19 @@ def test_resume_continues_a_cancelled_run_from_its_resume_point(tmp_path, idle_r
         time.sleep(0.1)
     assert any(f"(step {stopped.step})" in line for line in snap.log), snap.log
     assert snap.phase == "training" and snap.step >= stopped.step
+
+
+def test_every_tabs_of_ours_names_its_selected_tab(fake_webui):
+    """Forge's console showed "Attempted to select a non-interactive or hidden tab" for every
+    tab registering in a gr.Tabs without a selection (gradio 4's Tabs.svelte, which reads an
+    unset `selected` as undefined): ours name theirs, which is one of their tabs."""
+    blocks, _ = built_tab()
+    config = blocks.get_config_file()
+    by_id = {c["id"]: c for c in config["components"]}
+    tabs = [c for c in config["components"] if c["type"] == "tabs"]
+    assert tabs
+    for tab_set in tabs:
+        selected = tab_set["props"].get("selected")
+        children = [c for c in config["components"] if c["type"] in ("tab", "tabitem")
+                    and c["props"].get("id") == selected]
+        assert selected and children, (tab_set["props"], list(by_id)[:3])

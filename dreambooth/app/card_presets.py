@@ -116,26 +116,48 @@ def _runs(config: TrainingConfig, values: dict[str, Any]) -> bool:
                for e in dataclasses.replace(config, **values).validate())
 
 
-def for_device(rung: dict[str, Any], device: str) -> dict[str, Any]:
+def for_device(rung: dict[str, Any], device: str, bitsandbytes: bool = True
+               ) -> dict[str, Any] | None:
     """A rung's settings for ``device``: on the CPU, half precision is bf16 (fp16 would train in
-    fp32 there, at twice the memory the preset was chosen for)."""
+    fp32 there, at twice the memory the preset was chosen for). Without bitsandbytes (Forge Neo
+    not started with --bnb) the 8-bit optimizer is plain AdamW and an 8-bit base rung is left
+    out (None)."""
     if device == "cpu" and rung.get("mixed_precision") == "fp16":
-        return {**rung, "mixed_precision": "bf16"}
+        rung = {**rung, "mixed_precision": "bf16"}
+    if not bitsandbytes:
+        if rung.get("base_weights_8bit"):
+            return None
+        if rung.get("optimizer") == "adamw8bit":
+            rung = {**rung, "optimizer": "adamw"}
     return rung
 
 
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes can be imported here (found, not imported: that takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):  # a None placeholder in sys.modules: not importable
+        return False
+
+
 def choose(card: str, config: TrainingConfig, family: str, resolution: int,
-           processes: int = 1, device: str = "cuda") -> CardChoice:
+           processes: int = 1, device: str = "cuda", bitsandbytes: bool = True) -> CardChoice:
     """The first rung of ``config``'s method whose estimate fits ``card`` (see the module),
-    among those that keep the user's recipe settings, for ``device`` ("cuda" or "cpu").
-    ConfigError naming those settings when a rung that would fit was left out for them and none
-    of the others fits."""
+    among those that keep the user's recipe settings, for ``device`` ("cuda" or "cpu") and
+    whether ``bitsandbytes`` is there. ConfigError naming those settings when a rung that would
+    fit was left out for them and none of the others fits."""
     if card not in CARDS:
         raise ConfigError([FieldError("preset", f"choose one of {', '.join(CARDS)}")])
     budget = CARDS[card] * MARGIN
     choice, previous, kept, refused = None, None, [], []
     for name, rung in rungs_for(config):
-        rung = for_device(rung, device)
+        rung = for_device(rung, device, bitsandbytes)
+        if rung is None:
+            continue
+        if not bitsandbytes:
+            name = name.replace("8-bit AdamW", "AdamW (no bitsandbytes here)")
         values, mine = _split(config, rung)
         kept += [f"your {field_} {getattr(config, field_)!r}" for field_ in mine]
         # a rung that cannot run with the user's settings, or is the rung before once they are

@@ -103,10 +103,11 @@ def memory_figure_gb(config: TrainingConfig, device: str | None = None
 def card_preset(card: str, config: TrainingConfig, processes: int = 1):
     """The card-size preset ``card`` for ``config``'s run (:func:`dreambooth.app.card_presets.choose`,
     for its base model's family and resolution)."""
-    from dreambooth.app.card_presets import choose
+    from dreambooth.app.card_presets import bitsandbytes_installed, choose
 
     family, resolution = family_and_resolution(config)
-    return choose(card, config, family.name, resolution, processes, device_type())
+    return choose(card, config, family.name, resolution, processes, device_type(),
+                  bitsandbytes_installed())
 
 
 def apply_card(card: str, config: TrainingConfig, processes: int = 1

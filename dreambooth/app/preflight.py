@@ -145,6 +145,23 @@ def base_model_problem(base: Path, config: TrainingConfig) -> str | None:
     return None
 
 
+def host_family_problem(base: Path, config: TrainingConfig, host: Host) -> str | None:
+    """Why this WebUI could not use a model trained from ``base`` (Forge Neo and Classic have no
+    SD2); None when it can."""
+    from dreambooth.common.host_types import unusable_family_problem
+    from dreambooth.models.detect import detect_kind_cached
+
+    kind = detect_kind_cached(base, prediction_type=config.prediction_type or None)
+    webui = host.webui_name()
+    if webui == "Forge Neo" and kind.family == "sdxl" and "rectified" in str(base).lower():
+        # Neo's rule (backend/loader.py): an SDXL file with "rectified" anywhere in its path
+        # generates by rectified flow; trained by noise prediction it would learn the wrong task
+        return (f"{base.name}: Forge Neo reads 'rectified' in its path as a rectified-flow SDXL "
+                "model, and training with the flow objective is not built yet (it comes with the "
+                "Flux family); rename or move the file if it is an ordinary SDXL model")
+    return unusable_family_problem(kind.family, webui, host.families())
+
+
 def _writable_problem(folder: Path) -> str | None:
     """Why nothing can be written in ``folder`` (or the nearest folder that exists above it,
     where it will be made); None when it can."""
@@ -172,7 +189,7 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
                                  "line, give the file's path or a name in --models-dir's "
                                  "Stable-diffusion folder)"))
     elif base is not None:
-        problem = base_model_problem(base, config)
+        problem = base_model_problem(base, config) or host_family_problem(base, config, host)
         if problem:  # before the run folder, config.json or any deletion: nothing is touched
             errors.append(FieldError("base_model", problem))
         resolved = with_model_resolution(replace(resolved, base_model=str(base)))
@@ -213,6 +230,15 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
         problem = eight_bit_problem(_device())
         if problem:
             errors.append(FieldError("optimizer", problem))
+    if config.base_weights_8bit:  # the run probes the int8 layer; a missing package is said now
+        try:
+            import bitsandbytes  # noqa: F401
+        except ModuleNotFoundError:
+            from dreambooth.models.adapters.quantize import BITSANDBYTES_MISSING
+
+            errors.append(FieldError("base_weights_8bit", f"{BITSANDBYTES_MISSING}: turn this off"))
+        except Exception:  # a broken install: the run's probe says what fails
+            pass
     # the same field named twice (validate() and a check here) is shown once
     unique: dict[tuple[str, str], FieldError] = {(e.field, e.message): e for e in errors}
     return resolved, list(unique.values())

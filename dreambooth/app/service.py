@@ -231,17 +231,24 @@ def start_class_pictures(config: TrainingConfig, host: Host, runner: JobRunner |
 
 
 def start_captions(config: TrainingConfig, host: Host, runner: JobRunner | None = None, *,
-                   interrogator: str, prefix: str = "", overwrite: bool = False) -> int:
+                   captioner: str | None = None, interrogator: str | None = None,
+                   prefix: str = "", overwrite: bool = False, tagger: Any = None) -> int:
     """Caption the pictures of ``config``'s instance folders that have no caption file (all of
-    them with ``overwrite``) in the background, with the WebUI's ``interrogator``; in the same
-    one-job slot as training (both use the GPU), polled and cancelled like it. Raises
-    CaptionError (no WebUI, unknown interrogator, no folder, nothing to do) or JobBusy."""
+    them with ``overwrite``) in the background, with ``captioner``: one of ours (downloaded into
+    ``<models>/captioners`` on first use; ``tagger``: a WD tagger's TaggerOptions) or the WebUI's
+    interrogator (``interrogator`` is its older name; default: the WebUI's BLIP where there is
+    one, else ours). In the same one-job slot as training (both use the GPU), polled and
+    cancelled like it. Raises CaptionError (an interrogator this host lacks, bad options, our
+    model missing while offline, no folder, nothing to do) or JobBusy."""
     from dreambooth.data import captions
 
     runner = runner or default_runner()
-    request = captions.request_from_config(config, interrogator=interrogator, prefix=prefix,
-                                           overwrite=overwrite)
-    tasks = captions.check(request, host.interrogators())
+    webui = host.interrogators()
+    name = captioner or interrogator or captions.default_captioner(webui)
+    request = captions.request_from_config(config, captioner=name, prefix=prefix,
+                                           overwrite=overwrite, tagger=tagger,
+                                           models_dir=captions.models_root(host))
+    tasks = captions.check(request, webui)
     if not any(overwrite or not t.exists for t in tasks):
         raise captions.CaptionError(
             f"nothing to caption: {len(tasks)} picture(s), all with a caption file "
@@ -249,9 +256,9 @@ def start_captions(config: TrainingConfig, host: Host, runner: JobRunner | None 
             "nothing to caption: the instance folders hold no pictures")
 
     def work(_config: TrainingConfig, _paths: RunPaths, *, reporter: Reporter, **_: Any) -> TrainResult:
-        # the plan is made again in the thread: files may have changed since the check
-        summary = captions.caption_pictures(request, captions.plan(request), host.interrogate,
-                                            reporter)
+        # the plan is made again in the thread: files may have changed since the check; the
+        # captioner is opened once here and closed (its memory given back) when the run ends
+        summary = captions.caption_pictures(request, captions.plan(request), host, reporter)
         return TrainResult(None, len(summary.written), summary.total, summary.seconds,
                            cancelled=summary.cancelled)
 
@@ -580,6 +587,11 @@ def describe_model(host: Host, base: str) -> str:
         kind = detect_kind_cached(path)
     except Exception as exc:  # CheckpointError and unreadable files: say why, do not raise
         return f"{path.name}: cannot be trained ({exc})"
+    from dreambooth.app.preflight import host_family_problem
+
+    problem = host_family_problem(path, TrainingConfig(base_model=str(path)), host)
+    if problem:  # said on the model line at once, not only when Train is pressed
+        return f"{path.name}: {describe(kind)}; cannot be trained here: {problem}"
     size = for_kind(kind.kind).default_resolution(kind.prediction_type)
     return f"{path.name}: {describe(kind)}; trains at {size} px unless you set a resolution"
 

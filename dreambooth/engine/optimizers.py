@@ -48,6 +48,10 @@ def eight_bit_problem(device) -> str | None:
     """Why bitsandbytes' optimizers cannot run on this device, or None when they can."""
     try:
         import bitsandbytes as bnb
+    except ModuleNotFoundError:
+        from dreambooth.models.adapters.quantize import BITSANDBYTES_MISSING
+
+        return f"{BITSANDBYTES_MISSING}; choose adamw"
     except Exception as exc:  # a broken install raises all sorts of errors at import
         return f"bitsandbytes is not usable ({exc}); choose adamw"
     version = tuple(int(p) for p in bnb.__version__.split(".")[:2] if p.isdigit())

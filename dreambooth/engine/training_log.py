@@ -75,6 +75,8 @@ class TrainingLog:
 
             extra = {"purge_step": resume_step + 1} if resume_step is not None else {}
             self.tracker = TensorBoardTracker(TENSORBOARD_RUN, str(self.folder), **extra)
+            if not hasattr(self.tracker, "writer"):  # accelerate >= 1.8 opens it in start()
+                self.tracker.start()
             if settings and resume_step is None:
                 self.tracker.writer.add_text("config", "```\n" + json.dumps(settings, indent=2)
                                              + "\n```", 0)

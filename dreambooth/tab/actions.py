@@ -20,8 +20,8 @@ from dreambooth.tab.ui_fields import ADAPTERS, CONCEPT_FIELDS, GROUPS
 from dreambooth.tab.ui_render import message
 
 
-def poll(model_name: str, seen: str | dict | None) -> tuple:
-    return ui_poll.poll(model_name, seen, current_host())
+def poll(model_name: str, seen: str | dict | None, built_models: list[str] | None = None) -> tuple:
+    return ui_poll.poll(model_name, seen, current_host(), built_models)
 
 
 def restore_form(host: Host | None = None) -> TrainingConfig | None:

@@ -8,7 +8,8 @@ from typing import Any
 
 from dreambooth.app import service
 from dreambooth.app.job import runner
-from dreambooth.tab.actions import (cancel_job, check_dataset_report, extract_lora, extract_visible,
+from dreambooth.tab.actions import (cancel_job, check_dataset_report, checkpoint_choices,
+                                    extract_lora, extract_visible,
                                     poll, restore_form, start_from_form, use_output)
 from dreambooth.tab.form import TabForm, label_updates, values_of
 from dreambooth.tab.ui_poll import LOG_TAIL, PollSessions
@@ -106,10 +107,11 @@ def wire_poll(gr, form: TabForm, panel: RunPanel, previous: Any) -> None:
     """Live output: the page's script clicks #dreambooth_poll; queue=False never waits in
     gradio's queue. Each browser session gets only what changed since its last poll."""
     sessions = PollSessions()
+    built_models = checkpoint_choices(form.host)  # what the page's model list is built with
 
     def poll_page(request):
         session = str(getattr(request, "session_hash", None) or "")
-        *parts, seen = poll("", sessions.get(session))
+        *parts, seen = poll("", sessions.get(session), built_models)
         sessions.put(session, seen)
         return parts
 

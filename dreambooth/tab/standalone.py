@@ -29,7 +29,7 @@ def standalone_blocks(host: Host, initial: TrainingConfig | None = None) -> Any:
     script = (REPO_ROOT / "javascript" / "dreambooth.js").read_text(encoding="utf-8")
     tab = build_tab(host, initial)
     with gr.Blocks(css=css, title="DreamBooth", analytics_enabled=False) as demo:
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs", selected=TAB_ELEM_ID):  # no gradio 4 "hidden tab" warnings
             with gr.TabItem(TAB_TITLE, id=TAB_ELEM_ID, elem_id=f"tab_{TAB_ELEM_ID}"):
                 tab.render()
         # The WebUI injects javascript/*.js into its page; standalone, gradio runs it on load.

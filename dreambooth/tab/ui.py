@@ -22,6 +22,8 @@ Only the ``tab`` package imports gradio; the WebUI is reached only through ``hos
 """
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 from typing import Any
 
@@ -53,12 +55,22 @@ TAB_ELEM_ID = "dreambooth"
 _TIMERS_STOPPED = threading.Event()
 
 
+def starting_config() -> TrainingConfig:
+    """A new form's settings: the defaults, but plain AdamW where bitsandbytes is not installed
+    (Forge Neo leaves it out unless started with --bnb), since the default 8-bit AdamW would be
+    refused there; the optimizer's info says why."""
+    from dreambooth.app.card_presets import bitsandbytes_installed
+
+    config = TrainingConfig()
+    return config if bitsandbytes_installed() else dataclasses.replace(config, optimizer="adamw")
+
+
 def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -> Any:
     """The tab's Blocks (not rendered anywhere yet)."""
     import gradio as gr
 
     host = host or current_host()
-    start_values, start_extra = config_to_values(initial or TrainingConfig(), host)
+    start_values, start_extra = config_to_values(initial or starting_config(), host)
     # Building the CLIP tokenizer takes seconds: do it now, so the identifier check under the
     # first prompt typed answers at once.
     threading.Thread(target=service.tokenizer, name="dreambooth-tokenizer", daemon=True).start()
@@ -67,7 +79,9 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
         form.extra_state = gr.State(start_extra)
         with gr.Row(elem_id="dreambooth_main"):
             with gr.Column(scale=3, elem_id="dreambooth_settings"):
-                with gr.Tabs(elem_id="dreambooth_settings_tabs"):
+                # selected: gradio 4 warns "Attempted to select a non-interactive or hidden tab"
+                # after each tab registers while a Tabs has no selection
+                with gr.Tabs(elem_id="dreambooth_settings_tabs", selected="dreambooth_tab_model"):
                     model = model_tab.build(gr, form)
                     concepts = concepts_tab.build(gr, form)
                     parameters = parameters_tab.build(gr, form)

@@ -43,7 +43,9 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("resolution", "Resolution", "training size in pixels (multiple of 8); 0 = the model's "
                                      "own: 512 SD 1.x/2.x, 768 SD 2.x v, 1024 SDXL"),
         ("seed", "Seed", "same seed and settings give the same model"),
-        ("optimizer", "Optimizer", "adamw8bit: 8-bit Adam (bitsandbytes), far less memory; "
+        ("optimizer", "Optimizer", "adamw8bit: 8-bit Adam (bitsandbytes), far less memory "
+                                   "(the default; adamw where bitsandbytes is not installed, as "
+                                   "in Forge Neo without --bnb); "
                                    "adafactor: little memory, no bitsandbytes (SDXL on 16 GB); "
                                    "prodigy needs no learning rate tuning (set it to 1.0)"),
         ("save_every_n_steps", "Save a checkpoint every N steps", "0 = only at the end; "

@@ -53,9 +53,11 @@ def _digest(value: Any) -> str:
     return hashlib.sha1(repr(value).encode()).hexdigest()
 
 
-def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
+def poll(model_name: str, seen: str | dict | None, host: Host,
+         built_models: list[str] | None = None) -> tuple:
     """One poll: (status, progress, plot, gallery, log, output path, training log folder,
-    message, previous runs, base models, seen).
+    message, previous runs, base models, seen). ``built_models``: the base-model list the page
+    was built with (a new page is sent the list only when the WebUI's has changed since).
 
     ``seen`` (JSON in a hidden textbox: a gr.State input makes gradio 4's client warn at every
     poll) is this browser session's record of what it last got: unchanged parts go back as
@@ -122,6 +124,8 @@ def poll(model_name: str, seen: str | dict | None, host: Host) -> tuple:
     # in its own selector from then on, and so in ours.
     models_update = gr.update()
     models = [e.shown for e in host.list_checkpoints()]
+    if "models" not in seen and built_models is not None:  # a new page has the built list
+        seen["models"] = _digest(list(built_models))
     if seen.get("models") != _digest(models):
         seen["models"] = _digest(models)
         models_update = gr.update(choices=models)

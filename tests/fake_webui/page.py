@@ -56,7 +56,9 @@ button.tool { max-width: 2.2em; min-width: 2.2em !important; height: 2.4em; alig
 
 
 def _setup_paths() -> None:
-    for path in ([HERE / "forge"] if os.environ.get("FAKE_WEBUI_FLAVOUR") == "forge" else []) + [HERE, REPO_ROOT]:
+    flavour = os.environ.get("FAKE_WEBUI_FLAVOUR")
+    extra = {"forge": [HERE / "forge"], "neo": [HERE / "forge"], "classic": [HERE / "classic"]}
+    for path in extra.get(flavour, []) + [HERE, REPO_ROOT]:
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
 
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from modules import script_callbacks, sd_models, shared
 
     modules.initialize.initialize()
-    if shared.flavour != "forge" and sd_models.checkpoints_list:
+    if shared.flavour not in ("forge", "neo") and sd_models.checkpoints_list:
         # A1111 loads the checkpoint at start-up (hashing it: the title gets " [hash]") and
         # records its title; Forge only records the name, in make_checkpoint_manager_ui().
         model = sd_models.model_data.get_sd_model()

@@ -60,12 +60,21 @@ class Quantized:
                          self.bytes_after + other.bytes_after)
 
 
+# Forge Neo leaves bitsandbytes out unless started with --bnb (and the extension then leaves it
+# to Neo); elsewhere the extension's installer adds it at the WebUI's next start.
+BITSANDBYTES_MISSING = ("bitsandbytes is not installed (Forge Neo installs it when started with "
+                        "--bnb; elsewhere the WebUI's next start installs it, or pip install "
+                        "bitsandbytes)")
+
+
 def problem(device: torch.device, dtype: torch.dtype = torch.float16) -> str | None:
     """Why the base's linear layers cannot be held in int8 on ``device`` (None: they can):
     bitsandbytes missing or broken, or its int8 layer failing there. A probe layer runs a
     training step (forward, backward to its input) and an eval forward in ``dtype``."""
     try:
         import bitsandbytes as bnb
+    except ModuleNotFoundError:
+        return f"{BITSANDBYTES_MISSING}: turn this off, or install it"
     except Exception as exc:  # a broken install raises all sorts of errors at import
         return (f"bitsandbytes is not usable ({type(exc).__name__}: {exc}); install it (the "
                 "WebUI does at its next start) or turn this off")

@@ -12,8 +12,12 @@ import shlex
 parser = argparse.ArgumentParser(add_help=False)
 parser.add_argument("--data-dir", type=str, default=None)
 parser.add_argument("--models-dir", type=str, default=None)
-parser.add_argument("--ckpt-dir", type=str, default=None)
-parser.add_argument("--vae-dir", type=str, default=None)
+if os.environ.get("FAKE_WEBUI_FLAVOUR") == "neo":  # Neo: lists of extra folders instead
+    parser.add_argument("--ckpt-dirs", action="append", default=[])
+    parser.add_argument("--vae-dirs", action="append", default=[])
+else:
+    parser.add_argument("--ckpt-dir", type=str, default=None)
+    parser.add_argument("--vae-dir", type=str, default=None)
 # Added by the built-in Lora extension's preload.py (its default: models/Lora; None here).
 parser.add_argument("--lora-dir", type=str, default=None)
 parser.add_argument("--ui-settings-file", type=str, default=None)

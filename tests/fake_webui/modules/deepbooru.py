@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from modules import fake_pictures, shared
 
+if shared.flavour in ("neo", "classic"):  # both removed the interrogators (their READMEs)
+    raise ModuleNotFoundError("No module named 'modules.deepbooru'")
+
 
 class DeepDanbooru:
     def __init__(self):
@@ -28,14 +31,14 @@ class DeepDanbooru:
 
     def start(self):
         self.load()
-        if shared.flavour == "forge":
+        if shared.flavour in ("forge", "neo"):
             from backend import memory_management
 
             memory_management.load_models_gpu([self.model])
         self.device = "cuda"
 
     def stop(self):
-        if shared.flavour == "forge":
+        if shared.flavour in ("forge", "neo"):
             return
         if not shared.opts.interrogate_keep_models_in_memory:
             self.device = "cpu"

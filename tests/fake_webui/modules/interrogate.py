@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from modules import fake_pictures, shared
 
+if shared.flavour in ("neo", "classic"):  # both removed the interrogators (their READMEs)
+    raise ModuleNotFoundError("No module named 'modules.interrogate'")
+
 
 def _lock_held() -> bool:
     from modules import call_queue
@@ -52,20 +55,20 @@ class InterrogateModels:
         if self.clip_model is None:
             self.clip_model, self.clip_preprocess = "fake-clip", "fake-preprocess"
         self.dtype = "float16"
-        if shared.flavour == "forge":
+        if shared.flavour in ("forge", "neo"):
             from backend import memory_management
 
             memory_management.load_models_gpu([self.blip_model, self.clip_model])
         self.device = {"blip": "cuda", "clip": "cuda"}
 
     def send_clip_to_ram(self):
-        if shared.flavour == "forge":
+        if shared.flavour in ("forge", "neo"):
             return
         if not shared.opts.interrogate_keep_models_in_memory and self.clip_model is not None:
             self.device["clip"] = "cpu"
 
     def send_blip_to_ram(self):
-        if shared.flavour == "forge":
+        if shared.flavour in ("forge", "neo"):
             return
         if not shared.opts.interrogate_keep_models_in_memory and self.blip_model is not None:
             self.device["blip"] = "cpu"

@@ -5,6 +5,30 @@ import json
 import os
 
 
+class OptionsCategory:
+    def __init__(self, id, label):
+        self.id, self.label = id, label
+
+
+class OptionsCategories:
+    """The settings page's headings (A1111 1.7+): ``register_category`` is idempotent."""
+
+    def __init__(self):
+        self.mapping = {}
+
+    def register_category(self, category_id, label):
+        if category_id not in self.mapping:
+            self.mapping[category_id] = OptionsCategory(category_id, label)
+        return category_id
+
+
+categories = OptionsCategories()
+if os.environ.get("FAKE_WEBUI_FLAVOUR", "a1111") in ("a1111", "forge"):
+    # A1111's shared_options.py registers these; Neo and Classic register no "training"
+    for _id, _label in (("saving", "Saving images"), ("sd", "Stable Diffusion"), ("training", "Training")):
+        categories.register_category(_id, _label)
+
+
 class OptionInfo:
     def __init__(self, default=None, label="", component=None, component_args=None, onchange=None,
                  section=None, refresh=None, comment_before="", comment_after="", infotext=None,

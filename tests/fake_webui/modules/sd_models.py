@@ -82,7 +82,10 @@ class CheckpointInfo:
     def __init__(self, filename):
         self.filename = filename
         abspath = os.path.abspath(filename)
-        abs_ckpt_dir = os.path.abspath(shared.cmd_opts.ckpt_dir) if shared.cmd_opts.ckpt_dir is not None else None
+        # Neo: relative to the first of its --ckpt-dirs that holds it
+        folders = [getattr(shared.cmd_opts, "ckpt_dir", None), *getattr(shared.cmd_opts, "ckpt_dirs", [])]
+        abs_ckpt_dir = next((os.path.abspath(f) for f in folders
+                             if f and abspath.startswith(os.path.abspath(f))), None)
         self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
         if abs_ckpt_dir and abspath.startswith(abs_ckpt_dir):
             name = abspath.replace(abs_ckpt_dir, "")
@@ -153,14 +156,15 @@ def list_models():
     if scan_delay:
         time.sleep(scan_delay)
     model_list = _walk(model_path)
-    if shared.cmd_opts.ckpt_dir:
-        model_list += [p for p in _walk(shared.cmd_opts.ckpt_dir) if p not in model_list]
+    for folder in [getattr(shared.cmd_opts, "ckpt_dir", None), *getattr(shared.cmd_opts, "ckpt_dirs", [])]:
+        if folder:
+            model_list += [p for p in _walk(folder) if p not in model_list]
     for filename in model_list:
         CheckpointInfo(filename).register()
 
 
 def checkpoint_tiles(use_short=False):
-    if shared.flavour == "forge":  # Forge lists names, never hashes
+    if shared.flavour in ("forge", "neo"):  # Forge lists names, never hashes
         return [x.short_title if use_short else x.name for x in checkpoints_list.values()]
     return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
 
@@ -189,11 +193,11 @@ def select_checkpoint():
     if checkpoint_info is not None:
         return checkpoint_info
     if not checkpoints_list:
-        if shared.flavour == "forge":  # Forge prints and returns None
+        if shared.flavour in ("forge", "neo"):  # Forge prints and returns None
             print("You do not have any model!")
             return None
         raise FileNotFoundError("No checkpoints found. When searching for checkpoints, looked at:\n"
-                                f" - file {os.path.abspath(shared.cmd_opts.ckpt_dir or model_path)}")
+                                f" - file {os.path.abspath(getattr(shared.cmd_opts, 'ckpt_dir', None) or model_path)}")
     return next(iter(checkpoints_list.values()))
 
 
@@ -219,7 +223,7 @@ class FakeSDModel:
         self.sd_model_checkpoint = checkpoint_info.filename
         self.device = "cuda"
         state_dict = config.read_state_dict_shapes(checkpoint_info.filename)
-        if shared.flavour == "forge":
+        if shared.flavour in ("forge", "neo"):
             self.used_config = None
             family = config.model_family(config.guess_model_config_from_state_dict(state_dict, ""))
             self.parameterization = "v" if "v_pred" in state_dict else "eps"
@@ -253,7 +257,7 @@ class SdModelData:
         self.was_loaded_at_least_once = False
         self.lock = threading.Lock()
         self.loads = []  # fake only: titles loaded, in order
-        if shared.flavour == "forge":  # what Forge's lazy loading compares
+        if shared.flavour in ("forge", "neo"):  # what Forge's lazy loading compares
             self.forge_loading_parameters = {}
             self.forge_hash = ""
 
@@ -288,9 +292,13 @@ def load_model(checkpoint_info=None):
         send_model_to_trash(old)
         if old in model_data.loaded_sd_models:
             model_data.loaded_sd_models.remove(old)
-    if shared.flavour != "forge":
+    if shared.flavour not in ("forge", "neo"):
         checkpoint_info.calculate_shorthash()  # A1111 hashes the file when it loads it
     model = FakeSDModel(checkpoint_info)
+    if shared.flavour == "classic":
+        from ldm_patched.modules import model_management
+
+        model_management.load_models_gpu([model])
     model_data.loads.append(checkpoint_info.title)
     model_data.set_sd_model(model)
     script_callbacks.model_loaded_callback(model)
@@ -312,7 +320,10 @@ def send_model_to_cpu(m):
 
 
 def send_model_to_trash(m):
-    """A1111: ``m.to(device="meta")`` - the weights' memory is freed."""
+    """A1111: ``m.to(device="meta")`` - the weights' memory is freed. Forge Classic: a no-op
+    (its ldm_patched model_management holds the weights until ``unload_all_models()``)."""
+    if shared.flavour == "classic":
+        return
     m.to("meta")
 
 
@@ -330,9 +341,13 @@ def forge_model_reload():
 
 
 def unload_model_weights(sd_model=None, info=None):
-    if shared.flavour == "forge":  # Forge: memory_management.unload_all_models(), no lazy load
+    if shared.flavour in ("forge", "neo"):  # Forge: memory_management.unload_all_models(), no lazy load
         send_model_to_cpu(model_data.sd_model)
         return sd_model
     # A1111 1.10.1 reads shared.sd_model here: with no model ever loaded, this loads one first.
     send_model_to_cpu(sd_model or shared.sd_model)
     return sd_model
+
+
+if shared.flavour == "neo":  # Neo removed these (it loads lazily through main_entry only)
+    del reload_model_weights, send_model_to_trash

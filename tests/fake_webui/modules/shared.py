@@ -10,7 +10,7 @@ from modules.options import OptionHTML, OptionInfo, Options, options_section  # 
 from modules.shared_state import State
 
 cmd_opts = cmd_args.parse()
-flavour = os.environ.get("FAKE_WEBUI_FLAVOUR", "a1111")  # fake only: "a1111" or "forge"
+flavour = os.environ.get("FAKE_WEBUI_FLAVOUR", "a1111")  # fake only: a1111, forge, neo, classic
 
 data_path = paths.data_path
 models_path = paths.models_path
@@ -30,6 +30,11 @@ options_templates.update(options_section(("interrogate", "Interrogate"), {
     "deepbooru_use_spaces": OptionInfo(True, "deepbooru: use spaces in tags"),
 }))
 
+if flavour == "neo":  # Neo's UI preset and the checkpoint remembered for each
+    options_templates.update(options_section(("presets", "Presets", "presets"), {
+        "forge_preset": OptionInfo("sd", "UI preset"),
+        **{f"forge_checkpoint_{p}": OptionInfo("", f"Checkpoint ({p})") for p in ("sd", "xl", "flux")},
+    }))
 opts = Options(options_templates, freeze_settings=cmd_opts.freeze_settings)
 state = State()
 interrogator = None  # the CLIP interrogator, made by initialize() (shared_init.py in the WebUI)

@@ -8,7 +8,7 @@ from modules import call_queue, sd_models, shared
 
 
 def txt2img(id_task, prompt):
-    if shared.flavour == "forge":
+    if shared.flavour in ("forge", "neo"):
         model, _ = sd_models.forge_model_reload()
     else:
         model = sd_models.reload_model_weights()

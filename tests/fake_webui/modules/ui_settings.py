@@ -54,7 +54,7 @@ def run_settings_single(value, key):
 
 def add_quicksettings():
     with gr.Row(elem_id="quicksettings", variant="compact"):
-        if shared.flavour == "forge":
+        if shared.flavour in ("forge", "neo"):
             from modules_forge import main_entry
 
             main_entry.make_checkpoint_manager_ui()
@@ -74,7 +74,7 @@ def add_functionality(demo):
     text_settings = gr.Textbox(elem_id="settings_json", value=lambda: opts.dumpjson(), visible=False)
     dummy_component = gr.Textbox(visible=False, value="")
     button = gr.Button("Change checkpoint", elem_id="change_checkpoint", visible=False)
-    if shared.flavour == "forge":
+    if shared.flavour in ("forge", "neo"):
         from modules_forge import main_entry
 
         def button_set_checkpoint_change(model, dummy):

@@ -14,17 +14,28 @@ def refresh_model_loading_parameters():
     sd_models.model_data.sd_model = None
 
 
-def checkpoint_change(ckpt_name: str, save=True, refresh=True):
+def _checkpoint_change(ckpt_name: str, save=True, refresh=True, preset=None):
     new_ckpt_info = sd_models.get_closet_checkpoint_match(ckpt_name)
     current_ckpt_info = sd_models.get_closet_checkpoint_match(shared.opts.data.get("sd_model_checkpoint", ""))
     if new_ckpt_info == current_ckpt_info:
         return False
     shared.opts.set("sd_model_checkpoint", ckpt_name)
+    if preset is not None:  # Neo remembers the checkpoint per UI preset ("sd", "xl", "flux"...)
+        shared.opts.set(f"forge_checkpoint_{preset}", ckpt_name)
     if save:
         shared.opts.save(shared.config_filename)
     if refresh:
         refresh_model_loading_parameters()
     return True
+
+
+if shared.flavour == "neo":
+    def checkpoint_change(ckpt_name: str, preset: str, save=True, refresh=True):
+        """Neo: the UI preset is a required argument (it may be None)."""
+        return _checkpoint_change(ckpt_name, save, refresh, preset)
+else:
+    def checkpoint_change(ckpt_name: str, save=True, refresh=True):
+        return _checkpoint_change(ckpt_name, save, refresh)
 
 
 # --- the top bar's checkpoint dropdown (used by tests/fake_webui/page.py) ----------------------
