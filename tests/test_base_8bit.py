@@ -202,7 +202,7 @@ def test_what_cannot_keep_its_base_in_8_bits_is_refused_by_name(tmp_path):
 
 def test_without_a_working_bitsandbytes_the_run_stops_naming_the_field(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
-    with pytest.raises(ConfigError, match="base_weights_8bit: bitsandbytes is not usable"):
+    with pytest.raises(ConfigError, match="base_weights_8bit: bitsandbytes is not installed"):
         lora_run(tmp_path / "missing", base_weights_8bit=True)
     assert not (tmp_path / "missing" / "Lora").exists()
     monkeypatch.undo()
