@@ -184,7 +184,7 @@ def test_network_failure_is_one_clear_message(capsys):
     assert len(launch.calls) == 1  # no point trying the others
     out = capsys.readouterr().out
     assert "could not reach the package index" in out
-    assert f"bitsandbytes==0.45.5, diffusers==0.31.0, lycoris-lora>=4.1,<4.2, prodigyopt, onnxruntime" in out and "Traceback" not in out
+    assert "bitsandbytes==0.45.5, diffusers==0.31.0, lycoris-lora>=4.1,<4.2, prodigyopt, onnxruntime" in out and "Traceback" not in out
 
 
 def test_other_pip_failures_are_reported_per_package(capsys):
