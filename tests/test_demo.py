@@ -47,3 +47,21 @@ def test_demo_on_the_tiny_sdxl_model(tmp_path, capsys):
         pairs = zip(getattr(trained, name).state_dict().values(),
                     getattr(base, name).state_dict().values())
         assert any(not (a == b).all() for a, b in pairs), f"{name} was not trained"
+
+
+def test_demo_on_the_tiny_flux_model(tmp_path, capsys):
+    """`python -m dreambooth demo --family flux`: a Flux.1 dev LoRA from an all-in-one file, with
+    class pictures from the Flux pipeline, samples and kohya's Flux names."""
+    from dreambooth.__main__ import main
+    from dreambooth.models.adapters.file import read_lora
+
+    assert main(["demo", "--family", "flux", "--steps", "3", "--models-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    output = tmp_path / "Lora" / "dreambooth-demo-flux.safetensors"
+    assert str(output) in out and "Flux.1" in out
+    assert checkpoint.detect_kind(demo.base_path(tmp_path, "flux")).kind == "flux-dev"
+    assert len(list((tmp_path / "dreambooth" / "demo-class-toy").glob("*.png"))) == 4
+    assert list((tmp_path / "dreambooth" / "dreambooth-demo-flux" / "samples").glob("*.png"))
+    tensors, metadata = read_lora(output)
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in tensors)
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"

@@ -155,3 +155,36 @@ def test_neo_reads_rectified_in_the_path_and_that_is_refused_not_trained_wrong(
     assert any(e.field == "base_model" and "rectified-flow" in e.message for e in errors)
     _, errors = preflight.preflight(quick_config(tmp_path, base=str(plain)), get_host())
     assert not [e for e in errors if e.field == "base_model"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_flux_file(folder: str) -> Path:
+    from dreambooth.models.flux_files import save_flux_file
+    from dreambooth.models.tiny_flux import build_flux
+
+    return save_flux_file(build_flux("dev"), Path(folder) / "tiny-flux.safetensors",
+                          layout="all-in-one")
+
+
+def test_flux_is_trained_where_the_webui_generates_with_it(any_webui, tmp_path,
+                                                           tmp_path_factory):
+    """Forge and Neo run Flux.1; A1111 and Classic cannot: there a Flux base is refused by field
+    before anything is written, and the model line says so."""
+    cache = tmp_path_factory.getbasetemp() / "host-bases"
+    cache.mkdir(exist_ok=True)
+    base = _tiny_flux_file(str(cache))
+    flavour = any_webui.flavour
+    config = quick_config(tmp_path, base=str(base), training_method="lora")
+    _, errors = preflight.preflight(config, get_host())
+    found = [e.message for e in errors if e.field == "base_model"]
+    line = service.describe_model(get_host(), str(base))
+    assert "Flux.1 dev" in line
+    if flavour in ("a1111", "classic"):
+        assert found and f"{NAMES[flavour]} cannot generate with Flux.1" in found[0]
+        assert "cannot be trained here" in line
+    else:
+        assert found == [] and "cannot be trained" not in line, (found, line)
+    assert not (Path(any_webui.models_dir) / "dreambooth").exists()
+    # what Flux cannot honour is said by field at the same check
+    _, errors = preflight.preflight(quick_config(tmp_path, base=str(base)), get_host())
+    assert "training_method" in [e.field for e in errors]

@@ -81,10 +81,12 @@ class CardChoice:
                 + [f"kept {note}" for note in self.kept])
 
 
-def rungs_for(config: TrainingConfig) -> list[tuple[str, dict[str, Any]]]:
+def rungs_for(config: TrainingConfig, family: str = "sd1") -> list[tuple[str, dict[str, Any]]]:
     if not config.trains_adapter:
         return FULL_RUNGS
-    if config.dora:  # DoRA rebuilds each weight from the full base's own: no 8-bit rung
+    # DoRA rebuilds each weight from the full base's own; Flux's low-memory base is not the
+    # UNets' int8 (fp8 and NF4 come with it): no 8-bit-base rung
+    if config.dora or family == "flux":
         return [rung for rung in ADAPTER_RUNGS if not rung[1]["base_weights_8bit"]]
     return ADAPTER_RUNGS
 
@@ -152,7 +154,7 @@ def choose(card: str, config: TrainingConfig, family: str, resolution: int,
         raise ConfigError([FieldError("preset", f"choose one of {', '.join(CARDS)}")])
     budget = CARDS[card] * MARGIN
     choice, previous, kept, refused = None, None, [], []
-    for name, rung in rungs_for(config):
+    for name, rung in rungs_for(config, family):
         rung = for_device(rung, device, bitsandbytes)
         if rung is None:
             continue

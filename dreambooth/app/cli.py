@@ -136,9 +136,10 @@ def demo_main(argv: list[str]) -> int:
                                                  "prior preservation, samples, export.")
     parser.add_argument("--models-dir", default="models", help="where to write (default ./models)")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
-                        help="the tiny model's family: sd1 (default) or sdxl (two text "
-                             "encoders, size/crop conditioning, SGM layout)")
+    parser.add_argument("--family", choices=("sd1", "sdxl", "flux"), default="sd1",
+                        help="the tiny model's family: sd1 (default), sdxl (two text "
+                             "encoders, size/crop conditioning, SGM layout) or flux (Flux.1 dev "
+                             "by flow matching: a LoRA with kohya's Flux names)")
     args = parser.parse_args(argv)
     from dreambooth.app import demo
 

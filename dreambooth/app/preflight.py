@@ -157,8 +157,9 @@ def host_family_problem(base: Path, config: TrainingConfig, host: Host) -> str |
         # Neo's rule (backend/loader.py): an SDXL file with "rectified" anywhere in its path
         # generates by rectified flow; trained by noise prediction it would learn the wrong task
         return (f"{base.name}: Forge Neo reads 'rectified' in its path as a rectified-flow SDXL "
-                "model, and training with the flow objective is not built yet (it comes with the "
-                "Flux family); rename or move the file if it is an ordinary SDXL model")
+                "model, and SDXL trained and sampled by a flow is not built yet (the flow "
+                "objective is Flux's so far); rename or move the file if it is an ordinary SDXL "
+                "model")
     return unusable_family_problem(kind.family, webui, host.families())
 
 
@@ -193,8 +194,10 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
         if problem:  # before the run folder, config.json or any deletion: nothing is touched
             errors.append(FieldError("base_model", problem))
         resolved = with_model_resolution(replace(resolved, base_model=str(base)))
-        found = base_family(resolved) if config.zero_terminal_snr else None
-        if found and found[1].prediction_type != "v_prediction" and not config.prediction_type:
+        found = base_family(resolved)
+        if found:  # what this family cannot honour (Flux: DDPM options, full runs...), by field
+            errors += found[0].configured(resolved).config_problems(resolved)
+        if found and config.zero_terminal_snr and found[1].prediction_type != "v_prediction" and not config.prediction_type:
             errors.append(FieldError("zero_terminal_snr", f"needs v-prediction, and {base.name} is "
                                      "an epsilon model: set prediction_type to v_prediction (a "
                                      "new objective to learn), or turn it off"))

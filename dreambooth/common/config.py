@@ -32,6 +32,8 @@ LATENT_SOURCES = ("mean", "sample")  # the VAE posterior's mean, or a fresh samp
 # WebUI's built-in Lora extension applies).
 TRAINING_METHODS = ("full", "lora", "locon", "loha", "lokr")
 LORA_LAYERS = ("attention", "attention_mlp")  # + ResNet convolutions: locon (or a conv rank)
+FLUX_TIMESTEP_SAMPLING = ("shift", "sigmoid", "uniform")  # models.objective.FlowMatchObjective
+T5_LENGTHS = (256, 512)  # Flux.1 schnell was trained with 256 T5 tokens, dev with 512
 MASK_SOURCES = ("file", "alpha")  # <name>.mask.png beside the picture, or its alpha channel
 STEPS_PER_PICTURE = 100  # the seed's rule of thumb: steps = pictures x 100
 MAX_STEPS = 10_000_000
@@ -141,6 +143,10 @@ class TrainingConfig:
     min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
     min_snr_on_prior: bool = True  # False: class rows unweighted, as diffusers' example does
     latents_from: str = "mean"  # mean: the VAE posterior's mean; sample: a sample of it
+    # --- Flux.1 (the flow-matching family; no effect on SD bases) ----------------------------
+    flux_timestep_sampling: str = "shift"  # shift: by the picture's size, as Flux dev samples
+    flux_guidance: float = 1.0  # the guidance value Flux dev's transformer is given in training
+    t5_max_length: int = 512  # T5 tokens per prompt (256 for schnell, 512 for dev)
     use_ema: bool = False
     ema_decay: float = 0.9999
     seed: int = 1337
@@ -342,9 +348,11 @@ class TrainingConfig:
                    "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
                    "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES,
                    "training_method": TRAINING_METHODS, "lora_layers": LORA_LAYERS,
-                   "trained_precision": TRAINED_PRECISIONS}
+                   "trained_precision": TRAINED_PRECISIONS,
+                   "flux_timestep_sampling": FLUX_TIMESTEP_SAMPLING, "t5_max_length": T5_LENGTHS}
         for name, allowed in choices.items():
-            need(getattr(self, name) in allowed, name, f"choose one of {', '.join(allowed)}")
+            need(getattr(self, name) in allowed, name,
+                 f"choose one of {', '.join(map(str, allowed))}")
         need(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "zero_terminal_snr",
              "needs v-prediction: set prediction_type to v_prediction, or turn it off")
         need(not (self.training_method == "locon" and self.lora_conv_rank == 0), "lora_conv_rank",
@@ -466,6 +474,7 @@ RANGES: dict[str, Range] = {
     "clip_skip": Range(1, 12),
     "offset_noise": Range(0, 1),
     "min_snr_gamma": Range(0, 1000, hint="0: off, 5 is the paper's value"),
+    "flux_guidance": Range(0, 100, hint="1 is kohya's and ai-toolkit's default"),
     "mask_background_weight": Range(0, 1, hint="0: the background is ignored, 1: no masking"),
     "ema_decay": Range(0, 1, high_open=True),
     "lora_rank": Range(1, 1024),

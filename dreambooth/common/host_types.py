@@ -82,10 +82,14 @@ class Host(Protocol):
 
 # The model families each WebUI generates with (what a model trained here can be used in). Forge
 # Neo and Forge Classic removed SD2 (Neo also SD3): their loaders refuse those checkpoints.
-ALL_FAMILIES = frozenset({"sd1", "sd2", "sdxl"})
-FAMILIES_BY_WEBUI = {"Forge Neo": frozenset({"sd1", "sdxl"}),
+# A1111 and reForge never ran Flux; Forge and Neo do. Standalone, every family trains.
+ALL_FAMILIES = frozenset({"sd1", "sd2", "sdxl", "flux"})
+FAMILIES_BY_WEBUI = {"AUTOMATIC1111": frozenset({"sd1", "sd2", "sdxl"}),
+                     "reForge": frozenset({"sd1", "sd2", "sdxl"}),
+                     "Forge": ALL_FAMILIES,
+                     "Forge Neo": frozenset({"sd1", "sdxl", "flux"}),
                      "Forge Classic": frozenset({"sd1", "sdxl"})}
-FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux.1"}
 
 
 def unusable_family_problem(family: str, webui: str, families: frozenset[str]) -> str | None:
@@ -93,8 +97,9 @@ def unusable_family_problem(family: str, webui: str, families: frozenset[str]) -
     if family in families:
         return None
     offered = ", ".join(FAMILY_NAMES.get(f, f) for f in sorted(families))
-    return (f"an {FAMILY_NAMES.get(family, family)} model: {webui} cannot generate with "
-            f"{FAMILY_NAMES.get(family, family)} models (it removed them), so what this trains "
+    article = "a" if family == "flux" else "an"  # "an SD1", "a Flux.1"
+    return (f"{article} {FAMILY_NAMES.get(family, family)} model: {webui} cannot generate with "
+            f"{FAMILY_NAMES.get(family, family)} models, so what this trains "
             f"could not be used here; pick a base model of a family it runs ({offered})")
 
 

@@ -14,6 +14,7 @@ from dreambooth.common.run_types import Reporter, RunPaths
 from dreambooth.models.adapters import file as lora_file
 from dreambooth.models.adapters import lycoris
 from dreambooth.models.components import Components
+from dreambooth.models.families import of_components
 
 
 def tag_frequency(config: TrainingConfig) -> dict[str, dict[str, int]]:
@@ -50,7 +51,7 @@ def export_adapter(config: TrainingConfig, paths: RunPaths, components: Componen
     out = folder / model_file_name(config, suffix)
     reporter.detail(f"writing {out.name}")
     base = resolve_base_model(config)
-    prediction = components.noise_scheduler.config.prediction_type
+    prediction = components.noise_scheduler.config.get("prediction_type") or "flow"
     kind = dataclasses.replace(checkpoint.detect_kind(base), prediction_type=prediction)
     extra = export_metadata(config, step, *pictures)
     if run_id:
@@ -64,7 +65,7 @@ def export_adapter(config: TrainingConfig, paths: RunPaths, components: Componen
         dora=config.dora, title=out.stem, resolution=config.resolution,
         tag_frequency=tag_frequency(config)))
     with ema_weights(trained["unet"], ema):
-        tensors = lycoris.adapter_state(trained)
+        tensors = of_components(components).adapter_file_tensors(lycoris.adapter_state(trained))
         result = lora_file.write_lora(out, tensors, metadata, dtype=config.export_dtype,
                                       overwrite=overwrite)
     preview = newest_sample(paths.samples_dir)

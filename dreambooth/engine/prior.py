@@ -125,27 +125,11 @@ def _write_picture(image, folder: Path, number: int, prompt: str, parameters: st
     return path
 
 
-def generate_class_pictures(config: TrainingConfig, pipeline, *,
-                            progress: Callable[[int, int], None] | None = None,
-                            should_stop: Callable[[], bool] | None = None,
-                            log: Callable[[str], None] = print) -> dict[int, int]:
-    """Make the missing class pictures of every concept; returns the number made per concept
-    (every concept with prior preservation appears, 0 when its folder was full).
-
-    ``pipeline`` is a diffusers StableDiffusionPipeline (or one with the same call). Batches of
-    ``class_batch_size``; ``should_stop()`` is asked before each batch and what was made stays;
-    ``progress(done, total)`` is called after each batch."""
-    import torch
-
-    made: dict[int, int] = {i: 0 for i in range(len(config.concepts))
-                            if config.with_prior_preservation}
-    needed = class_pictures_needed(config)
-    total = sum(missing for _, missing in needed)
-    if not total:
-        return made
-    if hasattr(pipeline, "set_progress_bar_config"):
-        pipeline.set_progress_bar_config(disable=True)
-    extra = {}
+def _pipeline_extras(config: TrainingConfig, pipeline, pipeline_kwargs: dict | None,
+                     log: Callable[[str], None]) -> dict:
+    """The pipeline call's keywords besides the prompt: the family's own, CLIP skip and the
+    CFG rescale of a zero-terminal-SNR schedule where the pipeline takes them."""
+    extra = dict(pipeline_kwargs or {})
     if config.class_clip_skip > 1:
         # diffusers' clip_skip counts the layers skipped beyond the last: WebUI 2 == diffusers 1.
         if _pipeline_accepts(pipeline, "clip_skip"):
@@ -159,6 +143,33 @@ def generate_class_pictures(config: TrainingConfig, pipeline, *,
 
         if guidance_rescale(scheduler):  # a zero-terminal-SNR model: CFG rescaled
             extra["guidance_rescale"] = guidance_rescale(scheduler)
+    return extra
+
+
+def generate_class_pictures(config: TrainingConfig, pipeline, *,
+                            progress: Callable[[int, int], None] | None = None,
+                            should_stop: Callable[[], bool] | None = None,
+                            log: Callable[[str], None] = print, negative_prompts: bool = True,
+                            pipeline_kwargs: dict | None = None) -> dict[int, int]:
+    """Make the missing class pictures of every concept; returns the number made per concept
+    (every concept with prior preservation appears, 0 when its folder was full).
+
+    ``pipeline`` is a diffusers StableDiffusionPipeline (or one with the same call). Batches of
+    ``class_batch_size``; ``should_stop()`` is asked before each batch and what was made stays;
+    ``progress(done, total)`` is called after each batch. ``negative_prompts`` False: a
+    pipeline without classifier-free guidance (Flux), given none; ``pipeline_kwargs``: the
+    family's own keywords (Flux: the T5 token count)."""
+    import torch
+
+    made: dict[int, int] = {i: 0 for i in range(len(config.concepts))
+                            if config.with_prior_preservation}
+    needed = class_pictures_needed(config)
+    total = sum(missing for _, missing in needed)
+    if not total:
+        return made
+    if hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(disable=True)
+    extra = _pipeline_extras(config, pipeline, pipeline_kwargs, log)
     done = 0
     if progress is not None:  # "0 / N" at once: the first batch may take a minute
         progress(0, total)
@@ -188,7 +199,8 @@ def generate_class_pictures(config: TrainingConfig, pipeline, *,
             seeds = [config.seed + number + k for k in range(count)]
             result = pipeline(
                 prompt=[prompt] * count,
-                negative_prompt=[negative] * count if negative else None,
+                **({"negative_prompt": [negative] * count if negative else None}
+                   if negative_prompts else {}),
                 num_inference_steps=config.class_sample_steps,
                 guidance_scale=config.class_guidance_scale,
                 width=size[0], height=size[1],

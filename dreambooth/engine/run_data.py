@@ -39,6 +39,8 @@ class LatentSource:
         self.cache: dict[tuple, Encoded] | None = (
             {} if config.cache_latents and not data.has_random_augmentation(config) else None)
         self.scale = vae.config.scaling_factor
+        # Flux's VAE also centres its latents (latents - shift) * scale; SD's have no shift
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
         self.sampled = config.latents_from == "sample"
 
     @torch.no_grad()
@@ -47,7 +49,7 @@ class LatentSource:
         view = data.picture_view(picture, self.config, flip=flip, rng=rng, bucket=bucket,
                                  mask=picture.mask)
         dist = self.vae.encode(view.pixels[None].to(self.device, self.dtype)).latent_dist
-        mean = (dist.mean * self.scale).float().cpu()[0]
+        mean = ((dist.mean - self.shift) * self.scale).float().cpu()[0]
         std = (dist.std * self.scale).float().cpu()[0] if self.sampled else None
         mask = view.mask
         if mask is not None:  # the share of each latent pixel's 8 x 8 patch that is subject
@@ -149,6 +151,8 @@ class TextConditioning:
         self.family, self.components, self.config, self.device = family, components, config, device
         self.cache: dict[str, families.Conditioning] | None = None
         self.empty_chunk: families.Conditioning | None = None
+        # while an encoder trains: the never-trained encoders' rows (Flux's T5), by prompt
+        self.frozen_cache: dict[str, families.Conditioning] | None = None
         # the components the loop encodes with: the (wrapped) trained encoders once prepared
         self.encoding = components
 
@@ -158,25 +162,44 @@ class TextConditioning:
         self.cache = {}
         unique = list(dict.fromkeys(prompts))
         tokens = CHUNK_TOKENS + 2
-        chunks = {p: chunk_count(self.components.tokenizer, p) for p in unique}
+        chunks = {p: chunk_count(self.components.tokenizer, p) if self.family.chunked_prompts
+                  else None for p in unique}  # Flux: T5's fixed length, no chunks
         for i in range(0, len(unique), 16):
             batch = unique[i:i + 16]
             rows = self.family.encode(self.components, batch, self.config.clip_skip,
                                       self.device).rows()
             for prompt, row in zip(batch, rows):
-                row.hidden = row.hidden[:chunks[prompt] * tokens]
+                if chunks[prompt]:
+                    row.hidden = row.hidden[:chunks[prompt] * tokens]
                 self.cache[prompt] = row
         # an empty chunk fills up the shorter prompts of a batch with a long one
-        if max(chunks.values()) > 1:
+        if max(c or 1 for c in chunks.values()) > 1:
             self.empty_chunk = self.family.encode(self.components, [""], self.config.clip_skip,
                                                   self.device).rows()[0]
         return len(self.cache)
 
+    @torch.no_grad()
+    def fill_frozen_cache(self, prompts: list[str]) -> int:
+        """While an encoder trains: the never-trained encoders' part of each prompt, once
+        (0 when the family has none)."""
+        unique = list(dict.fromkeys(prompts))
+        if self.family.frozen_part(self.components, unique[:1], self.device) is None:
+            return 0
+        self.frozen_cache = {}
+        for i in range(0, len(unique), 16):
+            batch = unique[i:i + 16]
+            rows = self.family.frozen_part(self.components, batch, self.device).rows()
+            self.frozen_cache.update(zip(batch, rows))
+        return len(self.frozen_cache)
+
     def __call__(self, prompts: list[str], training_encoders: bool) -> families.Conditioning:
-        if training_encoders:  # with gradients
-            return self.family.encode(self.encoding, prompts, self.config.clip_skip, self.device)
-        if self.cache is not None:
+        if self.cache is not None and not training_encoders:
             return families.Conditioning.stack([self.cache[p] for p in prompts], self.device,
                                                empty=self.empty_chunk)
-        with torch.no_grad():
-            return self.family.encode(self.encoding, prompts, self.config.clip_skip, self.device)
+        # the never-trained encoders' rows when cached (they left the GPU), also once the
+        # trained encoder has stopped
+        cached = {} if self.frozen_cache is None else {"frozen": families.Conditioning.stack(
+            [self.frozen_cache[p] for p in prompts], self.device)}
+        with torch.set_grad_enabled(training_encoders and torch.is_grad_enabled()):
+            return self.family.encode(self.encoding, prompts, self.config.clip_skip, self.device,
+                                      **cached)

@@ -251,8 +251,13 @@ def open_model(config: TrainingConfig, start: Start, reporter: Reporter,
         components, kind = load_model(config)
         prediction_type = kind.prediction_type
         zero_terminal_snr = zero_terminal_snr or getattr(kind, "zero_terminal_snr", False)
-    family = families.of_components(components)
-    prediction_type = config.prediction_type or prediction_type or "epsilon"
+    family = families.of_components(components).configured(config)
+    problems = family.config_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    for note in family.notes(config):
+        reporter.log(f"note: {note}")
+    prediction_type = config.prediction_type or prediction_type or family.default_prediction
     if zero_terminal_snr and prediction_type != "v_prediction":
         # At SNR 0 an epsilon model sees pure noise and must give back the noise: it learns
         # nothing there, and DDIM's x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by zero.
@@ -300,6 +305,8 @@ def make_class_pictures(model: Model, start: Start, reporter: Reporter) -> None:
     pipe.set_progress_bar_config(disable=True)
     prior.generate_class_pictures(
         model.config, pipe, should_stop=reporter.should_stop, log=reporter.log,
+        negative_prompts=model.family.negative_prompts,
+        pipeline_kwargs=model.family.pipeline_kwargs(model.config),
         progress=lambda done, total: reporter.progress(done, total, None, None))
     del pipe
     if reporter.should_stop():
@@ -356,7 +363,8 @@ def trained_encoders(model: Model, total_steps: int) -> list[TrainedEncoder]:
     found = [TrainedEncoder(name, module, config.text_encoder_learning_rate(i),
                             config.text_encoder_stop_step(total_steps, i))
              for i, (name, module) in enumerate(model.encoders)]
-    return [entry for entry in found if entry.stop > 0]
+    trainable = model.family.trainable_text_encoders
+    return [entry for entry in found[:trainable] if entry.stop > 0]
 
 
 def _checkpointing(config: TrainingConfig, unet, encoders: list[TrainedEncoder]) -> None:
@@ -387,10 +395,11 @@ def place_models(model: Model, encoders: list[TrainedEncoder], device, reporter:
         from dreambooth.models.adapters.quantize import int8_layers
 
         reporter.log(f"base model: {int8_layers(unet)} linear layers of the UNet in int8")
-    set_attention(unet, config.attention)
+    if model.family.attention_processors:  # Flux keeps its own joint-attention processors
+        set_attention(unet, config.attention)
     if config.gradient_checkpointing:
         _checkpointing(config, unet, encoders)
-    if device.type == "cuda":
+    if device.type == "cuda" and model.family.attention_processors:  # a UNet's convolutions
         unet.to(memory_format=torch.channels_last)
     if config.compile_unet:  # in place (Module.compile): the state_dict keys, so the export and
         unet.compile()  # the resume points, stay as they are; compiled at the first step

@@ -11,6 +11,7 @@ import torch
 from dreambooth.common.config import TrainingConfig
 from dreambooth.common.files import write_bytes
 from dreambooth.models.components import Components
+from dreambooth.models.families import of_components
 from dreambooth.models.schedules import guidance_rescale
 
 
@@ -58,7 +59,12 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
                 if half in (torch.float16, torch.bfloat16)
                 and (device.type == "cuda" or half == torch.bfloat16) else contextlib.nullcontext())
     models = components.modules()
-    rescale = guidance_rescale(pipe.scheduler)  # zero terminal SNR: CFG rescaled
+    family = of_components(components)
+    extra = family.configured(config).pipeline_kwargs(config)
+    if family.negative_prompts:  # classifier-free guidance: SD's pipelines
+        extra.update(negative_prompt=config.sample_negative_prompt or None,
+                     guidance_rescale=guidance_rescale(pipe.scheduler),  # zero terminal SNR
+                     clip_skip=config.clip_skip - 1 if config.clip_skip > 1 else None)
     was_training = [m.training for m in models]
     paths = []
     with on_device(models, device), torch.no_grad(), autocast:
@@ -68,11 +74,9 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
             progress(0, len(prompts))
         for index, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(config.sample_seed + index)
-            image = pipe(prompt, negative_prompt=config.sample_negative_prompt or None,
-                         num_inference_steps=config.sample_steps,
+            image = pipe(prompt, num_inference_steps=config.sample_steps,
                          guidance_scale=config.sample_guidance_scale, height=size, width=size,
-                         generator=generator, guidance_rescale=rescale,
-                         clip_skip=config.clip_skip - 1 if config.clip_skip > 1 else None).images[0]
+                         generator=generator, **extra).images[0]
             path = out_dir / f"step-{step:06d}-{index}.png"
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")

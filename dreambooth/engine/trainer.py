@@ -117,7 +117,25 @@ def fill_caches(model: Model, pictures: Pictures, encoders: list[TrainedEncoder]
     elif config.cache_text_embeddings and not encoders:
         reporter.log("text embeddings are encoded at every step: tag shuffle or dropout change "
                      "the prompts each time")
+    elif config.cache_text_embeddings and not (config.shuffle_tags or config.tag_dropout):
+        _cache_frozen_encoders(model, text, pictures, encoders, reporter)
     return latents, text
+
+
+def _cache_frozen_encoders(model: Model, text: TextConditioning, pictures: Pictures,
+                           encoders: list[TrainedEncoder], reporter: Reporter) -> None:
+    """While a text encoder trains, the encoders that never do (Flux's T5) give each prompt's
+    part once and leave the GPU."""
+    count = text.fill_frozen_cache([p.caption for p in pictures.all])
+    if not count:
+        return
+    training = {e.name for e in encoders}
+    frozen = [model.family.encoder_titles.get(name, name) for name, _ in model.encoders
+              if name not in training]
+    for name, encoder in model.encoders:
+        if name not in training:
+            encoder.to("cpu")
+    reporter.log(f"cached {', '.join(frozen)}'s part of {count} prompts (it leaves the GPU)")
 
 
 @dataclass

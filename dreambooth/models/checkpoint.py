@@ -51,13 +51,17 @@ COMPONENT_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 ARCHITECTURES = {  # modelspec.architecture values (Stability's model spec, shown by the WebUI)
     "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-    "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+    "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base",
+    "flux-dev": "flux-1-dev", "flux-schnell": "flux-1-schnell"}
 IMPLEMENTATIONS = {
     "sd1": "https://github.com/CompVis/stable-diffusion",
     "sd2": "https://github.com/Stability-AI/stablediffusion",
     "sd2-v": "https://github.com/Stability-AI/stablediffusion",
-    "sdxl": "https://github.com/Stability-AI/generative-models"}
-RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+    "flux-dev": "https://github.com/black-forest-labs/flux",
+    "flux-schnell": "https://github.com/black-forest-labs/flux"}
+RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024, "flux-dev": 1024,
+               "flux-schnell": 1024}
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +409,12 @@ def load_components(path: str | os.PathLike, *, prediction_type: str | None = No
     path = Path(path)
     if path.is_dir():
         return _load_folder(path, prediction_type=prediction_type, vae_path=vae_path, kind=kind)
+    if _suffix(path) == ".safetensors":  # a Flux file is told from its header, never read whole
+        found = detect_kind(path)
+        if found.family == "flux":
+            from dreambooth.models.flux_files import load_flux
+
+            return load_flux(path, vae_path=vae_path), found
     state = read_state_dict(path)
     # the header's metadata too: a file may say it is v-prediction only there (kohya, modelspec)
     found = _with_kind(kind_from_shapes({k: tuple(v.shape) for k, v in state.items()}, path.name,

@@ -10,12 +10,13 @@ import torch
 class Components:
     """What training needs of a Stable Diffusion model, as diffusers/transformers objects."""
 
-    unet: "torch.nn.Module"
+    unet: "torch.nn.Module"  # the denoiser: the UNet, or Flux's transformer
     vae: "torch.nn.Module"
     text_encoder: "torch.nn.Module"
     tokenizer: object
     noise_scheduler: object
-    # SDXL's second text encoder (OpenCLIP bigG, with projection) and its tokenizer; None otherwise.
+    # SDXL's second text encoder (OpenCLIP bigG, with projection) and its tokenizer, Flux's T5-XXL
+    # and its tokenizer; None otherwise.
     text_encoder_2: "torch.nn.Module | None" = None
     tokenizer_2: object = None
 

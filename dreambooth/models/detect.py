@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 import torch
 
 KINDS = ("sd1", "sd2", "sd2-v", "sdxl")
+FLUX_KINDS = ("flux-dev", "flux-schnell")  # read and trained (LoRA), never written whole
 CONFIG_ROOT = Path(__file__).parent / "configs"
 READABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -57,7 +58,8 @@ SOURCE_NAME = "file name"
 SOURCE_SCHEDULER = "scheduler config"  # a diffusers folder's scheduler/scheduler_config.json
 SOURCE_DEFAULT = "default"
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (768, v)", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (768, v)", "sdxl": "SDXL",
+                "flux-dev": "Flux.1 dev", "flux-schnell": "Flux.1 schnell"}
 
 
 class CheckpointError(ValueError):
@@ -79,10 +81,14 @@ class ModelKind:
     # One of the SOURCE_* strings; "" for a kind made in code rather than detected (e.g. the
     # export of in-memory components), which describe() then shows without a source.
     prediction_source: str = ""
+    # The parts a Flux file lacks ("clip_l", "t5xxl", "vae"): a transformer-only file.
+    missing_parts: tuple[str, ...] = ()
 
     @property
     def family(self) -> str:
-        """The layout family: sd2-v shares sd2's layout."""
+        """The layout family: sd2-v shares sd2's layout, Flux's variants one."""
+        if self.kind in FLUX_KINDS:
+            return "flux"
         return "sd2" if self.kind == "sd2-v" else self.kind
 
     @property
@@ -91,7 +97,9 @@ class ModelKind:
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
-        return ("text_encoder", "text_encoder_2") if self.kind == "sdxl" else ("text_encoder",)
+        if self.kind == "sdxl" or self.kind in FLUX_KINDS:
+            return ("text_encoder", "text_encoder_2")
+        return ("text_encoder",)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -101,6 +109,12 @@ class ModelKind:
 def describe(kind: ModelKind) -> str:
     """The one line the Model tab shows about a base model (without the file name), e.g.
     "SDXL, v-prediction (file keys), zero terminal SNR, has EMA weights"."""
+    if kind.kind in FLUX_KINDS:
+        line = f"{FAMILY_NAMES[kind.kind]}, flow matching (LoRA)"
+        if kind.missing_parts:
+            line += (f"; holds only the transformer: choose {', '.join(kind.missing_parts)} "
+                     "(models/text_encoder, models/VAE)")
+        return line
     prediction = "v-prediction" if kind.prediction_type == "v_prediction" \
         else f"{kind.prediction_type} prediction"
     if kind.prediction_source:
@@ -346,8 +360,16 @@ def kind_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpo
     The prediction type comes from, in order: ``prediction_type`` (the user's choice), the
     ``v_pred`` marker key, ``metadata`` saying v, the ``.yaml`` beside ``yaml_path``, an SD2
     file name with 768/-v, ``metadata`` saying epsilon, else epsilon by default. Zero terminal
-    SNR: the ``ztsnr`` key or ``ss_zero_terminal_snr`` in the metadata.
+    SNR: the ``ztsnr`` key or ``ss_zero_terminal_snr`` in the metadata. A Flux.1 transformer
+    (:mod:`dreambooth.models.flux_files`) is a flux-dev or flux-schnell kind.
     """
+    from dreambooth.models.flux_detect import flux_file_of  # header-only, imports nothing of ours
+
+    flux = flux_file_of(shapes)
+    if flux is not None:
+        return ModelKind(kind=flux.variant, prediction_type="flow", has_vae="vae" not in
+                         flux.missing, prediction_source=SOURCE_KEYS,
+                         missing_parts=flux.missing)
     _refuse_non_checkpoint(shapes.keys(), name)
     in_channels = shapes[KEY_UNET_IN][1]
     if in_channels == 9:
@@ -369,8 +391,8 @@ def kind_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpo
     else:
         raise CheckpointError(
             f"{name} has a UNet but no text encoder this extension knows (SD1.x CLIP, SD2.x "
-            "OpenCLIP, SDXL's two encoders): an unknown or unsupported architecture (SD3, Flux, "
-            "ControlNet...). Supported: SD1.x, SD2.x, SDXL base.")
+            "OpenCLIP, SDXL's two encoders): an unknown or unsupported architecture (SD3, "
+            "ControlNet...). Supported: SD1.x, SD2.x, SDXL base, Flux.1 dev and schnell.")
     if prediction_type:
         prediction, source = _normalised_prediction(prediction_type), SOURCE_CHOICE
     else:

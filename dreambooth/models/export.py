@@ -298,7 +298,8 @@ def _companion_yaml(base: Path | None, kind: ModelKind, out: Path) -> None:
 
 
 # ss_base_model_version as kohya's sd-scripts write it
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2", "sdxl": "sdxl_base_v1-0",
+                       "flux-dev": "flux1", "flux-schnell": "flux1"}
 
 
 def build_metadata(kind: ModelKind, out: Path, *, base: Path | None = None, dtype: str = "fp16",
@@ -314,7 +315,8 @@ def build_metadata(kind: ModelKind, out: Path, *, base: Path | None = None, dtyp
         "modelspec.implementation": IMPLEMENTATIONS[kind.kind],
         "modelspec.title": str(extra.pop("title", out.stem)),
         "modelspec.date": now,
-        "modelspec.prediction_type": "v" if kind.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": {"v_prediction": "v", "flow": "flow"}.get(
+            kind.prediction_type, "epsilon"),
         "modelspec.resolution": f"{resolution}x{resolution}",
         "dreambooth.model_kind": kind.kind,
         "dreambooth.prediction_type": kind.prediction_type,

@@ -26,12 +26,19 @@ class FamilySize:
     activations_gb: float
     adapter_per_rank: float  # adapter parameters per unit of rank, attention + feed-forward
     adapter_conv_per_rank: float  # ... and on the ResNet convolutions (LoCon)
+    trainable_encoders: int = 2  # of ``encoders`` (Flux: CLIP-L only, T5 never trains)
 
 
 SIZES = {
     "sd1": FamilySize(859.5e6, 270.0e6, 589.0e6, (123.1e6,), 512, 0.36, 0.56e6, 0.25e6),
     "sd2": FamilySize(865.9e6, 301.2e6, 563.0e6, (340.4e6,), 768, 0.8, 0.6e6, 0.25e6),
     "sdxl": FamilySize(2567.5e6, 2232.6e6, 333.2e6, (123.1e6, 694.7e6), 1024, 0.72, 3.4e6, 0.9e6),
+    # Flux.1 dev's transformer (counted on its real architecture, built on the meta device) and
+    # CLIP-L + T5-XXL's encoder. Its activations are not measured yet: reckoned from what
+    # per-block checkpointing keeps (each of the 57 blocks' input, 4096 + 512 tokens x 3072 in
+    # bf16: 1.6 GB) plus one block recomputed (~0.9 GB).
+    "flux": FamilySize(11901.4e6, 11898.3e6, 0.0, (123.1e6, 4762.3e6), 1024, 2.5, 5.37e6, 0.0,
+                       trainable_encoders=1),
 }
 # Optimizer state, bytes per trained parameter: AdamW's two fp32 moments, their 8-bit versions,
 # Lion's one moment, SGD's momentum, Prodigy's four copies; Adafactor's factored second moment
@@ -62,7 +69,8 @@ def estimate(family: str, *, method: str = "full", train_text_encoder: bool = Fa
     frozen_bytes = 2 if half else 4
     trained_bytes = 2 if trained_precision == "bf16" else 4
     encoders = list(size.encoders)
-    trained_te = encoders[:trained_encoders] if train_text_encoder else []
+    trained_te = (encoders[:min(trained_encoders, size.trainable_encoders)]
+                  if train_text_encoder else [])
     other_te = encoders[len(trained_te):]
     # frozen text encoders are cached and leave the GPU, unless the prompts are encoded each step
     frozen_te = 0.0 if cache_text_embeddings else sum(other_te)

@@ -5,10 +5,13 @@ into a training example (a family hands the loop its objective, see
 maths; tests/test_maths.py pins them (and the loop) to the published formulas."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from dreambooth.common.config import FLUX_TIMESTEP_SAMPLING
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -131,3 +134,75 @@ class DiffusionObjective:
         return timestep_weights(snr(self.scheduler.alphas_cumprod, timesteps), self.gamma,
                                 self.prediction_type, n_instance=n_instance,
                                 on_prior=self.on_prior)
+
+
+# Flux.1 dev's resolution-dependent shift (its scheduler config): mu grows linearly with the
+# picture's token count, from 0.5 at 256 tokens (512 px) to 1.15 at 4096 tokens (1024 px).
+FLUX_SHIFT_POINTS = ((256, 0.5), (4096, 1.15))
+
+
+def shift_mu(tokens: int, points: tuple[tuple[int, float], tuple[int, float]] = FLUX_SHIFT_POINTS
+             ) -> float:
+    """Flux's ``mu`` for a picture of ``tokens`` 2x2 latent patches (a line through ``points``)."""
+    (x1, y1), (x2, y2) = points
+    return y1 + (tokens - x1) * (y2 - y1) / (x2 - x1)
+
+
+def shifted_sigmas(sigmas: torch.Tensor, *, mu: float | None = None,
+                   shift: float = 1.0) -> torch.Tensor:
+    """Noise levels moved towards noise: with ``mu``, Flux dev's exponential time shift
+    e^mu / (e^mu + 1/s - 1); else the fixed shift s' = shift·s / (1 + (shift - 1)·s)."""
+    if mu is not None:
+        return math.exp(mu) / (math.exp(mu) + 1 / sigmas - 1)
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+class FlowMatchObjective:
+    """Rectified flow as Flux.1 was trained (Esser et al. 2024; BFL's reference): the noisy input
+    is the straight line x_s = (1 - s)·x + s·noise between the picture's latents and noise, the
+    target the velocity noise - x, the noise level s in (0, 1) drawn per row:
+
+    - ``sigmoid``: s = sigmoid(N(0, 1)), the logit-normal of SD3's paper, most draws mid-way;
+    - ``shift``: that draw shifted by the model's own schedule (Flux dev: by the picture's size,
+      as it samples; schnell: no shift), what kohya's ``flux_shift`` and BFL's training do;
+    - ``uniform``: s uniform in (0, 1).
+
+    The denoiser is given s itself (diffusers' Flux transformer scales it by 1000). No row
+    weights: min-SNR belongs to the DDPM objective."""
+
+    def __init__(self, scheduler: Any, sampling: str = "shift", *, offset: float = 0.0):
+        if sampling not in FLUX_TIMESTEP_SAMPLING:
+            raise ValueError(f"sampling must be one of {FLUX_TIMESTEP_SAMPLING}, not {sampling!r}")
+        self.scheduler, self.sampling, self.offset = scheduler, sampling, offset
+
+    def sigmas(self, draws: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Noise levels from N(0, 1) (sigmoid, shift) or U(0, 1) (uniform) ``draws``."""
+        if self.sampling == "uniform":
+            return draws
+        sigmas = torch.sigmoid(draws)
+        if self.sampling == "sigmoid":
+            return sigmas
+        config = self.scheduler.config
+        if config.get("use_dynamic_shifting"):
+            tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+            points = ((config.get("base_image_seq_len", 256), config.get("base_shift", 0.5)),
+                      (config.get("max_image_seq_len", 4096), config.get("max_shift", 1.15)))
+            return shifted_sigmas(sigmas, mu=shift_mu(tokens, points))
+        return shifted_sigmas(sigmas, shift=float(config.get("shift", 1.0)))
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator, device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, noise levels) of a batch, from ``generator`` alone: the noise first."""
+        noise = offset_noise(shape, self.offset, generator).to(device)
+        draws = (torch.rand(shape[0], generator=generator) if self.sampling == "uniform"
+                 else torch.randn(shape[0], generator=generator))
+        return noise, self.sigmas(draws, tuple(shape[-2:])).float().to(device)
+
+    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor,
+                         sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The point on the line from the latents to the noise, and the velocity along it."""
+        s = sigmas.reshape(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+        return (1 - s) * latents + s * noise, noise - latents
+
+    def row_weights(self, timesteps: torch.Tensor, n_instance: int) -> torch.Tensor | None:
+        return None

@@ -3,8 +3,9 @@ WebUI shows under a field (tests/test_ui.py checks that nothing of TrainingConfi
 Data only: ``ui.py`` builds the components from these tables."""
 from __future__ import annotations
 
-from dreambooth.common.config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS, LATENT_SOURCES,
-                                      LORA_LAYERS, MASK_SOURCES, OPTIMIZERS, PRECISIONS, SCHEDULERS,
+from dreambooth.common.config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS,
+                                      FLUX_TIMESTEP_SAMPLING, LATENT_SOURCES, LORA_LAYERS,
+                                      MASK_SOURCES, OPTIMIZERS, PRECISIONS, SCHEDULERS,
                                       TRAINING_METHODS)
 
 MODEL_FIELDS = ("base_model", "vae_path", "prediction_type", "base_use_ema", "model_name")
@@ -150,6 +151,11 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                                                               "as diffusers' example"),
         ("latents_from", "Latents from", "mean: the VAE's mean (exact cache); sample: a fresh "
                                          "sample each step, as diffusers' example"),
+        ("flux_timestep_sampling", "Flux: noise levels drawn by",
+         "shift: moved by the picture's size as Flux dev samples; sigmoid; uniform"),
+        ("flux_guidance", "Flux: training guidance", "the guidance value Flux dev is given while "
+                                                     "training; 1 as kohya and ai-toolkit"),
+        ("t5_max_length", "Flux: T5 tokens", "512 for dev, 256 for schnell (as each was trained)"),
         ("use_ema", "EMA of the weights", "exports a moving average: smoother, needs memory for "
                                           "a copy of the UNet"),
         ("ema_decay", "EMA decay", ""),
@@ -171,6 +177,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attention": ATTENTION, "export_dtype": EXPORT_DTYPES, "export_format": EXPORT_FORMATS,
     "latents_from": LATENT_SOURCES, "mask_source": MASK_SOURCES,
     "training_method": TRAINING_METHODS, "lora_layers": LORA_LAYERS,
+    "flux_timestep_sampling": FLUX_TIMESTEP_SAMPLING,
 }
 
 ADAPTERS = tuple(m for m in TRAINING_METHODS if m != "full")

@@ -60,6 +60,19 @@ Deliberate differences: errors instead of the hosts' log lines (a shape that doe
 Tucker/GLoRA/OFT/diff/norm form this fake does not model); a fresh key map per call (both hosts
 pass a shared mutable default ``key_map={}``, so names of an earlier model stay in the map);
 the SD2 (OpenCLIP-H) and refiner text encoders are not modelled.
+
+Flux (``loaded_flux_model``, ``flux_unet_key_map``; the same files, plus ComfyUI's
+``model_detection.py`` as vendored by both): the transformer keeps BFL's layout under
+``diffusion_model.`` (``double_blocks.N.img_attn.qkv``, ``single_blocks.N.linear1``…), CLIP-L is
+``clip_l.transformer.…``, T5 ``t5xxl.transformer.…``. The key map is the generic one from the
+model's own weights (so kohya's ``lora_unet_double_blocks_0_img_attn_qkv`` is the whole fused
+weight), no ``lora_unet_`` + diffusers names (``unet_to_diffusers`` returns nothing for Flux),
+and ``flux_to_diffusers``' diffusers forms (``transformer.<path>``, ``lycoris_<path_>``,
+``lora_transformer_<path_>``) whose q/k/v/proj_mlp targets are rows of the fused weight
+(``Slice``: ComfyUI's ``(key, (dim, start, size))``, hidden_size fixed at 3072 by the hosts'
+detection) and whose final AdaLN target swaps the update's halves; Neo adds
+``…single_blocks.N.linear1_qkv``. T5: ``lora_te3_`` (and ``lora_te2_``: Forge always, Neo when
+CLIP-L is the only CLIP). The BFL "control" LoRA form (``img_in.lora_A.weight``) is not modelled.
 """
 from __future__ import annotations
 
@@ -236,8 +249,9 @@ def diffusers_unet_modules(layout: UnetLayout) -> dict[str, str]:
     return out
 
 
-def unet_key_map(state) -> dict[str, str]:
-    """``model_lora_keys_unet`` for SD1/SDXL: every LoRA name -> the loaded model's weight."""
+def generic_unet_names(state) -> dict[str, str]:
+    """The names every model gets from its own weights: ``lora_unet_`` + the path with ``_``,
+    and the bare path (the "generic" format); other tensors under their own key."""
     key_map: dict[str, str] = {}
     for key in state:
         if key.startswith(UNET):
@@ -247,6 +261,12 @@ def unet_key_map(state) -> dict[str, str]:
                 key_map[key[:-len(".weight")]] = key  # the generic format: the bare path
             else:
                 key_map[key] = key
+    return key_map
+
+
+def unet_key_map(state) -> dict[str, str]:
+    """``model_lora_keys_unet`` for SD1/SDXL: every LoRA name -> the loaded model's weight."""
+    key_map = generic_unet_names(state)
     for diffusers, ldm in diffusers_unet_modules(unet_layout(state)).items():
         target = f"{UNET}{ldm}.weight"
         flat = diffusers.replace(".", "_")
@@ -289,6 +309,13 @@ def clip_key_map(state, host: str) -> dict[str, str]:
             elif key in state:  # bigG alone (the refiner)
                 key_map["lora_te_" + kohya] = key_map["text_encoder." + diffusers] = key
                 key_map["lora_prior_te_" + kohya] = key
+    t5_names = ["lora_te3_"]  # T5-XXL (SD3, Flux): kohya's lora_te3_; lora_te2_ is OneTrainer's
+    if host == "forge" or (clip_l and not any(k.startswith("clip_g.") for k in state)):
+        t5_names.append("lora_te2_")  # Forge: always; Neo: when CLIP-L is its only CLIP
+    for key in state:
+        if key.startswith("t5xxl.transformer.") and key.endswith(".weight"):
+            flat = key[len("t5xxl.transformer."):-len(".weight")].replace(".", "_")
+            key_map.update({name + flat: key for name in t5_names})
     if host == "forge":  # OneTrainer's projection names
         if "clip_g.transformer.text_projection.weight" in state:
             key_map["text_encoder.text_projection"] = key_map["lora_te2_text_projection"] = \
@@ -425,21 +452,27 @@ def weight_decompose(dora_scale: torch.Tensor, weight: torch.Tensor, d: torch.Te
     return calc if strength == 1.0 else weight + strength * (calc - weight)
 
 
-def merge(weight: torch.Tensor, patches: list[tuple[float, Adapter]], key: str = "weight"
-          ) -> torch.Tensor:
-    """``merge_lora_to_weight``: ``weight`` with each (strength, adapter) applied in turn, in
-    float32, returned in the weight's dtype (a new tensor; ``weight`` is not modified)."""
+def merge(weight: torch.Tensor, patches: list[tuple], key: str = "weight") -> torch.Tensor:
+    """``merge_lora_to_weight``: ``weight`` with each (strength, adapter[, target]) applied in
+    turn, in float32, returned in the weight's dtype (a new tensor; ``weight`` is not modified).
+    A ``Slice`` target patches only its rows (``narrow``) and passes the update through its
+    function first, as the hosts do with ComfyUI's (key, offset, function) targets."""
     out = weight.float().clone()
-    for strength, adapter in patches:
+    for strength, adapter, *where in patches:
+        where = where[0] if where and isinstance(where[0], Slice) else None
+        view = out if where is None or where.offset is None else out.narrow(*where.offset)
         d, s = update(adapter)
-        if d.numel() != out.numel():
+        if d.numel() != view.numel():
             raise ValueError(f"{adapter.name}: an update of {tuple(d.shape)} for {key} "
-                             f"{tuple(out.shape)}: Forge would pad, Neo would leave the weight")
-        d = d.reshape(out.shape)
+                             f"{tuple(view.shape)}: Forge would pad, Neo would leave the weight")
+        d = d.reshape(view.shape)
+        if adapter.dora_scale is not None and where is not None:
+            raise NotImplementedError(f"{adapter.name}: DoRA on a part of {key} is not modelled")
         if adapter.dora_scale is not None:
             out = weight_decompose(adapter.dora_scale, out, d, s, strength)
         else:
-            out = out + (strength * s) * d
+            delta = (strength * s) * d
+            view += swap_scale_shift(delta) if where and where.function else delta
     return out.to(weight.dtype)
 
 
@@ -465,9 +498,10 @@ class Placement:
 
 def place(state, tensors, *, host: str) -> Placement:
     """The UNet's names first, then the text encoders' from what is left, as both hosts do."""
-    unet, rest = load_lora(tensors, unet_key_map(state), host)
+    unet_map = flux_unet_key_map(state, host) if is_flux(state) else unet_key_map(state)
+    unet, rest = load_lora(tensors, unet_map, host)
     clip, rest = load_lora(rest, clip_key_map(state, host), host)
-    skipped = sorted(k for k in (*unet, *clip) if k not in state)
+    skipped = sorted({weight_key(k) for k in (*unet, *clip)} - set(state))
     return Placement(unet, clip, sorted(rest), skipped, len(tensors))
 
 
@@ -481,7 +515,7 @@ class Applied:
 
     @property
     def touched(self) -> set[str]:
-        return {k for k in self.placement.targets if k in self.state}
+        return {weight_key(k) for k in self.placement.targets} & set(self.state)
 
 
 def refused(placement: Placement, host: str) -> list[str]:
@@ -493,7 +527,7 @@ def refused(placement: Placement, host: str) -> list[str]:
         return ["file"]
     out = []
     for part, patches in (("unet", placement.unet), ("clip", placement.clip)):
-        missing = sum(k in placement.skipped for k in patches)
+        missing = sum(weight_key(k) in placement.skipped for k in patches)
         if patches and ((missing > 12) if host == "forge" else (missing / len(patches) > 0.25)):
             out.append(part)
     return out
@@ -515,9 +549,12 @@ def apply_lora(state, lora, strength_model: float, strength_clip: float | None =
                                     ("clip", placement.clip, strength_clip)):
         if part in dropped:
             continue
-        for key, adapter in patches.items():
+        by_weight: dict[str, list] = {}  # several parts (q, k, v) may patch one fused weight
+        for target, adapter in patches.items():
+            by_weight.setdefault(weight_key(target), []).append((strength, adapter, target))
+        for key, weight_patches in by_weight.items():
             if key in state:  # a name without a weight is skipped (counted above)
-                out[key] = merge(state[key], [(strength, adapter)], key)
+                out[key] = merge(state[key], weight_patches, key)
     return Applied(out, placement, dropped)
 
 
@@ -532,3 +569,118 @@ def _read(lora) -> dict[str, torch.Tensor]:
 def _check_host(host: str) -> None:
     if host not in HOSTS:
         raise ValueError(f"host must be one of {HOSTS}, not {host!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flux: the BFL-layout transformer both hosts load (``diffusion_model.double_blocks.…``)
+# ---------------------------------------------------------------------------------------------
+
+# The hosts' Flux detection (huggingface_guess / ComfyUI ``model_detection``) fixes hidden_size
+# at 3072 whatever the weights say; only the diffusers-form names' offsets use it.
+FLUX_HIDDEN = 3072
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A key-map target that is part of a weight (ComfyUI's ``(key, offset, function)``):
+    rows ``offset`` = (dim, start, size) and/or the update's halves swapped first."""
+
+    key: str
+    offset: tuple[int, int, int] | None = None
+    function: bool = False  # True: ``swap_scale_shift`` (the final AdaLN linear)
+
+
+def weight_key(target) -> str:
+    return target.key if isinstance(target, Slice) else target
+
+
+def swap_scale_shift(t: torch.Tensor) -> torch.Tensor:
+    """diffusers' (scale, shift) halves <-> BFL's (shift, scale), along the output rows."""
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def loaded_flux_model(bfl_state, text_encoders=None) -> dict[str, torch.Tensor]:
+    """A Flux transformer in BFL keys (bare or under ``model.diffusion_model.``) and its text
+    encoders (``{"clip_l": CLIPTextModel state, "t5xxl": T5EncoderModel state}``) under the
+    names the hosts' Flux model gives them: ``diffusion_model.…``, ``clip_l.transformer.…``."""
+    out = {UNET + (k[len("model." + UNET):] if k.startswith("model." + UNET) else k): v
+           for k, v in bfl_state.items()}
+    for name, state in (text_encoders or {}).items():
+        out.update({f"{name}.transformer.{k}": v for k, v in state.items()})
+    return out
+
+
+def is_flux(state) -> bool:
+    """The hosts' test for a Flux transformer."""
+    return f"{UNET}double_blocks.0.img_attn.norm.key_norm.scale" in state
+
+
+def flux_diffusers_targets(state, hidden: int = FLUX_HIDDEN) -> dict[str, str | Slice]:
+    """``flux_to_diffusers``: diffusers key -> the BFL weight (or the rows of it) it is."""
+    keys = [k[len(UNET):] for k in state if k.startswith(UNET)]
+    out: dict[str, str | Slice] = {}
+    qkv = (("to_q", 0), ("to_k", 1), ("to_v", 2))
+    for i in range(_count(keys, "double_blocks.{}.")):
+        d, b = f"transformer_blocks.{i}.", f"{UNET}double_blocks.{i}."
+        for end in ("weight", "bias"):
+            for name, n in qkv:
+                out[f"{d}attn.{name}.{end}"] = Slice(f"{b}img_attn.qkv.{end}", (0, n * hidden, hidden))
+                out[f"{d}attn.add_{name[-1]}_proj.{end}"] = Slice(f"{b}txt_attn.qkv.{end}",
+                                                                  (0, n * hidden, hidden))
+            for src, dst in (("attn.to_out.0", "img_attn.proj"), ("norm1.linear", "img_mod.lin"),
+                             ("norm1_context.linear", "txt_mod.lin"),
+                             ("attn.to_add_out", "txt_attn.proj"), ("ff.net.0.proj", "img_mlp.0"),
+                             ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"),
+                             ("ff_context.net.2", "txt_mlp.2")):
+                out[f"{d}{src}.{end}"] = f"{b}{dst}.{end}"
+        for src, dst in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                         ("norm_added_q", "txt_attn.norm.query_norm"),
+                         ("norm_added_k", "txt_attn.norm.key_norm")):
+            out[f"{d}attn.{src}.weight"] = f"{b}{dst}.scale"
+    for i in range(_count(keys, "single_blocks.{}.")):
+        d, b = f"single_transformer_blocks.{i}.", f"{UNET}single_blocks.{i}."
+        for end in ("weight", "bias"):
+            for name, n in qkv:
+                out[f"{d}attn.{name}.{end}"] = Slice(f"{b}linear1.{end}", (0, n * hidden, hidden))
+            out[f"{d}proj_mlp.{end}"] = Slice(f"{b}linear1.{end}", (0, 3 * hidden, 4 * hidden))
+            out[f"{d}norm.linear.{end}"] = f"{b}modulation.lin.{end}"
+            out[f"{d}proj_out.{end}"] = f"{b}linear2.{end}"
+        out[f"{d}attn.norm_q.weight"] = f"{b}norm.query_norm.scale"
+        out[f"{d}attn.norm_k.weight"] = f"{b}norm.key_norm.scale"
+    for bfl, diffusers in (("final_layer.linear", "proj_out"), ("img_in", "x_embedder"),
+                           ("txt_in", "context_embedder"),
+                           ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+                           ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+                           ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+                           ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+                           ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+                           ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")):
+        for end in ("weight", "bias"):
+            out[f"{diffusers}.{end}"] = f"{UNET}{bfl}.{end}"
+    for end in ("weight", "bias"):
+        out[f"norm_out.linear.{end}"] = Slice(f"{UNET}final_layer.adaLN_modulation.1.{end}",
+                                              None, True)
+    return out
+
+
+def flux_unet_key_map(state, host: str, hidden: int = FLUX_HIDDEN) -> dict[str, str | Slice]:
+    """``model_lora_keys_unet`` for a Flux model: the generic names from its own weights (so
+    kohya's ``lora_unet_double_blocks_0_img_attn_qkv``), no ``lora_unet_`` + diffusers names
+    (``unet_to_diffusers`` gives none for Flux), and the diffusers forms ``transformer.<path>``,
+    ``lycoris_<path_>``, ``lora_transformer_<path_>`` (``.weight`` keys only); Neo also
+    ``diffusion_model.single_blocks.N.linear1_qkv`` (linear1's q/k/v rows)."""
+    _check_host(host)
+    key_map: dict[str, str | Slice] = dict(generic_unet_names(state))
+    for key, target in flux_diffusers_targets(state, hidden).items():
+        if key.endswith(".weight"):
+            path = key[:-len(".weight")]
+            flat = path.replace(".", "_")
+            key_map["transformer." + path] = key_map["lycoris_" + flat] = target
+            key_map["lora_transformer_" + flat] = target
+    if host == "neo":
+        for key in state:
+            if key.endswith(".linear1.weight"):
+                key_map[key.replace(".linear1.weight", ".linear1_qkv")] = Slice(
+                    key, (0, 0, 3 * hidden))
+    return key_map

@@ -15,12 +15,10 @@ from typing import Mapping
 
 import torch
 
-from dreambooth.models.checkpoint import CheckpointError
+from dreambooth.models.checkpoint import ARCHITECTURES, CheckpointError
 
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# modelspec.architecture of a LoRA is the base's with "/lora" (Stability's model spec)
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                 "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+# modelspec.architecture of a LoRA is the base's (checkpoint.ARCHITECTURES) with "/lora"
 
 
 def write_lora(out: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
@@ -75,8 +73,11 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
-def network_module(method: str, dora: bool) -> str:
-    """``ss_network_module`` as the trainers that write these files say it."""
+def network_module(method: str, dora: bool, kind: str = "sd1") -> str:
+    """``ss_network_module`` as the trainers that write these files say it (kohya's Flux LoRA:
+    networks.lora_flux, whose fused names Flux files carry whatever the method)."""
+    if kind.startswith("flux"):
+        return "networks.lora_flux"
     return "networks.lora" if method == "lora" and not dora else "lycoris.kohya"
 
 
@@ -99,7 +100,7 @@ def lora_metadata(*, kind: str, method: str, rank: int, alpha: float, conv_rank:
         "modelspec.date": now,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "ss_output_name": title,
-        "ss_network_module": network_module(method, dora),
+        "ss_network_module": network_module(method, dora, kind),
         "ss_network_dim": str(rank),
         "ss_network_alpha": _number(alpha or rank),
         "ss_network_args": json.dumps(args),

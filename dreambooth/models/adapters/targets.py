@@ -39,7 +39,12 @@ def prefixes(encoder_names: list[str]) -> dict[str, str]:
 def target_modules(model: torch.nn.Module, component: str, layers: str, convs: bool) -> list[str]:
     """The module paths inside ``model`` an adapter wraps (only Linear and Conv2d layers).
 
-    ``layers``: "attention" or "attention_mlp"; ``convs``: also the ResNet convolutions (UNet)."""
+    ``layers``: "attention" or "attention_mlp"; ``convs``: also the ResNet convolutions (UNet).
+    Flux's transformer: the layers kohya's fused names can hold (:mod:`..flux_layout`)."""
+    if component == "unet" and type(model).__name__ == "FluxTransformer2DModel":
+        from dreambooth.models.flux_layout import flux_target_modules
+
+        return flux_target_modules(model, layers)
     if component == "unet":
         rules = [_UNET_ATTENTION] + ([_UNET_MLP] if layers == "attention_mlp" else [])
         rules += [_UNET_CONV] if convs else []

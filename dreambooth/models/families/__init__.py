@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 from dreambooth.models.families.base import Conditioning, Family, encode_clip
+from dreambooth.models.families.flux import Flux
 from dreambooth.models.families.sd1 import SD1
 from dreambooth.models.families.sd2 import SD2
 from dreambooth.models.families.sdxl import SDXL
 
-FAMILIES: tuple[Family, ...] = (SD1(), SD2(), SDXL())
+FAMILIES: tuple[Family, ...] = (SD1(), SD2(), SDXL(), Flux())
 
 __all__ = ["Conditioning", "Family", "FAMILIES", "base_family", "encode_clip", "for_kind",
            "of_components", "with_model_resolution"]
 
 
 def for_kind(kind: str) -> Family:
-    """The family of a checkpoint kind (``dreambooth.models.detect``'s sd1 / sd2 / sd2-v / sdxl)."""
+    """The family of a checkpoint kind (``dreambooth.models.detect``'s sd1 / sd2 / sd2-v / sdxl,
+    flux-dev / flux-schnell)."""
     for family in FAMILIES:
         if kind in family.kinds:
             return family
@@ -22,7 +24,10 @@ def for_kind(kind: str) -> Family:
 
 def of_components(components) -> Family:
     """The family of loaded components, from what they hold: SDXL has a second text encoder,
-    SD2's OpenCLIP uses gelu where SD1's CLIP uses quick_gelu."""
+    SD2's OpenCLIP uses gelu where SD1's CLIP uses quick_gelu; Flux's denoiser is its
+    transformer."""
+    if type(components.unet).__name__ == "FluxTransformer2DModel":
+        return for_kind("flux-dev")
     if getattr(components, "text_encoder_2", None) is not None:
         return for_kind("sdxl")
     act = getattr(getattr(components.text_encoder, "config", None), "hidden_act", "quick_gelu")

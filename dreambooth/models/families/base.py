@@ -67,9 +67,41 @@ class Family:
     # Components' attribute names of the text encoders and their tokenizers, in prompt order.
     text_encoders: tuple[str, ...] = ("text_encoder",)
     tokenizers: tuple[str, ...] = ("tokenizer",)
+    # What the log calls each text encoder.
+    encoder_titles = {"text_encoder": "the text encoder", "text_encoder_2": "the second encoder"}
     # The stock VAE overflows in fp16 (SDXL's does): encode latents in fp32 unless the VAE chosen
     # is fp16-safe.
     vae_needs_fp32 = False
+    # What the denoiser predicts when the checkpoint does not say (the UNets: epsilon).
+    default_prediction = "epsilon"
+    # How many of ``text_encoders`` may train, in prompt order (None: all); the rest stay frozen.
+    trainable_text_encoders: int | None = None
+    # Whether the run's ``attention`` choice sets the denoiser's processors (the UNets' do).
+    attention_processors = True
+    # Whether prompts are read in 75-token chunks (CLIP, as the WebUI does), not at a fixed length.
+    chunked_prompts = True
+    # Whether its pipeline takes a negative prompt (classifier-free guidance).
+    negative_prompts = True
+
+    def configured(self, config) -> "Family":
+        """The family with this run's settings (a family with options returns a copy)."""
+        return self
+
+    def config_problems(self, config) -> list:
+        """FieldErrors for what a run of this family cannot honour (none for the UNet families)."""
+        return []
+
+    def notes(self, config) -> list[str]:
+        """What a run of this family does not use of ``config``, said before training."""
+        return []
+
+    def pipeline_kwargs(self, config) -> dict[str, Any]:
+        """Keywords of this family's pipeline call besides the prompt, size, steps and seed."""
+        return {}
+
+    def adapter_file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An adapter's tensors as its LoRA file holds them (the UNet families: as trained)."""
+        return tensors
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 512
@@ -78,8 +110,15 @@ class Family:
         """(name, module) of each text encoder of ``components``."""
         return [(name, getattr(components, name)) for name in self.text_encoders]
 
-    def encode(self, components, prompts: list[str], clip_skip: int, device) -> Conditioning:
-        """The conditioning of ``prompts`` as the WebUI makes it (see encode_clip)."""
+    def frozen_part(self, components, prompts: list[str], device) -> Conditioning | None:
+        """What the encoders that never train give for ``prompts`` (cached once while the others
+        train, so they can leave the GPU); None when every encoder may train (SD, SDXL)."""
+        return None
+
+    def encode(self, components, prompts: list[str], clip_skip: int, device,
+               frozen: Conditioning | None = None) -> Conditioning:
+        """The conditioning of ``prompts`` as the WebUI makes it (see encode_clip); ``frozen``:
+        :meth:`frozen_part`'s cached rows, used instead of running those encoders."""
         return Conditioning(encode_clip(components.text_encoder, components.tokenizer, prompts,
                                         clip_skip, device))
 

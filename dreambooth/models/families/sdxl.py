@@ -22,7 +22,8 @@ class SDXL(Family):
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 1024
 
-    def encode(self, components, prompts: list[str], clip_skip: int, device) -> Conditioning:
+    def encode(self, components, prompts: list[str], clip_skip: int, device,
+               frozen: Conditioning | None = None) -> Conditioning:
         """As diffusers' StableDiffusionXLPipeline.encode_prompt: each encoder's hidden state
         ``clip_skip`` layers before the last (1: the penultimate, which SDXL was trained on; no
         final layer norm), concatenated, and the second encoder's pooled projection. A prompt

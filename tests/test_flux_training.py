@@ -1,0 +1,200 @@
+"""A Flux.1 LoRA trained through the one loop, from an all-in-one file as Forge keeps them: it
+learns, writes kohya's Flux names with metadata naming Flux, resumes bit for bit, honours its
+options, trains CLIP-L with T5 cached, and what Flux cannot do is refused before any write."""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth.common.config import ConfigError
+from dreambooth.engine.trainer import train
+from dreambooth.models.adapters.file import read_lora
+from dreambooth.models.families import for_kind
+from dreambooth.models.flux_files import save_flux_file
+from dreambooth.models.tiny_flux import build_flux
+from trainer_fixtures import Crash, RecordingReporter, base_config, crash_at, run_paths
+
+FAST = dict(training_method="lora", model_name="zwx-flux", with_prior_preservation=False,
+            learning_rate=1e-2, lora_rank=4, lora_alpha=2.0, max_train_steps=3, sample_steps=0,
+            t5_max_length=256, resolution=64)
+
+
+@functools.lru_cache(maxsize=2)
+def _built(variant: str):
+    return build_flux(variant, seed=0)
+
+
+def flux_components(variant: str = "dev"):
+    return copy.deepcopy(_built(variant))
+
+
+def flux_base(root: Path, variant: str = "dev") -> Path:
+    base = root / "base.safetensors"
+    if not base.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        save_flux_file(_built(variant), base, layout="all-in-one")
+    return base
+
+
+def flux_run(root: Path, reporter=None, components=None, variant: str = "dev", **overrides):
+    flux_base(root, variant)
+    config = base_config(root, **{**FAST, **overrides})
+    result = train(config, run_paths(root), reporter=reporter or RecordingReporter(),
+                   components=components or flux_components(variant))
+    return result, config
+
+
+def adapter(result) -> dict[str, torch.Tensor]:
+    return read_lora(result.output_path)[0]
+
+
+def picture_latents(components, folder: Path) -> torch.Tensor:
+    """The instance pictures at 64 px as Flux latents ((mean - shift) x scale)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = [torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((64, 64))).copy())
+              for p in sorted(folder.glob("*.png"))]
+    batch = torch.stack(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae = components.vae
+    with torch.no_grad():
+        mean = vae.encode(batch).latent_dist.mean
+    return (mean - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def flow_loss(components, latents: torch.Tensor, family) -> float:
+    """The flow loss of ``components`` on ``latents`` at fixed noise levels and noise."""
+    generator = torch.Generator().manual_seed(3)
+    total = 0.0
+    with torch.no_grad():
+        conditioning = family.encode(components, ["photo of zwx toy"] * len(latents), 1, "cpu")
+        for sigma in (0.2, 0.5, 0.8):
+            noise = torch.randn(latents.shape, generator=generator)
+            sigmas = torch.full((len(latents),), sigma)
+            noisy = (1 - sigma) * latents + sigma * noise
+            pred = family.predict(components.unet, noisy, sigmas, conditioning, None)
+            total += torch.nn.functional.mse_loss(pred, noise - latents).item()
+    return total / 3
+
+
+def applied_in_forge(components, lora: dict[str, torch.Tensor]):
+    """``components`` with ``lora`` applied as Forge applies it (its ComfyUI-derived rules on
+    BFL's layout: tests/fake_webui/comfy_lora.py), read back into the diffusers transformer."""
+    from dreambooth.models import flux_layout
+    from fake_webui import comfy_lora
+
+    bfl = flux_layout.diffusers_to_bfl(copy.deepcopy(components.unet.state_dict()))
+    state = comfy_lora.loaded_flux_model(bfl)
+    patched = comfy_lora.apply_lora(state, lora, 1.0, host="forge").state
+    prefix = "diffusion_model."
+    back = flux_layout.bfl_to_diffusers({k[len(prefix):]: v for k, v in patched.items()})
+    applied = copy.deepcopy(components)
+    applied.unet.load_state_dict(back)
+    return applied
+
+
+def test_a_flux_lora_lands_in_models_lora_with_kohya_flux_names_and_metadata(tmp_path):
+    components = flux_components()
+    before = copy.deepcopy(components.unet.state_dict())
+    reporter = RecordingReporter()
+    result, _ = flux_run(tmp_path, reporter=reporter, components=components)
+    assert result.output_path.parent.name == "Lora"
+    tensors, metadata = read_lora(result.output_path)
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in tensors
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in tensors
+    assert not any("transformer_blocks" in key or "to_q" in key for key in tensors)
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+    assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["ss_network_module"] == "networks.lora_flux"
+    assert any(line.startswith("Flux.1, flow prediction") for line in reporter.lines)
+    # the adapter lived beside the base: the transformer is what it was
+    assert all(torch.equal(v, before[k]) for k, v in components.unet.state_dict().items())
+
+
+def test_the_file_applied_as_forge_applies_it_has_learned_the_pictures(tmp_path):
+    components = flux_components()
+    result, config = flux_run(tmp_path, max_train_steps=30, learning_rate=2e-2)
+    family = for_kind("flux-dev").configured(config)
+    latents = picture_latents(components, Path(config.concepts[0].instance_data_dir))
+    base_loss = flow_loss(components, latents, family)
+    trained_loss = flow_loss(applied_in_forge(components, adapter(result)), latents, family)
+    assert trained_loss < base_loss * 0.9, (base_loss, trained_loss)
+
+
+@pytest.mark.parametrize("option,value", [("flux_guidance", 3.5), ("t5_max_length", 512),
+                                          ("flux_timestep_sampling", "sigmoid")])
+def test_each_flux_option_changes_what_is_learned(tmp_path, option, value):
+    plain = adapter(flux_run(tmp_path / "a")[0])
+    changed = adapter(flux_run(tmp_path / "b", **{option: value})[0])
+    assert plain.keys() == changed.keys()
+    assert any(not torch.equal(plain[k], changed[k]) for k in plain), option
+
+
+def test_a_cancelled_flux_run_resumes_to_the_same_adapter(tmp_path):
+    options = dict(max_train_steps=4, checkpoint_every_n_steps=2)
+    straight = adapter(flux_run(tmp_path / "a", **options)[0])
+    with pytest.raises(Crash):
+        flux_run(tmp_path / "b", reporter=crash_at(3), **options)
+    reporter = RecordingReporter()
+    config = base_config(tmp_path / "b", **{**FAST, **options})
+    result = train(config, run_paths(tmp_path / "b"), reporter=reporter,
+                   components=flux_components(), resume=True)
+    assert [s for s, _, _ in reporter.steps] == [3, 4]
+    resumed = adapter(result)
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_clip_l_trains_while_t5_is_cached_and_left_alone(tmp_path):
+    components = flux_components()
+    t5_before = copy.deepcopy(components.text_encoder_2.state_dict())
+    reporter = RecordingReporter()
+    result, _ = flux_run(tmp_path, reporter=reporter, components=components,
+                         train_text_encoder=True)
+    tensors = adapter(result)
+    assert any(k.startswith("lora_te1_") for k in tensors)  # kohya's CLIP-L prefix for Flux
+    assert not any(k.startswith(("lora_te2_", "lora_te3_")) for k in tensors)
+    assert any("T5-XXL's part" in line for line in reporter.lines)
+    for key, value in components.text_encoder_2.state_dict().items():
+        assert torch.equal(value, t5_before[key]), key
+
+
+def test_the_file_is_read_by_the_run_itself(tmp_path):
+    """No components given: the all-in-one file is detected and loaded as Flux.1 dev."""
+    flux_base(tmp_path)
+    reporter = RecordingReporter()
+    config = base_config(tmp_path, **FAST)
+    result = train(config, run_paths(tmp_path), reporter=reporter)
+    assert result.output_path.is_file()
+    assert any(line.startswith("Flux.1") for line in reporter.lines)
+
+
+@pytest.mark.parametrize("field,value", [("training_method", "full"), ("min_snr_gamma", 5.0),
+                                         ("resolution", 72)])
+def test_what_flux_cannot_do_stops_the_run_before_anything_is_written(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=field):
+        flux_run(tmp_path, **{field: value})
+    assert not (tmp_path / "Lora").exists() and not (tmp_path / "Stable-diffusion").exists()
+    assert not list((tmp_path / "work").glob("resume*"))
+
+
+def test_schnell_trains_without_a_guidance_input(tmp_path):
+    result, _ = flux_run(tmp_path, variant="schnell")
+    metadata = read_lora(result.output_path)[1]
+    assert metadata["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert json.loads(metadata["ss_network_args"])["algo"] == "lora"
+
+
+def test_buckets_ema_and_intermediate_saves_go_through_the_same_loop(tmp_path):
+    result, _ = flux_run(tmp_path, max_train_steps=4, aspect_ratio_buckets=True, use_ema=True,
+                         ema_decay=0.5, save_every_n_steps=2, hflip=True)
+    saved = sorted(p.name for p in result.output_path.parent.glob("*.safetensors"))
+    assert saved == ["zwx-flux.safetensors", "zwx-flux_2.safetensors"]
+    assert adapter(result).keys() == read_lora(result.output_path.with_name(
+        "zwx-flux_2.safetensors"))[0].keys()
