@@ -84,6 +84,17 @@ class _FolderLayout:
         """Where LoRA files go: the folder the WebUI's built-in Lora extension lists."""
         return self.models_dir() / "Lora"
 
+    def text_encoder_dir(self) -> Path:
+        """Where Forge keeps separate text encoders (Flux's clip_l, t5xxl): models/text_encoder."""
+        return self.models_dir() / "text_encoder"
+
+    def list_text_encoders(self) -> list[Path]:
+        folder = self.text_encoder_dir()
+        if not folder.is_dir():
+            return []
+        return sorted((p for p in folder.rglob("*.safetensors") if p.is_file()),
+                      key=lambda p: str(p).lower())
+
     def list_vaes(self) -> list[Path]:
         folder = self.vae_dir()
         if not folder.is_dir():
@@ -214,6 +225,11 @@ class WebUIHost(_FolderLayout):
     def vae_dir(self) -> Path:
         vae_dir = getattr(_m("shared").cmd_opts, "vae_dir", None)
         return Path(vae_dir) if vae_dir else self.models_dir() / "VAE"
+
+    def text_encoder_dir(self) -> Path:
+        """``--text-encoder-dir`` where the WebUI has it (Forge), else models/text_encoder."""
+        folder = getattr(_m("shared").cmd_opts, "text_encoder_dir", None)
+        return Path(folder) if folder else self.models_dir() / "text_encoder"
 
     def lora_dir(self) -> Path:
         """``--lora-dir`` (the built-in Lora extension's option, A1111 and Forge) when given."""

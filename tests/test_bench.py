@@ -236,3 +236,21 @@ def test_lora_lines_benchmark_the_adapter(tmp_path, tiny_run):
     assert "--method lora --rank 8" in run["command"]
     names = [e["name"] for e in bench.load_matrix("lora")]
     assert names == ["full", "lora-r16", "lora-r32", "lora-r32+te"]
+
+
+def test_the_flux_model_benchmarks_through_the_same_engine(tmp_path):
+    """--size flux-tiny: a Flux.1 LoRA through the whole path (an all-in-one base file, load,
+    class pictures by the Flux pipeline, training, export); --size flux is Flux.1's real widths
+    at --flux-depth blocks (its configs checked here, the model too large to build in a test)."""
+    from dreambooth.models.tiny_flux import full_size_configs
+
+    out = tmp_path / "flux.json"
+    argv = [a if a != "tiny" else "flux-tiny" for a in FAST] + ["--method", "lora",
+                                                                 "--json", str(out)]
+    assert bench.bench_main(argv) == 0
+    [run] = json.loads(out.read_text())["runs"]
+    assert run["figures"]["ok"] is True and 0 < run["figures"]["export_bytes"]
+    assert run["command"].startswith("python -m dreambooth bench --size flux-tiny")
+    configs = full_size_configs(depth=2, single_depth=4)["transformer"]
+    assert (configs["num_attention_heads"] * configs["attention_head_dim"],
+            configs["joint_attention_dim"], configs["num_single_layers"]) == (3072, 4096, 4)

@@ -237,12 +237,13 @@ def test_a_new_form_starts_with_adamw_where_bitsandbytes_is_missing(monkeypatch)
     assert starting_config().optimizer == "adamw"
 
 
-def test_flux_gets_no_8bit_base_rung_and_is_said_not_to_fit_a_24gb_card_yet(tmp_path):
-    """Flux refuses the UNets' int8 base (its fp8 / NF4 base is not built yet): its ladder has no
-    such rung, and with the bf16 base (22 GB of weights) nothing fits 24 GB."""
+def test_flux_takes_the_fp8_base_rung_even_without_bitsandbytes(tmp_path):
+    """Flux's 8-bit base is fp8 (no package): its rung stays where bitsandbytes is missing (Forge
+    Neo without --bnb), and it is what brings a Flux LoRA at 1024 px under a 24 GB card."""
     config = TrainingConfig(base_model="x", model_name="m", training_method="lora")
-    rungs = card_presets.rungs_for(config, "flux")
-    assert rungs and not any(values["base_weights_8bit"] for _, values in rungs)
-    choice = card_presets.choose("24gb", config, "flux", 1024)
-    assert not choice.fits and choice.figures["frozen weights"] > 20
-    assert not choice.values.get("base_weights_8bit")
+    plain = for_config(config, "flux", 1024)["total"]
+    choice = card_presets.choose("24gb", config, "flux", 1024, bitsandbytes=False)
+    assert choice.fits and choice.values["base_weights_8bit"] and plain > 24
+    assert choice.values["optimizer"] == "adamw"  # no bitsandbytes: no 8-bit AdamW
+    sd = card_presets.choose("6gb", config, "sdxl", 1024, bitsandbytes=False)
+    assert not sd.values.get("base_weights_8bit")  # the UNets' int8 base needs bitsandbytes

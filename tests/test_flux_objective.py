@@ -99,7 +99,7 @@ def flux_config(**changes) -> TrainingConfig:
     ("training_method", "loha"), ("training_method", "locon"), ("training_method", "full"),
     ("dora", True), ("min_snr_gamma", 5.0),
     ("zero_terminal_snr", True), ("prediction_type", "epsilon"), ("clip_skip", 2),
-    ("class_clip_skip", 2), ("resolution", 520), ("base_weights_8bit", True),
+    ("class_clip_skip", 2), ("resolution", 520),
     ("attention", "xformers")])
 def test_what_flux_cannot_honour_is_refused_by_field(field, value):
     problems = for_kind("flux-dev").config_problems(flux_config(**{field: value}))

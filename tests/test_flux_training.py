@@ -198,3 +198,90 @@ def test_buckets_ema_and_intermediate_saves_go_through_the_same_loop(tmp_path):
     assert saved == ["zwx-flux.safetensors", "zwx-flux_2.safetensors"]
     assert adapter(result).keys() == read_lora(result.output_path.with_name(
         "zwx-flux_2.safetensors"))[0].keys()
+
+
+def test_an_fp8_layer_computes_as_its_weight_and_keeps_only_fp8_for_the_backward():
+    from dreambooth.models.adapters.fp8 import FP8, fp8_linears, to_fp8, upcast
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    layer.weight.data *= 0.02  # Flux-sized weights: most below fp8's smallest normal number
+    plain = copy.deepcopy(layer)
+    stored = fp8_linears(torch.nn.Sequential(layer))
+    assert stored.layers == 1 and layer.weight.dtype == FP8 and not layer.weight.requires_grad
+    assert stored.bytes_after < stored.bytes_before / 3  # fp32 -> 1 byte + a scale per row
+    # per-row scales keep the small weights: within fp8's 3 mantissa bits
+    weight, scale = to_fp8(plain.weight)
+    error = (upcast(weight, scale, torch.float32) - plain.weight).abs().max()
+    assert error <= plain.weight.abs().max() * 2 ** -4
+    x = torch.randn(8, 64, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert torch.allclose(y, plain(x), atol=2e-2)
+    assert [d for d, shape in saved if shape == (32, 64)] == [FP8]  # no upcast copy kept
+    expected = torch.ones(8, 32) @ upcast(weight, scale, torch.float32)
+    assert torch.allclose(x.grad, expected, atol=1e-5)
+
+
+def test_an_fp8_base_trains_the_same_lora_keys_with_a_base_of_one_byte_a_weight(tmp_path):
+    reporter = RecordingReporter()
+    components = flux_components()
+    fp8 = adapter(flux_run(tmp_path / "fp8", reporter=reporter, components=components,
+                           base_weights_8bit=True)[0])
+    plain = adapter(flux_run(tmp_path / "plain")[0])
+    assert fp8.keys() == plain.keys()
+    assert any("in fp8 (e4m3, a scale per row)" in line for line in reporter.lines)
+    # trained beside the fp8 base: close to the plain run, not the same
+    key = "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"
+    assert not torch.equal(fp8[key], plain[key])
+    assert torch.allclose(fp8[key].float(), plain[key].float(), atol=0.05)
+
+
+def test_a_transformer_only_file_trains_with_the_parts_chosen_from_the_models_folders(tmp_path):
+    """BFL's transformer-only file: the text encoders from models/text_encoder and the VAE from
+    models/VAE, by name as the tab offers them; without them, refused by field before any
+    write; an SD base given a text encoder is refused by that field."""
+    from dreambooth.app import preflight
+    from dreambooth.host import StandaloneHost
+    from dreambooth.models.flux_files import save_flux_parts
+
+    models = tmp_path / "models"
+    host = StandaloneHost(models)
+    base = save_flux_file(_built("dev"), models / "Stable-diffusion" / "flux1-dev.safetensors",
+                          layout="transformer")
+    parts = save_flux_parts(_built("dev"), models / "text_encoder")
+    (models / "VAE").mkdir()
+    parts["vae"].rename(models / "VAE" / "ae.safetensors")
+    config = base_config(tmp_path, **{**FAST, "base_model": str(base)})
+    _, errors = preflight.preflight(config, host)
+    assert {e.field for e in errors} >= {"clip_l_path", "t5xxl_path", "vae_path"}
+    assert all("holds only the transformer" in e.message for e in errors
+               if e.field in ("clip_l_path", "t5xxl_path", "vae_path"))
+    assert not (tmp_path / "work").exists()
+    chosen = base_config(tmp_path, **{**FAST, "base_model": str(base),
+                                      "clip_l_path": "clip_l.safetensors",
+                                      "t5xxl_path": "t5xxl", "vae_path": "ae.safetensors"})
+    resolved, errors = preflight.preflight(chosen, host)
+    assert [e for e in errors if e.field in ("clip_l_path", "t5xxl_path", "vae_path")] == []
+    assert resolved.clip_l_path == str(models / "text_encoder" / "clip_l.safetensors")
+    result = train(resolved, run_paths(tmp_path), reporter=RecordingReporter())
+    assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in adapter(result)
+    from dreambooth.models import tiny
+
+    sd = tiny.save_checkpoint(tmp_path / "sd.safetensors")
+    _, errors = preflight.preflight(base_config(tmp_path, **{
+        **FAST, "base_model": str(sd), "clip_l_path": "clip_l.safetensors"}), host)
+    assert [e.field for e in errors if "Flux bases" in e.message] == ["clip_l_path"]
+
+
+def test_schnell_says_that_the_training_guidance_does_not_apply(tmp_path):
+    reporter = RecordingReporter()
+    flux_run(tmp_path, reporter=reporter, variant="schnell", flux_guidance=3.5)
+    assert any("schnell has no guidance input" in line for line in reporter.lines)

@@ -272,3 +272,28 @@ def test_fit_to_card_uses_the_chosen_models_family(bases, tmp_path):
     sdxl_line = card_preset("12gb", resolved).line()
     title_only = card_preset("12gb", ui.form_to_config(values, extra)[0]).line()  # SD1's sizes
     assert sdxl_line != title_only and html.escape(sdxl_line) in note
+
+
+def test_a_flux_base_shows_its_text_encoder_choices_and_they_reach_the_run(bases):
+    """Forge's way: a transformer-only Flux file needs CLIP-L and T5-XXL from models/text_encoder;
+    the Model tab shows those two pickers for a Flux base only, listing that folder."""
+    from dreambooth.models.flux_files import save_flux_file, save_flux_parts
+    from dreambooth.models.tiny_flux import build_flux
+
+    flux = build_flux("dev")
+    save_flux_file(flux, bases.checkpoints_dir / "flux1-dev.safetensors", layout="transformer")
+    save_flux_parts(flux, bases.checkpoints_dir.parent / "text_encoder")
+    bases.sd_models.list_models()
+    blocks, comps = built_tab()
+    assert "clip_l.safetensors" in choices_of(comps["clip_l_path"])
+    assert "t5xxl.safetensors" in choices_of(comps["t5xxl_path"])
+    shown = pick_base(blocks, "flux1-dev.safetensors")
+    assert "Flux.1 dev" in shown["dreambooth_model_kind"]
+    assert "holds only the transformer" in shown["dreambooth_model_kind"]
+    assert shown["dreambooth_text_encoders"]["visible"] is True
+    assert pick_base(blocks, SDXL_NAME)["dreambooth_text_encoders"]["visible"] is False
+    values, extra = ui.config_to_values(TrainingConfig(base_model="m", model_name="n"))
+    assert values["clip_l_path"] == values["t5xxl_path"] == ui.NO_TEXT_ENCODER
+    values.update(clip_l_path="clip_l.safetensors", t5xxl_path="t5xxl.safetensors")
+    config, _ = ui.form_to_config(values, extra)
+    assert (config.clip_l_path, config.t5xxl_path) == ("clip_l.safetensors", "t5xxl.safetensors")

@@ -88,10 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=SIZES, default="tiny",
                    help="tiny: seconds on a CPU; sd15: SD1.5's real architecture, random weights; "
                         "sdxl-tiny: the tiny SDXL-shaped model; sdxl: SDXL base's real "
-                        "architecture (see --sdxl-depth)")
+                        "architecture (see --sdxl-depth); flux-tiny: the tiny Flux.1; flux: "
+                        "Flux.1's real widths at a few blocks (see --flux-depth; LoRA only)")
     p.add_argument("--sdxl-depth", type=int, default=10,
                    help="transformer layers of SDXL's lowest level (10 in SDXL; fewer makes the "
                         "largest SDXL-shaped model a small machine holds)")
+    p.add_argument("--flux-depth", type=int, default=1,
+                   help="--size flux: double blocks (and twice as many single ones); Flux.1 "
+                        "has 19 and 38")
     p.add_argument("--resolution", type=int, default=64, help="training resolution in pixels")
     p.add_argument("--batch-size", type=int, default=1, help="instance pictures per step")
     p.add_argument("--steps", type=int, default=5, help="measured optimizer steps")
@@ -136,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: the trained weights in bf16 with stochastic rounding (needs "
                         "--precision bf16)")
     p.add_argument("--base-8bit", action=argparse.BooleanOptionalAction, default=False,
-                   help="adapters: the frozen base's linear layers in int8 (base_weights_8bit)")
+                   help="adapters: the frozen base's linear layers in int8 (base_weights_8bit; "
+                        "Flux: fp8)")
     p.add_argument("--preset", choices=("",) + tuple(CARDS), default="",
                    help="the memory settings of the tab's card-size preset for this run "
                         "(options given on the command line win)")

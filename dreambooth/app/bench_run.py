@@ -29,14 +29,16 @@ FIGURE_KEYS = ("ok", "error", "device", "dtype", "warmup_steps", "measured_steps
                # the tab's estimate for the run's settings (real-size models only)
                "estimate_gb")
 # Options a run is defined by (argparse dests), in the order tables and JSON show them.
-SIZES = ("tiny", "sd15", "sdxl-tiny", "sdxl")
-OPTION_KEYS = ("size", "sdxl_depth", "resolution", "batch_size", "steps", "warmup", "precision",
+SIZES = ("tiny", "sd15", "sdxl-tiny", "sdxl", "flux-tiny", "flux")
+OPTION_KEYS = ("size", "sdxl_depth", "flux_depth", "resolution", "batch_size", "steps", "warmup",
+               "precision",
                "optimizer", "method", "rank",
                "gradient_checkpointing", "attention", "cache", "train_text_encoder", "prior",
                "compile", "export", "class_pictures", "sample_steps", "threads", "seed",
                "memory", "fused_backward", "trained_precision", "base_8bit", "preset")
 # The family a --size stands for (what the memory estimate and the card presets use).
-SIZE_FAMILY = {"tiny": "sd1", "sd15": "sd1", "sdxl-tiny": "sdxl", "sdxl": "sdxl"}
+SIZE_FAMILY = {"tiny": "sd1", "sd15": "sd1", "sdxl-tiny": "sdxl", "sdxl": "sdxl",
+               "flux-tiny": "flux", "flux": "flux"}
 # Bench options a card preset sets, by the config field they stand for.
 PRESET_OPTIONS = {"mixed_precision": "precision", "optimizer": "optimizer",
                   "gradient_checkpointing": "gradient_checkpointing",
@@ -382,6 +384,12 @@ def build_model(options: dict[str, Any]):
     if options["size"] == "sdxl":
         return tiny.build_variant("sdxl", seed=options["seed"], full_size=True,
                                   deep_layers=options.get("sdxl_depth", 10))
+    if options["size"].startswith("flux"):
+        from dreambooth.models.tiny_flux import build_flux
+
+        depth = options.get("flux_depth", 1)  # Flux.1's 19 double to 38 single blocks
+        return build_flux("dev", seed=options["seed"], full_size=options["size"] == "flux",
+                          depth=depth, single_depth=2 * depth)
     return tiny.build_components(options["size"], seed=options["seed"])
 
 
@@ -430,7 +438,7 @@ def _measure(options: dict[str, Any], work_dir: Path, cuda: bool, quiet: bool,
 
     inst, cls = prepare_folders(work_dir, options)
     config = make_config(work_dir, options, inst, cls)
-    if options["size"] in ("sd15", "sdxl"):
+    if options["size"] in ("sd15", "sdxl", "flux"):  # flux: the whole model's, at 57 blocks
         from dreambooth.models.memory_estimate import for_config
 
         figures["estimate_gb"] = _r(for_config(config, SIZE_FAMILY[options["size"]],
@@ -490,10 +498,14 @@ def _model_for(options: dict[str, Any], config, phases: dict[str, Any]):
     if not options["export"]:
         return components, "epsilon"
     from dreambooth.models.export import save_single_file
+    from dreambooth.models.flux_files import save_flux_file
 
     t = time.perf_counter()
-    save_single_file(components, Path(config.base_model), dtype="fp16", overwrite=True,
-                     kind="sdxl" if options["size"].startswith("sdxl") else "sd1")
+    if options["size"].startswith("flux"):  # an all-in-one file, as Forge keeps them
+        save_flux_file(components, Path(config.base_model), layout="all-in-one", dtype="bf16")
+    else:
+        save_single_file(components, Path(config.base_model), dtype="fp16", overwrite=True,
+                         kind="sdxl" if options["size"].startswith("sdxl") else "sd1")
     phases["write_base"] = _r(time.perf_counter() - t)
     del components
     gc.collect()

@@ -81,12 +81,10 @@ class CardChoice:
                 + [f"kept {note}" for note in self.kept])
 
 
-def rungs_for(config: TrainingConfig, family: str = "sd1") -> list[tuple[str, dict[str, Any]]]:
+def rungs_for(config: TrainingConfig) -> list[tuple[str, dict[str, Any]]]:
     if not config.trains_adapter:
         return FULL_RUNGS
-    # DoRA rebuilds each weight from the full base's own; Flux's low-memory base is not the
-    # UNets' int8 (fp8 and NF4 come with it): no 8-bit-base rung
-    if config.dora or family == "flux":
+    if config.dora:  # DoRA rebuilds each weight from the full base's own: no 8-bit rung
         return [rung for rung in ADAPTER_RUNGS if not rung[1]["base_weights_8bit"]]
     return ADAPTER_RUNGS
 
@@ -118,20 +116,27 @@ def _runs(config: TrainingConfig, values: dict[str, Any]) -> bool:
                for e in dataclasses.replace(config, **values).validate())
 
 
-def for_device(rung: dict[str, Any], device: str, bitsandbytes: bool = True
-               ) -> dict[str, Any] | None:
+def for_device(rung: dict[str, Any], device: str, bitsandbytes: bool = True,
+               base_8bit: str = "int8") -> dict[str, Any] | None:
     """A rung's settings for ``device``: on the CPU, half precision is bf16 (fp16 would train in
     fp32 there, at twice the memory the preset was chosen for). Without bitsandbytes (Forge Neo
-    not started with --bnb) the 8-bit optimizer is plain AdamW and an 8-bit base rung is left
-    out (None)."""
+    not started with --bnb) the 8-bit optimizer is plain AdamW and an int8 base rung is left
+    out (None); the family's fp8 base (``base_8bit`` "fp8": Flux) needs no package."""
     if device == "cpu" and rung.get("mixed_precision") == "fp16":
         rung = {**rung, "mixed_precision": "bf16"}
     if not bitsandbytes:
-        if rung.get("base_weights_8bit"):
+        if rung.get("base_weights_8bit") and base_8bit == "int8":
             return None
         if rung.get("optimizer") == "adamw8bit":
             rung = {**rung, "optimizer": "adamw"}
     return rung
+
+
+def _base_8bit(family: str) -> str:
+    """How the family named ``family`` keeps an 8-bit base ("int8" or "fp8")."""
+    from dreambooth.models.families import FAMILIES
+
+    return next((f.base_8bit for f in FAMILIES if f.name == family), "int8")
 
 
 def bitsandbytes_installed() -> bool:
@@ -154,8 +159,8 @@ def choose(card: str, config: TrainingConfig, family: str, resolution: int,
         raise ConfigError([FieldError("preset", f"choose one of {', '.join(CARDS)}")])
     budget = CARDS[card] * MARGIN
     choice, previous, kept, refused = None, None, [], []
-    for name, rung in rungs_for(config, family):
-        rung = for_device(rung, device, bitsandbytes)
+    for name, rung in rungs_for(config):
+        rung = for_device(rung, device, bitsandbytes, _base_8bit(family))
         if rung is None:
             continue
         if not bitsandbytes:

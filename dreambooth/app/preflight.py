@@ -43,21 +43,64 @@ def resolve_base_model(base: str, host: Host) -> Path | None:
 
 def resolve_vae(vae: str, host: Host) -> Path | None:
     """A VAE given as a path, or by its name in the host's VAE folder (the WebUI's models/VAE)."""
-    text = (vae or "").strip()
+    return _resolve_in(vae, host.list_vaes(), host.vae_dir())
+
+
+def resolve_text_encoder(name: str, host: Host) -> Path | None:
+    """A text encoder file (Flux's clip_l, t5xxl) given as a path, or by its name in the host's
+    text encoder folder (Forge's models/text_encoder)."""
+    return _resolve_in(name, host.list_text_encoders(), host.text_encoder_dir())
+
+
+def _resolve_in(text: str, files: list[Path], root: Path) -> Path | None:
+    text = (text or "").strip()
     if not text:
         return None
     path = Path(text).expanduser()
     if path.exists():
         return path
-    for candidate in host.list_vaes():
+    for candidate in files:
         if text in (candidate.name, candidate.stem, str(candidate)):
             return candidate
         try:
-            if text == candidate.relative_to(host.vae_dir()).as_posix():
+            if text == candidate.relative_to(root).as_posix():
                 return candidate
         except ValueError:
             pass
     return None
+
+
+# What a Flux file may lack (ModelKind.missing_parts) -> the field that supplies it, and where.
+FLUX_PART_FIELDS = {"clip_l": ("clip_l_path", "CLIP-L (clip_l.safetensors in models/text_encoder)"),
+                    "t5xxl": ("t5xxl_path", "T5-XXL (t5xxl_fp16.safetensors in models/text_encoder)"),
+                    "vae": ("vae_path", "the Flux VAE (ae.safetensors in models/VAE)")}
+
+
+def text_encoder_fields(config: TrainingConfig, host: Host, kind) -> tuple[dict, list[FieldError]]:
+    """The text encoder files resolved ({field: path}), and the errors: a file that is not there,
+    or a part a transformer-only Flux file lacks and no field gives."""
+    resolved, errors = {}, []
+    flux = getattr(kind, "family", "") == "flux"
+    for field_ in ("clip_l_path", "t5xxl_path"):
+        text = getattr(config, field_).strip()
+        if not text:
+            continue
+        if kind is not None and not flux:
+            errors.append(FieldError(field_, "is for Flux bases (their text encoders); this base "
+                                             "holds its own: leave it empty"))
+            continue
+        path = resolve_text_encoder(text, host)
+        if path is None:
+            errors.append(FieldError(field_, f"{text!r} is not a file or a text encoder in "
+                                             f"{host.text_encoder_dir()}"))
+        else:
+            resolved[field_] = str(path)
+    for part in getattr(kind, "missing_parts", ()):
+        field_, what = FLUX_PART_FIELDS[part]
+        if not getattr(config, field_).strip():
+            errors.append(FieldError(field_, f"{Path(config.base_model).name} holds only the "
+                                             f"transformer: choose {what}"))
+    return resolved, errors
 
 
 def output_file(config: TrainingConfig, host: Host) -> Path:
@@ -182,7 +225,7 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
 
     Cheap: reads folder listings and file headers, never pictures' pixels or model weights."""
     errors = list(config.validate())
-    resolved = config
+    resolved, found = config, None
     base = resolve_base_model(config.base_model, host)
     if config.base_model.strip() and base is None:
         errors.append(FieldError("base_model", f"{config.base_model!r} is neither a file nor a "
@@ -197,6 +240,9 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
         found = base_family(resolved)
         if found:  # what this family cannot honour (Flux: DDPM options, full runs...), by field
             errors += found[0].configured(resolved).config_problems(resolved)
+        encoders, problems = text_encoder_fields(config, host, found[1] if found else None)
+        resolved = replace(resolved, **encoders)
+        errors += problems
         if found and config.zero_terminal_snr and found[1].prediction_type != "v_prediction" and not config.prediction_type:
             errors.append(FieldError("zero_terminal_snr", f"needs v-prediction, and {base.name} is "
                                      "an epsilon model: set prediction_type to v_prediction (a "
@@ -233,7 +279,8 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
         problem = eight_bit_problem(_device())
         if problem:
             errors.append(FieldError("optimizer", problem))
-    if config.base_weights_8bit:  # the run probes the int8 layer; a missing package is said now
+    fp8 = bool(found) and found[0].base_8bit == "fp8"  # Flux's 8-bit base needs no package
+    if config.base_weights_8bit and not fp8:  # the run probes the int8 layer; said now
         try:
             import bitsandbytes  # noqa: F401
         except ModuleNotFoundError:

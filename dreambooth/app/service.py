@@ -596,6 +596,19 @@ def describe_model(host: Host, base: str) -> str:
     return f"{path.name}: {describe(kind)}; trains at {size} px unless you set a resolution"
 
 
+def is_flux_base(host: Host, base: str) -> bool:
+    """Whether ``base`` is a Flux.1 file (the tab then offers its text encoder files)."""
+    path = resolve_base_model(base, host)
+    if path is None:
+        return False
+    try:
+        from dreambooth.models.detect import detect_kind_cached
+
+        return detect_kind_cached(path).family == "flux"
+    except Exception:  # not a checkpoint: the model line says why
+        return False
+
+
 def status() -> dict[str, Any]:
     """The runner's snapshot as JSON-ready data (what GET /dreambooth/v1/status returns)."""
     data = default_runner().snapshot().to_dict()

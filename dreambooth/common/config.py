@@ -147,6 +147,8 @@ class TrainingConfig:
     flux_timestep_sampling: str = "shift"  # shift: by the picture's size, as Flux dev samples
     flux_guidance: float = 1.0  # the guidance value Flux dev's transformer is given in training
     t5_max_length: int = 512  # T5 tokens per prompt (256 for schnell, 512 for dev)
+    clip_l_path: str = ""  # a transformer-only Flux file's CLIP-L (models/text_encoder)
+    t5xxl_path: str = ""  # ... and its T5-XXL
     use_ema: bool = False
     ema_decay: float = 0.9999
     seed: int = 1337
@@ -516,7 +518,8 @@ def fused_problems(config: "TrainingConfig") -> list[FieldError]:
 
 
 
-PATH_FIELDS = ("base_model", "vae_path", "models_dir", "caption_extension")
+PATH_FIELDS = ("base_model", "vae_path", "clip_l_path", "t5xxl_path", "models_dir",
+               "caption_extension")
 CONCEPT_PATH_FIELDS = ("instance_data_dir", "class_data_dir")
 
 

@@ -82,7 +82,8 @@ def load_model(config: TrainingConfig):
 
     return checkpoint.load_components(
         resolve_base_model(config), prediction_type=config.prediction_type or None,
-        use_ema=config.base_use_ema, vae_path=config.vae_path or None)
+        use_ema=config.base_use_ema, vae_path=config.vae_path or None,
+        clip_path=config.clip_l_path or None, t5_path=config.t5xxl_path or None)
 
 
 def release(accelerator, components: Components) -> None:
@@ -156,7 +157,9 @@ def _machine_refusals(config: TrainingConfig, precision: str, accelerator) -> No
     if config.compile_unet and not hasattr(torch.nn.Module, "compile"):
         raise ConfigError([FieldError("compile_unet", f"needs torch >= 2.2 (this is "
                                       f"{torch.__version__}): turn it off")])
-    if config.base_weights_8bit:  # before the loading, the class pictures and the caches
+    found = families.base_family(config) if config.base_weights_8bit else None
+    if config.base_weights_8bit and not (found and found[0].base_8bit == "fp8"):
+        # bitsandbytes' int8, probed before the loading, the class pictures and the caches
         from dreambooth.models.adapters.quantize import problem as int8_problem
 
         problem = int8_problem(device, frozen_dtype(precision, device))
@@ -255,7 +258,7 @@ def open_model(config: TrainingConfig, start: Start, reporter: Reporter,
     problems = family.config_problems(config)
     if problems:
         raise ConfigError(problems)
-    for note in family.notes(config):
+    for note in family.notes(config, components):
         reporter.log(f"note: {note}")
     prediction_type = config.prediction_type or prediction_type or family.default_prediction
     if zero_terminal_snr and prediction_type != "v_prediction":
@@ -389,9 +392,14 @@ def place_models(model: Model, encoders: list[TrainedEncoder], device, reporter:
     if too_wide:
         reporter.log(f"warning: {too_wide}")
     trained = adapters.place(config, unet, model.encoders, {e.name for e in encoders}, device,
-                             model.weight_dtype)
+                             model.weight_dtype, base_8bit=model.family.base_8bit)
     give_memory_back()  # the fp32 weights a cast to half precision or int8 left free (GBs)
-    if config.base_weights_8bit:
+    if config.base_weights_8bit and model.family.base_8bit == "fp8":
+        from dreambooth.models.adapters.fp8 import fp8_layers
+
+        reporter.log(f"base model: {fp8_layers(unet)} linear layers of the {model.family.title} "
+                     "transformer in fp8 (e4m3, a scale per row)")
+    elif config.base_weights_8bit:
         from dreambooth.models.adapters.quantize import int8_layers
 
         reporter.log(f"base model: {int8_layers(unet)} linear layers of the UNet in int8")

@@ -404,8 +404,10 @@ def _read_vae(vae_path: Path) -> dict[str, torch.Tensor]:
 
 def load_components(path: str | os.PathLike, *, prediction_type: str | None = None,
                     use_ema: bool = False, vae_path: str | os.PathLike | None = None,
-                    kind: str | None = None) -> tuple[Components, ModelKind]:
-    """Load a single-file checkpoint or a diffusers folder into fp32 components, offline."""
+                    kind: str | None = None, clip_path: str | os.PathLike | None = None,
+                    t5_path: str | os.PathLike | None = None) -> tuple[Components, ModelKind]:
+    """Load a single-file checkpoint or a diffusers folder into fp32 components, offline
+    (``clip_path``, ``t5_path``: a Flux file's text encoders, when separate)."""
     path = Path(path)
     if path.is_dir():
         return _load_folder(path, prediction_type=prediction_type, vae_path=vae_path, kind=kind)
@@ -414,7 +416,8 @@ def load_components(path: str | os.PathLike, *, prediction_type: str | None = No
         if found.family == "flux":
             from dreambooth.models.flux_files import load_flux
 
-            return load_flux(path, vae_path=vae_path), found
+            return load_flux(path, vae_path=vae_path, clip_path=clip_path,
+                             t5_path=t5_path), found
     state = read_state_dict(path)
     # the header's metadata too: a file may say it is v-prediction only there (kohya, modelspec)
     found = _with_kind(kind_from_shapes({k: tuple(v.shape) for k, v in state.items()}, path.name,

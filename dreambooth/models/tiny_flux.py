@@ -51,6 +51,31 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"variant must be one of {FLUX_VARIANTS}, not {variant!r}")
 
 
+def full_size_configs(variant: str = "dev", *, depth: int = 1, single_depth: int = 2) -> dict:
+    """Flux.1's real widths (FLUX.1-dev's configs: a 3072-wide transformer of 24 heads over
+    T5-XXL's 4096-wide states and CLIP-L's 768-wide pooled output, its 16-channel VAE, CLIP-L)
+    at ``depth`` double and ``single_depth`` single blocks (19 and 38 in Flux.1), and one T5-XXL
+    layer (T5 is cached, never trained: its depth does not change a training step) over the
+    tiny T5 vocabulary: the bench's model for memory and speed per block on a small machine."""
+    from dreambooth.models.t5_tokenizer import VOCAB_SIZE
+
+    _check_variant(variant)
+    transformer = dict(patch_size=1, in_channels=64, num_layers=depth,
+                       num_single_layers=single_depth, attention_head_dim=128,
+                       num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                       guidance_embeds=(variant == "dev"), axes_dims_rope=(16, 56, 56))
+    vae = dict(FLUX_VAE_FIXED, latent_channels=16, layers_per_block=2,
+               block_out_channels=(128, 256, 512, 512), norm_num_groups=32,
+               down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, mid_block_add_attention=True)
+    clip = dict(CLIP_FIXED, vocab_size=49408, max_position_embeddings=77, hidden_size=768,
+                intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                projection_dim=768)
+    t5 = dict(T5_FIXED, vocab_size=VOCAB_SIZE, d_model=4096, d_kv=64, d_ff=10240, num_layers=1,
+              num_heads=64, relative_attention_num_buckets=32)
+    return dict(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5)
+
+
 def flux_configs(variant: str = "dev", *, depth: int = 1, single_depth: int = 1) -> dict:
     """The tiny model's configs: ``transformer`` (FluxTransformer2DModel kwargs), ``vae``
     (AutoencoderKL), ``text_encoder`` (CLIPTextConfig), ``text_encoder_2`` (T5Config)."""
@@ -83,16 +108,18 @@ def flux_scheduler(variant: str = "dev"):
 
 
 def build_flux(variant: str = "dev", seed: int = 0, cache_dir: Path | None = None, *,
-               depth: int = 1, single_depth: int = 1) -> Components:
-    """The tiny Flux model with random weights, the same for the same seed (and depths). The
-    denoiser sits in the ``unet`` slot; CLIP-L is ``text_encoder``, T5 ``text_encoder_2``."""
+               depth: int = 1, single_depth: int = 1, full_size: bool = False) -> Components:
+    """The tiny Flux model with random weights, the same for the same seed (and depths); with
+    ``full_size`` Flux.1's real widths (:func:`full_size_configs`). The denoiser sits in the
+    ``unet`` slot; CLIP-L is ``text_encoder``, T5 ``text_encoder_2``."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from dreambooth.models.t5_tokenizer import load_tiny_t5_tokenizer
     from dreambooth.models.tokenizer import load_clip_tokenizer
 
-    configs = flux_configs(variant, depth=depth, single_depth=single_depth)
+    configs = (full_size_configs if full_size else flux_configs)(variant, depth=depth,
+                                                                  single_depth=single_depth)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

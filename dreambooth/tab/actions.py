@@ -14,7 +14,7 @@ from dreambooth.app.job import JobBusy, runner
 from dreambooth.common.config import ConfigError, FieldError, TrainingConfig, write_concepts_list
 from dreambooth.host import Host, sanitize_model_name
 from dreambooth.tab import ui_poll
-from dreambooth.tab.form import (CONCEPT_SLOTS, NO_VAE, current_host, describe_field, error_panel,
+from dreambooth.tab.form import (CONCEPT_SLOTS, NO_TEXT_ENCODER, NO_VAE, current_host, describe_field, error_panel,
                                  form_to_config)
 from dreambooth.tab.ui_fields import ADAPTERS, CONCEPT_FIELDS, GROUPS
 from dreambooth.tab.ui_render import message
@@ -222,6 +222,19 @@ def refresh_checkpoints(current: str, host: Host | None = None) -> tuple[list[st
         if entry is not None:
             value = entry.shown
     return choices, value
+
+
+def text_encoder_choices(host: Host | None = None) -> list[str]:
+    """The files of the host's text encoder folder (Forge's models/text_encoder)."""
+    host = host or current_host()
+    root = host.text_encoder_dir()
+    names = []
+    for path in host.list_text_encoders():
+        try:
+            names.append(path.relative_to(root).as_posix())
+        except ValueError:
+            names.append(str(path))
+    return [NO_TEXT_ENCODER, *names]
 
 
 def vae_choices(host: Host | None = None) -> list[str]:

@@ -17,6 +17,7 @@ from dreambooth.tab.ui_fields import CONCEPT_FIELDS, GROUPS, MODEL_FIELDS
 CONCEPT_SLOTS = 4
 AUTO = "auto (from the checkpoint)"
 NO_VAE = "None (the checkpoint's own)"
+NO_TEXT_ENCODER = "None (the checkpoint's own)"
 
 # The host the tab works with: the WebUI's, or the one standalone_main() sets.
 _HOST: Host | None = None
@@ -39,6 +40,7 @@ def form_keys() -> list[str]:
 
 def _labels() -> dict[str, str]:
     labels = {"base_model": "Base model", "vae_path": "VAE", "prediction_type": "Prediction type",
+              "clip_l_path": "Flux: CLIP-L", "t5xxl_path": "Flux: T5-XXL",
               "base_use_ema": "Train from the checkpoint's EMA weights",
               "model_name": "Name of the new model"}
     for i in range(CONCEPT_SLOTS):
@@ -65,6 +67,9 @@ def form_to_config(values: dict[str, Any], extra_concepts: list | None = None
     data["model_name"] = str(values.get("model_name") or "")
     vae = str(values.get("vae_path") or "")
     data["vae_path"] = "" if vae == NO_VAE else vae
+    for name in ("clip_l_path", "t5xxl_path"):
+        chosen = str(values.get(name) or "")
+        data[name] = "" if chosen == NO_TEXT_ENCODER else chosen
     prediction = str(values.get("prediction_type") or "")
     data["prediction_type"] = "" if prediction == AUTO else prediction
     data["base_use_ema"] = bool(values.get("base_use_ema"))
@@ -98,6 +103,8 @@ def config_to_values(config: TrainingConfig, host: Host | None = None) -> tuple[
         base = entry.shown if entry is not None else base
     values.update(base_model=base, model_name=config.model_name,
                   vae_path=config.vae_path or NO_VAE,
+                  clip_l_path=config.clip_l_path or NO_TEXT_ENCODER,
+                  t5xxl_path=config.t5xxl_path or NO_TEXT_ENCODER,
                   prediction_type=config.prediction_type or AUTO, base_use_ema=config.base_use_ema)
     for i in range(CONCEPT_SLOTS):
         concept = config.concepts[i] if i < len(config.concepts) else None

@@ -8,7 +8,8 @@ from typing import Any
 from dreambooth.app import service
 from dreambooth.common.config import ConfigError
 from dreambooth.tab.actions import (checkpoint_choices, model_name_note, refresh_checkpoints,
-                                    resolution_info, resume_run, run_choices, vae_choices)
+                                    resolution_info, resume_run, run_choices,
+                                    text_encoder_choices, vae_choices)
 from dreambooth.tab.form import AUTO, LABELS, TabForm
 from dreambooth.tab.ui_render import message
 from dreambooth.tab.widgets import HIDDEN, tool_button
@@ -18,6 +19,7 @@ from dreambooth.tab.widgets import HIDDEN, tool_button
 class ModelTab:
     refresh_models: Any
     refresh_vaes: Any
+    text_encoders: Any  # the row of Flux's text encoder files, shown for a Flux base
     model_kind: Any
     name_note: Any
     previous: Any
@@ -46,6 +48,14 @@ def build(gr, form: TabForm) -> ModelTab:
                 "--pretrained_vae_name_or_path)", allow_custom_value=True)
             refresh_vaes = tool_button(gr, "\U0001f504", "dreambooth_refresh_vaes",
                                        "Refresh the VAE list")
+        with gr.Row(visible=service.is_flux_base(host, start["base_model"]),
+                    elem_id="dreambooth_text_encoders") as text_encoders:
+            for name, info in (("clip_l_path", "clip_l.safetensors from models/text_encoder"),
+                               ("t5xxl_path", "t5xxl_fp16.safetensors from models/text_encoder")):
+                comps[name] = gr.Dropdown(
+                    choices=text_encoder_choices(host), value=start[name], label=LABELS[name],
+                    elem_id=f"dreambooth_{name}", allow_custom_value=True,
+                    info=f"{info}: needed when the Flux file holds only the transformer")
         with gr.Row():
             comps["prediction_type"] = gr.Dropdown(
                 choices=[AUTO, "epsilon", "v_prediction"], value=start["prediction_type"],
@@ -70,7 +80,7 @@ def build(gr, form: TabForm) -> ModelTab:
         with gr.Row():
             load_settings = gr.Button("Load its settings", elem_id="dreambooth_load_settings")
             resume = gr.Button("Resume", elem_id="dreambooth_resume")
-    return ModelTab(refresh_models, refresh_vaes, model_kind, name_note, previous, refresh_runs,
+    return ModelTab(refresh_models, refresh_vaes, text_encoders, model_kind, name_note, previous, refresh_runs,
                     load_settings, resume)
 
 
@@ -88,10 +98,12 @@ def wire(gr, form: TabForm, tab: ModelTab) -> None:
     tab.refresh_runs.click(lambda: gr.update(choices=run_choices(host)), outputs=[tab.previous],
                            queue=False)
     comps["base_model"].change(lambda base: (service.describe_model(host, base or ""),
-                                             gr.update(info=resolution_info(base, host))),
+                                             gr.update(info=resolution_info(base, host)),
+                                             gr.update(visible=service.is_flux_base(host,
+                                                                                     base or ""))),
                                inputs=[comps["base_model"]],
-                               outputs=[tab.model_kind, comps["resolution"]], queue=False,
-                               show_progress=HIDDEN)
+                               outputs=[tab.model_kind, comps["resolution"], tab.text_encoders],
+                               queue=False, show_progress=HIDDEN)
     naming = [comps["model_name"], comps["overwrite"], comps["training_method"]]
     for trigger in naming:
         trigger.change(lambda name, over, method: model_name_note(name, over, host, method),

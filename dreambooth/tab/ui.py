@@ -37,9 +37,9 @@ from dreambooth.tab.actions import (check_dataset_report, checkpoint_choices,  #
                                     identifier_html, load_output, model_name_note, poll,
                                     refresh_checkpoints, restore_form, resume_run, start_from_form,
                                     use_output)
-from dreambooth.tab.form import (CONCEPT_SLOTS, TabForm, config_to_values,  # noqa: F401
-                                 current_host, form_keys, form_to_config, label_updates,
-                                 option_names)
+from dreambooth.tab.form import (CONCEPT_SLOTS, NO_TEXT_ENCODER, TabForm,  # noqa: F401
+                                 config_to_values, current_host, form_keys, form_to_config,
+                                 label_updates, option_names)
 from dreambooth.tab.ui_fields import GROUPS, MODEL_FIELDS, NOT_IN_FORM  # noqa: F401
 from dreambooth.tab.ui_method import method_note, preset_values  # noqa: F401
 

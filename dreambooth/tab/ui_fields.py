@@ -8,7 +8,8 @@ from dreambooth.common.config import (ATTENTION, EXPORT_DTYPES, EXPORT_FORMATS,
                                       MASK_SOURCES, OPTIMIZERS, PRECISIONS, SCHEDULERS,
                                       TRAINING_METHODS)
 
-MODEL_FIELDS = ("base_model", "vae_path", "prediction_type", "base_use_ema", "model_name")
+MODEL_FIELDS = ("base_model", "vae_path", "clip_l_path", "t5xxl_path", "prediction_type",
+                "base_use_ema", "model_name")
 NOT_IN_FORM = ("concepts", "models_dir")  # concepts have their own rows; folders come from the host
 
 GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [

@@ -24,14 +24,15 @@ def unavailable(config: TrainingConfig) -> str | None:
 
 def place(config: TrainingConfig, unet: torch.nn.Module,
           encoders: list[tuple[str, torch.nn.Module]], trained_encoders: set[str], device,
-          weight_dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+          weight_dtype: torch.dtype, base_8bit: str = "int8") -> dict[str, torch.nn.Module]:
     """Put the models on ``device`` and return what trains, by component name ("unet", then the
     trained text encoders). Full: the models themselves in fp32 (the optimizer's master copy).
     Adapter: the base models frozen in ``weight_dtype``, one fp32 network per trained component.
     Trained parts are in train mode (gradient checkpointing only runs there). With
     ``trained_precision`` bf16 what trains is in bf16 instead of fp32 (see :mod:`dreambooth.engine.fused`).
     With ``base_weights_8bit`` the frozen linears of the UNet and of the trained text encoders
-    are int8 (see :mod:`.quantize`); a frozen text encoder is cached, so it stays as it is."""
+    are int8 (``base_8bit`` "int8", see :mod:`.quantize`) or fp8 ("fp8", the family's choice,
+    see :mod:`.fp8`); a frozen text encoder is cached, so it stays as it is."""
     adapter = config.trains_adapter
     trained_dtype = torch.bfloat16 if config.trained_precision == "bf16" else torch.float32
     base_dtype = weight_dtype if adapter else trained_dtype
@@ -48,11 +49,12 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
         return trained
     from dreambooth.models.adapters import lycoris, targets
 
-    if config.base_weights_8bit:  # int8 linears first: LyCORIS wraps them in bypass mode
+    if config.base_weights_8bit:  # 8-bit linears first: LyCORIS wraps them in bypass mode
+        from dreambooth.models.adapters.fp8 import fp8_linears
         from dreambooth.models.adapters.quantize import quantize_linears
 
         for module in trained.values():
-            quantize_linears(module)
+            (fp8_linears if base_8bit == "fp8" else quantize_linears)(module)
     lycoris.quiet()
     with torch.random.fork_rng(devices=[]):  # the adapter's initial weights follow the run's seed
         torch.manual_seed(config.seed)

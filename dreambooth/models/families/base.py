@@ -72,6 +72,9 @@ class Family:
     # The stock VAE overflows in fp16 (SDXL's does): encode latents in fp32 unless the VAE chosen
     # is fp16-safe.
     vae_needs_fp32 = False
+    # How ``base_weights_8bit`` keeps the frozen base's linear layers: "int8" through
+    # bitsandbytes (the UNets, models/adapters/quantize.py) or "fp8" (models/adapters/fp8.py).
+    base_8bit = "int8"
     # What the denoiser predicts when the checkpoint does not say (the UNets: epsilon).
     default_prediction = "epsilon"
     # How many of ``text_encoders`` may train, in prompt order (None: all); the rest stay frozen.
@@ -91,8 +94,9 @@ class Family:
         """FieldErrors for what a run of this family cannot honour (none for the UNet families)."""
         return []
 
-    def notes(self, config) -> list[str]:
-        """What a run of this family does not use of ``config``, said before training."""
+    def notes(self, config, components=None) -> list[str]:
+        """What a run of this family does not use of ``config`` (with ``components``: of this
+        model), said before training."""
         return []
 
     def pipeline_kwargs(self, config) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class Flux(Family):
     tokenizers = ("tokenizer", "tokenizer_2")
     encoder_titles = {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"}
     default_prediction = "flow"  # the velocity of the flow, not epsilon or v
+    base_8bit = "fp8"  # as kohya's --fp8_base and Forge's fp8 files; no bitsandbytes needed
     trainable_text_encoders = 1  # CLIP-L only: T5 stays frozen (and cached)
     negative_prompts = False  # guidance-distilled: no negative prompt, no CFG
     chunked_prompts = False  # T5 reads t5_max_length tokens; CLIP-L one chunk
@@ -103,13 +104,13 @@ class Flux(Family):
                "Flux reads CLIP-L's pooled output, which CLIP skip does not change: set 1")
         refuse("resolution", bool(config.resolution % 16),
                "Flux packs 2x2 latent patches: a multiple of 16 (e.g. 512, 768, 1024)")
-        refuse("base_weights_8bit", config.base_weights_8bit,
-               "the int8 base is for the UNet families; Flux's low-memory base (fp8, NF4) "
-               "is not built yet")
         return found
 
-    def notes(self, config) -> list[str]:
+    def notes(self, config, components=None) -> list[str]:
         said = []
+        schnell = components is not None and not components.unet.config.guidance_embeds
+        if schnell and config.flux_guidance != 1.0:
+            said.append("Flux.1 schnell has no guidance input: flux_guidance does not apply")
         if config.sample_negative_prompt.strip() or any(
                 c.class_negative_prompt.strip() for c in config.concepts):
             said.append("Flux.1 is guidance-distilled: the negative prompts are not used for "
