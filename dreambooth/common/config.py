@@ -190,6 +190,11 @@ class TrainingConfig:
     sample_guidance_scale: float = 7.5
     sample_seed: int = 1337
     sample_size: int = 0  # 0: the training resolution
+    # --- validation (engine/validation.py) ---------------------------------------------------
+    validation_split: float = 0.0  # share of each concept's instance pictures held out; 0: off
+    validate_every_n_steps: int = 0  # 0: only at the end (when pictures are held out)
+    validation_timesteps: int = 4  # fixed noise levels spread over the schedule
+    keep_best: bool = False  # also save the best-scoring step as <name>_best
 
     # ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -360,6 +365,9 @@ class TrainingConfig:
         need(not (self.training_method == "locon" and self.lora_conv_rank == 0), "lora_conv_rank",
              "LoCon trains the ResNet convolutions: give them a rank (or choose lora)")
         need(self.lokr_factor != 0, "lokr_factor", "-1 (balanced) or a factor of at least 1")
+        for name in ("validate_every_n_steps", "keep_best"):
+            need(not (getattr(self, name) and not self.validation_split), name,
+                 "needs held-out pictures: set validation_split (e.g. 0.2)")
         need(not (self.dora and self.training_method in ("loha", "lokr")), "dora",
              "DoRA is offered with lora and locon")
         need(not (self.dora and self.lora_dropout), "lora_dropout",
@@ -494,6 +502,9 @@ RANGES: dict[str, Range] = {
     "sample_guidance_scale": Range(0, 50),
     "sample_seed": Range(0, MAX_SEED),
     "sample_size": Range(0, 4096, hint="0: the training resolution"),
+    "validation_split": Range(0, 1, high_open=True, hint="0: off; 0.1-0.2 holds out a few"),
+    "validate_every_n_steps": Range(0, MAX_STEPS, hint="0: only at the end"),
+    "validation_timesteps": Range(1, 100),
 }
 # Text options that name files or folders: no control character at all.
 FUSABLE = ("adamw", "adamw8bit", "lion", "lion8bit", "adafactor", "sgd")

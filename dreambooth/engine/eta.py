@@ -24,20 +24,23 @@ class RunExtras:
     """The costs of the non-step work of a run, measured as it happens.
 
     ``kinds``: "samples" (every ``sample_every_n_steps`` and once at the end), "save" (every
-    ``save_every_n_steps``), "resume" (every ``checkpoint_every_n_steps``) and "export" (once at
-    the end). A save costs what an export costs."""
+    ``save_every_n_steps``), "resume" (every ``checkpoint_every_n_steps``), "validation" (every
+    ``validate_every_n_steps`` and once at the end, when it runs) and "export" (once at the end).
+    A save costs what an export costs."""
 
     def __init__(self, *, total_steps: int, sample_every: int, save_every: int,
-                 resume_every: int, export: bool, base_file: Path | None = None):
+                 resume_every: int, export: bool, base_file: Path | None = None,
+                 validate_every: int | None = None):
         self.total_steps = total_steps
         self.every = {"samples": sample_every, "save": save_every if export else 0,
-                      "resume": resume_every}
+                      "resume": resume_every, "validation": validate_every or 0}
+        self.validates = validate_every is not None
         self.export = export
         guess = None
         if export and base_file is not None and base_file.is_file():
             guess = base_file.stat().st_size / EXPORT_BYTES_PER_S
         self.cost: dict[str, float | None] = {"samples": None, "save": guess, "resume": None,
-                                              "export": guess}
+                                              "export": guess, "validation": None}
         self.spent = 0.0  # seconds of extras so far (not steps)
 
     def measured(self, kind: str, seconds: float) -> None:
@@ -55,6 +58,8 @@ class RunExtras:
                 # events at multiples of ``every`` after ``step`` and before the last step
                 seconds += cost * max(0, (self.total_steps - 1) // every - step // every)
         seconds += self.cost["samples"] or 0.0  # the samples at the end
+        if self.validates:  # the validation at the end
+            seconds += self.cost["validation"] or 0.0
         if self.export:
             seconds += self.cost["export"] or 0.0
         return seconds

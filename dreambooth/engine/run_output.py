@@ -3,6 +3,7 @@ existing files are its own (may be replaced after a resume)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -29,6 +30,8 @@ class RunWriter:
         self.accelerator, self.trained, self.ema = accelerator, trained, ema
         self.optimizer, self.lr_scheduler, self.reporter = optimizer, lr_scheduler, reporter
         self.run_id = run_id
+        # more of the run's state for its resume points (the best validation so far)
+        self.extra_state: Callable[[], dict[str, Any]] | None = None
 
     def trained_models(self) -> dict[str, torch.nn.Module]:
         return {name: self.accelerator.unwrap_model(m) for name, m in self.trained.items()}
@@ -39,7 +42,8 @@ class RunWriter:
         models = self.trained_models()
         state = {"optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(),
-                 "ema": self.ema.state_dict() if self.ema is not None else None}
+                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                 **(self.extra_state() if self.extra_state is not None else {})}
         point = resume.save_resume_point(
             self.paths.resume_dir, step, models, state, run_id=self.run_id,
             limit=self.config.checkpoints_total_limit,

@@ -110,6 +110,7 @@ class Start:
     own_points: list[Path]
     instances: list[data.Picture]
     resume: bool = False
+    validation: list[data.Picture] = dataclasses.field(default_factory=list)  # held out
 
     @property
     def device(self) -> torch.device:
@@ -196,7 +197,9 @@ def start_run(config: TrainingConfig, paths: RunPaths, reporter: Reporter, *, re
     config.check()
     for note in config.warnings():
         reporter.log(f"warning: {note}")
-    instances = data.collect_pictures(config, include_class=False)
+    from dreambooth.engine.validation import split_validation
+
+    instances, held = split_validation(data.collect_pictures(config, include_class=False), config)
     own_points = _refusals(config, paths, resume, export_model)
     run_id = ((own_points and resume_points.read_state(own_points[-1]).get("run_id"))
               or (resume and resume_points.read_run_id(paths.work_dir))
@@ -211,7 +214,7 @@ def start_run(config: TrainingConfig, paths: RunPaths, reporter: Reporter, *, re
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     _machine_refusals(config, precision, accelerator)
-    start = Start(accelerator, precision, str(run_id), own_points, instances, resume)
+    start = Start(accelerator, precision, str(run_id), own_points, instances, resume, held)
     if start.main:
         earlier = bool(resume_points.list_resume_points(paths.resume_dir)) and not resume
         _write_run_folder(config, paths, start, reporter, earlier)
@@ -268,7 +271,10 @@ def open_model(config: TrainingConfig, start: Start, reporter: Reporter,
                                       "set prediction_type to v_prediction, or turn it off")])
     if not config.resolution:  # "the model's own": known now that the model is
         config = config.with_resolution(family.default_resolution(prediction_type))
-        start.instances = data.collect_pictures(config, include_class=False)
+        from dreambooth.engine.validation import split_validation
+
+        start.instances, start.validation = split_validation(
+            data.collect_pictures(config, include_class=False), config)
     reporter.log(f"{family.title}, {prediction_type} prediction"
                  + (", zero terminal SNR" if zero_terminal_snr else "")
                  + f", {config.resolution} px")
@@ -288,6 +294,7 @@ def open_model(config: TrainingConfig, start: Start, reporter: Reporter,
 class Pictures:
     instances: list[data.Picture]
     classes: list[data.Picture]
+    validation: list[data.Picture] = dataclasses.field(default_factory=list)  # held out
 
     @property
     def all(self) -> list[data.Picture]:
@@ -327,7 +334,14 @@ def gather_pictures(model: Model, start: Start, reporter: Reporter) -> Pictures:
             make_class_pictures(model, start, reporter)
         start.accelerator.wait_for_everyone()
         pictures = data.collect_pictures(config, include_class=True)
-    found = Pictures([p for p in pictures if not p.is_class], [p for p in pictures if p.is_class])
+    held = {str(p.path) for p in start.validation}
+    found = Pictures([p for p in pictures if not p.is_class and str(p.path) not in held],
+                     [p for p in pictures if p.is_class], list(start.validation))
+    if found.validation:
+        count = len(found.validation)
+        reporter.log(f"validation: {count} instance picture{'s' if count > 1 else ''} held out "
+                     f"({', '.join(p.path.name for p in found.validation[:5])}"
+                     f"{', ...' if len(found.validation) > 5 else ''})")
     if config.with_prior_preservation:
         missing = ({p.concept_index for p in found.instances}
                    - {p.concept_index for p in found.classes})

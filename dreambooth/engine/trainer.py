@@ -26,6 +26,7 @@ from dreambooth.common.run_types import Cancelled, Reporter, RunPaths, TrainResu
 from dreambooth.engine import fused
 from dreambooth.engine import resume as resume_points
 from dreambooth.engine.eta import RunExtras
+from dreambooth.engine.model_files import ema_weights, model_file_name
 from dreambooth.engine.optimizers import EMA, freeze_text_encoder
 from dreambooth.engine.run_data import (Encoded, LatentSource, TextConditioning, batch_inputs,
                                         class_partner, micro_batches, step_record)
@@ -35,6 +36,7 @@ from dreambooth.engine.run_setup import (Model, Pictures, Start, TrainedEncoder,
                                          open_model, place_models, prepared, release, set_attention,
                                          start_run, trained_encoders)
 from dreambooth.engine.training_log import TrainingLog
+from dreambooth.engine.validation import Validator, eval_mode
 from dreambooth.models import adapters
 from dreambooth.models.components import Components
 from dreambooth.models.objective import dreambooth_loss, step_generator
@@ -72,14 +74,15 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
     total_steps = config.total_steps(len(pictures.instances))
     encoders = trained_encoders(model, total_steps)
     trained = place_models(model, encoders, start.device, reporter)
-    latents, text = fill_caches(model, pictures, encoders, start.device, reporter)
+    latents, text, validator = fill_caches(model, pictures, encoders, start.device, reporter)
     optimizer, lr_scheduler = make_optimizer(config, trained, encoders, total_steps, start.device)
     trained, optimizer, denoiser, text.encoding = prepared(model, start.accelerator, trained,
                                                            optimizer)
     ema = (EMA(start.accelerator.unwrap_model(trained["unet"]).parameters(), config.ema_decay)
            if config.use_ema else None)
     run = Run(config, paths, reporter, start, model, pictures, total_steps, trained, denoiser,
-              latents, text, optimizer, lr_scheduler, ema, export=export_model, started=started)
+              latents, text, optimizer, lr_scheduler, ema, export=export_model, started=started,
+              validator=validator)
     restore(run, encoders)
     return loop(run)
 
@@ -88,11 +91,13 @@ def run_training(config: TrainingConfig, paths: RunPaths, *, reporter: Reporter,
 # The caches, the run's state, the resume point
 # ---------------------------------------------------------------------------------------------
 def fill_caches(model: Model, pictures: Pictures, encoders: list[TrainedEncoder], device,
-                reporter: Reporter) -> tuple[LatentSource, TextConditioning]:
+                reporter: Reporter) -> tuple[LatentSource, TextConditioning, Validator | None]:
     """Latents and text embeddings computed once where they cannot change, so the VAE (and the
     frozen text encoders) can leave the GPU during training."""
     config, components = model.config, model.components
     latents = LatentSource(components.vae, config, device, model.vae_dtype, model.family)
+    validator = (Validator.prepare(pictures.validation, latents, model.objective, config)
+                 if pictures.validation else None)  # encoded now: the VAE may leave the GPU
     if latents.cache is not None:
         reporter.phase("caching")
         flips = data.cache_flips(config)
@@ -110,7 +115,7 @@ def fill_caches(model: Model, pictures: Pictures, encoders: list[TrainedEncoder]
     text = TextConditioning(model.family, components, config, device)
     if config.cache_text_embeddings and not encoders \
             and not (config.shuffle_tags or config.tag_dropout):
-        count = text.fill_cache([p.caption for p in pictures.all])
+        count = text.fill_cache([p.caption for p in pictures.all + pictures.validation])
         for _, encoder in model.encoders:
             encoder.to("cpu")
         reporter.log(f"cached {count} text embeddings")
@@ -119,14 +124,14 @@ def fill_caches(model: Model, pictures: Pictures, encoders: list[TrainedEncoder]
                      "the prompts each time")
     elif config.cache_text_embeddings and not (config.shuffle_tags or config.tag_dropout):
         _cache_frozen_encoders(model, text, pictures, encoders, reporter)
-    return latents, text
+    return latents, text, validator
 
 
 def _cache_frozen_encoders(model: Model, text: TextConditioning, pictures: Pictures,
                            encoders: list[TrainedEncoder], reporter: Reporter) -> None:
     """While a text encoder trains, the encoders that never do (Flux's T5) give each prompt's
     part once and leave the GPU."""
-    count = text.fill_frozen_cache([p.caption for p in pictures.all])
+    count = text.fill_frozen_cache([p.caption for p in pictures.all + pictures.validation])
     if not count:
         return
     training = {e.name for e in encoders}
@@ -164,6 +169,7 @@ class Run:
     training_te: dict[str, tuple[int, int]] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     pending: torch.Tensor | None = None  # loss, instance loss, prior loss of the micro-steps
+    validator: Validator | None = None  # the held-out pictures (validation_split)
 
     @property
     def accelerator(self):
@@ -211,6 +217,8 @@ def _load_training_state(run: Run, state: dict, point: Path) -> None:
     run.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if run.ema is not None and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
+    if run.validator is not None and state.get("validation_best"):
+        run.validator.best = dict(state["validation_best"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,13 +253,19 @@ def micro_step(run: Run, micro: int, batch: list[int]) -> torch.Tensor:
                                       device)
     noisy, target = objective.noisy_and_target(latents, noise, timesteps)
     weights = objective.row_weights(timesteps, n_instance=len(batch))
-    with run.accelerator.autocast():
-        conditioning = run.text(prompts, training_encoders=bool(run.training_te))
-        pred = family.predict(run.denoiser, noisy, timesteps, conditioning, picture_conditioning)
-        loss, instance_loss, prior_loss = dreambooth_loss(
-            pred, target, n_instance=len(batch), prior_loss_weight=config.prior_loss_weight,
-            weights=weights, pixel_weights=pixel_weights)
-    run.accelerator.backward(loss / accum)
+    # torch's own generator (dropout in an adapter or a text encoder) seeded by (seed, micro):
+    # the same masks whatever ran before (another run, a validation, a resume)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(step_generator(config.seed, micro, salt=2).initial_seed())
+        with run.accelerator.autocast():
+            conditioning = run.text(prompts, training_encoders=bool(run.training_te))
+            pred = family.predict(run.denoiser, noisy, timesteps, conditioning,
+                                  picture_conditioning)
+            loss, instance_loss, prior_loss = dreambooth_loss(
+                pred, target, n_instance=len(batch), prior_loss_weight=config.prior_loss_weight,
+                weights=weights, pixel_weights=pixel_weights)
+        run.accelerator.backward(loss / accum)
     if prior_loss is None:
         prior_loss = torch.zeros_like(instance_loss)
     return torch.stack([loss, instance_loss, prior_loss]).detach() / accum
@@ -310,7 +324,11 @@ class Outputs:
                                 save_every=config.save_every_n_steps,
                                 resume_every=config.checkpoint_every_n_steps,
                                 export=run.export and self.main,
-                                base_file=base_file if base_file.is_file() else None)
+                                base_file=base_file if base_file.is_file() else None,
+                                validate_every=(config.validate_every_n_steps
+                                                if run.validator is not None else None))
+        if run.validator is not None:
+            self.writer.extra_state = lambda: {"validation_best": dict(run.validator.best)}
         self.log: TrainingLog | None = None
         if self.main:
             self.log = TrainingLog(run.paths.logs_dir, settings=config.to_dict(),
@@ -340,6 +358,26 @@ class Outputs:
         if not final:
             run.reporter.phase("training")
 
+    def validate(self) -> None:
+        """Score the held-out pictures now; log it; with keep_best, save a new best step."""
+        run = self.run
+
+        def score():
+            with ema_weights(run.trained["unet"], run.ema), \
+                    eval_mode([*run.trained.values(), run.denoiser]):
+                return run.validator.score(run, run.step)
+
+        result = self.timed("validation", score)
+        best = run.validator.best
+        run.reporter.log(f"validation loss {result.loss:.5f} at step {run.step}"
+                         + (" (EMA weights)" if result.ema else "")
+                         + (", the best so far" if best["step"] == run.step else
+                            f"; the best: {best['loss']:.5f} at step {best['step']}"))
+        if self.log is not None:
+            self.log.validation(run.step, result.record())
+        if (run.config.keep_best and best["step"] == run.step and self.main and run.export):
+            self.timed("save", lambda: self.writer.model(run.step, suffix="_best"))
+
     def after_step(self) -> None:
         """Models and samples first, the resume point last: a run resumed from this step has
         everything before it done (a crash in between redoes this step's saves)."""
@@ -350,6 +388,8 @@ class Outputs:
             self.timed("save", lambda: self.writer.model(step, suffix=f"_{step}"))
         if self.main and due(config.sample_every_n_steps):
             self.samples()
+        if run.validator is not None and due(config.validate_every_n_steps):
+            self.validate()
         if self.main and due(config.checkpoint_every_n_steps):
             self.timed("resume", lambda: self.writer.resume_point(step))
             run.saved_step = step
@@ -419,6 +459,8 @@ def finish(run: Run, outputs: Outputs) -> Path | None:
     # (resuming there only exports): give its memory back before the export needs some.
     run.optimizer.state.clear()
     give_memory_back()
+    if run.validator is not None:  # every process: a full model's DDP forward syncs buffers
+        outputs.validate()
     if not run.start.main:
         return None
     outputs.samples(final=True)  # always a last look at the result
@@ -456,5 +498,10 @@ def summary(run: Run, output_path: Path | None, cancelled: bool, step_started: f
     stepping = time.time() - step_started - spent  # samples, saves and export left out
     run.reporter.log(f"{run.step}/{run.total_steps} steps in {seconds:.1f} s"
                      + (f" ({stepping / max(run.step, 1):.3f} s/step)" if run.step else ""))
+    best = run.validator.best if run.validator is not None else None
+    if best:
+        kept = (f": saved as {model_file_name(run.config, '_best')}"
+                if run.config.keep_best and run.export else "")
+        run.reporter.log(f"best validation loss {best['loss']:.5f} at step {best['step']}{kept}")
     return TrainResult(output_path, run.step, run.total_steps, seconds, cancelled, run.losses,
                        run.ema)

@@ -94,6 +94,16 @@ class TrainingLog:
         if self.tracker is not None:
             self.tracker.log({f"train/{k}": v for k, v in values.items()}, step=step)
 
+    def validation(self, step: int, values: dict[str, Any]) -> None:
+        """A validation scoring: ``validation_loss`` and the loss at each fixed noise level."""
+        self._write({"step": step, "time": round(time.time(), 3), "event": "validation",
+                     **values})
+        if self.tracker is not None:
+            scalars = {"validation/loss": values["validation_loss"]}
+            scalars.update({f"validation/level_{i}": v
+                            for i, v in enumerate(values["validation_per_timestep"])})
+            self.tracker.log(scalars, step=step)
+
     def samples(self, step: int, paths: Iterable[Path]) -> None:
         paths = list(paths)
         self._write({"step": step, "time": round(time.time(), 3), "event": "samples",

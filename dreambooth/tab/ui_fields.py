@@ -160,6 +160,11 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
         ("use_ema", "EMA of the weights", "exports a moving average: smoother, needs memory for "
                                           "a copy of the UNet"),
         ("ema_decay", "EMA decay", ""),
+        ("validation_split", "Validation: pictures held out", "share of each concept's "
+                                                              "pictures scored, not trained on; 0 = off"),
+        ("validate_every_n_steps", "Validation every N steps", "0 = only at the end"),
+        ("validation_timesteps", "Validation noise levels", "fixed levels over the schedule"),
+        ("keep_best", "Keep the best step", "also save it as <name>_best"),
         ("checkpoints_total_limit", "Resume points kept", "older ones are deleted"),
         ("save_on_cancel", "Save the model on cancel", "off: a cancelled run writes nothing"),
         ("export_dtype", "Saved precision", "fp16 halves the file (the seed's --half)"),
