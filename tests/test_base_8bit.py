@@ -170,7 +170,8 @@ def test_the_leanest_adapter_preset_trains_bf16_adapters_fused_over_an_int8_base
     _, lean = ADAPTER_RUNGS[-1]
     assert lean["fused_backward"] and lean["trained_precision"] == "bf16" and lean["base_weights_8bit"]
     networks, place = [], adapters.place
-    monkeypatch.setattr(adapters, "place", lambda *a: networks.append(place(*a)) or networks[-1])
+    monkeypatch.setattr(adapters, "place",
+                        lambda *a, **kw: networks.append(place(*a, **kw)) or networks[-1])
     half = lora_run(tmp_path / "bf16", mixed_precision="bf16")
     result, seen, tensors = lora_run(tmp_path / "lean", **lean)
     # the adapters trained in bf16 (stepped through fp32 copies) in the lean run only

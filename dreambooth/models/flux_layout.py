@@ -144,11 +144,16 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if entry.kind == NORM and entry.parts[0] + ".weight" not in state:
             raise ValueError(f"Flux state lacks {entry.parts[0]}.weight")
         out.update(_convert_entry(entry, state, used))
-    unknown = sorted(set(state) - used)
-    if unknown:
-        raise ValueError(f"keys not in the Flux layout table: {unknown[:10]}"
-                         f"{' ...' if len(unknown) > 10 else ''}")
+    _refuse_unknown(set(state) - used)
     return out
+
+
+def _refuse_unknown(unknown: set[str]) -> None:
+    """ValueError naming the keys the table does not know (never dropped silently)."""
+    if unknown:
+        names = sorted(unknown)
+        raise ValueError(f"keys not in the Flux layout table: {names[:10]}"
+                         f"{' ...' if len(names) > 10 else ''}")
 
 
 def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -162,10 +167,7 @@ def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     used: set[str] = set()
     for entry in table_for(_bfl_as_diffusers_names(bare)):
         out.update(_split_entry(entry, bare, used))
-    unknown = sorted(set(bare) - used)
-    if unknown:
-        raise ValueError(f"keys not in the Flux layout table: {unknown[:10]}"
-                         f"{' ...' if len(unknown) > 10 else ''}")
+    _refuse_unknown(set(bare) - used)
     return out
 
 

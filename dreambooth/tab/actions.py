@@ -224,29 +224,26 @@ def refresh_checkpoints(current: str, host: Host | None = None) -> tuple[list[st
     return choices, value
 
 
-def text_encoder_choices(host: Host | None = None) -> list[str]:
-    """The files of the host's text encoder folder (Forge's models/text_encoder)."""
-    host = host or current_host()
-    root = host.text_encoder_dir()
+def _names_in(files: list, root) -> list[str]:
+    """Files shown by their path inside ``root`` (the whole path when elsewhere)."""
     names = []
-    for path in host.list_text_encoders():
+    for path in files:
         try:
             names.append(path.relative_to(root).as_posix())
         except ValueError:
             names.append(str(path))
-    return [NO_TEXT_ENCODER, *names]
+    return names
+
+
+def text_encoder_choices(host: Host | None = None) -> list[str]:
+    """The files of the host's text encoder folder (Forge's models/text_encoder)."""
+    host = host or current_host()
+    return [NO_TEXT_ENCODER, *_names_in(host.list_text_encoders(), host.text_encoder_dir())]
 
 
 def vae_choices(host: Host | None = None) -> list[str]:
     host = host or current_host()
-    root = host.vae_dir()
-    names = []
-    for path in host.list_vaes():
-        try:
-            names.append(path.relative_to(root).as_posix())
-        except ValueError:
-            names.append(str(path))
-    return [NO_VAE, *names]
+    return [NO_VAE, *_names_in(host.list_vaes(), host.vae_dir())]
 
 
 def run_choices(host: Host | None = None) -> list[str]:
