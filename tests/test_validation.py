@@ -64,6 +64,9 @@ def test_validation_leaves_the_trained_weights_as_they_would_be(tmp_path):
     dropout, _ = run(tmp_path / "dropout", validation_split=0.25, lora_dropout=0.1)
     a, b = read_lora(dropout.output_path)[0], read_lora(checked.output_path)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    scored = validations(tmp_path / "checked")  # every step, at 7 levels
+    assert [r["step"] for r in scored] == list(range(1, 7))
+    assert {len(r["validation_per_timestep"]) for r in scored} == {7}
     # holding pictures out changes what is trained on: the split itself has an effect
     everything, _ = run(tmp_path / "all")
     c, d = read_lora(plain.output_path)[0], read_lora(everything.output_path)[0]
