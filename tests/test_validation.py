@@ -50,7 +50,7 @@ def test_the_same_seed_gives_the_same_validation_figures(tmp_path):
     assert figures(first) == figures(second)
     assert len(first[0]["validation_per_timestep"]) == 4 and first[0]["validation_weights"] == \
         "trained"
-    assert any("1 instance picture held out (zwx_02.png)" in line for line in reporter.lines)
+    assert any("1 picture held out (zwx_02.png)" in line for line in reporter.lines)
     assert any(line.startswith("best validation loss") for line in reporter.lines)
     # another seed holds out another picture and draws other noise: other figures
     run(tmp_path / "c", seed=8, **VALIDATE)
@@ -117,3 +117,28 @@ def test_a_split_that_leaves_no_picture_to_train_on_is_refused_before_any_write(
     with pytest.raises(ConfigError, match="validation_split: holds out 1 of the 1 pictures"):
         run(tmp_path, validation_split=0.1)
     assert not (tmp_path / "work").exists() and not (tmp_path / "Lora").exists()
+
+
+def test_a_concepts_validation_folder_is_scored_and_all_its_pictures_train(tmp_path):
+    from dreambooth.app.demo import draw_pictures
+
+    folder = tmp_path / "held"
+    draw_pictures(folder, count=2, size=72, seed=5)
+    (folder / "zwx_00.txt").write_text("zwx toy on a table")
+    config = base_config(tmp_path, **FAST)
+    config.concepts[0].validation_data_dir = str(folder)
+    config.concepts[0].instance_prompt = "photo of [filewords]"
+    (tmp_path / "base.safetensors").parent.mkdir(parents=True, exist_ok=True)
+    tiny.save_checkpoint(tmp_path / "base.safetensors", size="tiny", seed=0)
+    reporter = RecordingReporter()
+    train(config, run_paths(tmp_path), reporter=reporter, components=tiny_components())
+    assert any("2 pictures held out (zwx_00.png, zwx_01.png)" in line for line in reporter.lines)
+    assert [r["step"] for r in validations(tmp_path)] == [6]  # only at the end
+    assert "cached 4 latents" in reporter.lines  # all 4 instance pictures train
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config.concepts[0].validation_data_dir = str(empty)
+    with pytest.raises(ConfigError, match=r"concepts\[0\]\.validation_data_dir: .* holds no pictures"):
+        train(config, run_paths(tmp_path / "again"), reporter=RecordingReporter(),
+              components=tiny_components())
+    assert not (tmp_path / "again").exists()

@@ -79,6 +79,7 @@ class Concept:
     class_negative_prompt: str = ""
     num_class_images: int | None = None  # None: the run's num_class_images
     sample_prompt: str = ""  # preview prompt; empty: the instance prompt
+    validation_data_dir: str = ""  # held-out pictures of this concept (else validation_split)
 
 
 @dataclass
@@ -190,7 +191,6 @@ class TrainingConfig:
     sample_guidance_scale: float = 7.5
     sample_seed: int = 1337
     sample_size: int = 0  # 0: the training resolution
-    # --- validation (engine/validation.py) ---------------------------------------------------
     validation_split: float = 0.0  # share of each concept's instance pictures held out; 0: off
     validate_every_n_steps: int = 0  # 0: only at the end (when pictures are held out)
     validation_timesteps: int = 4  # fixed noise levels spread over the schedule
@@ -365,9 +365,10 @@ class TrainingConfig:
         need(not (self.training_method == "locon" and self.lora_conv_rank == 0), "lora_conv_rank",
              "LoCon trains the ResNet convolutions: give them a rank (or choose lora)")
         need(self.lokr_factor != 0, "lokr_factor", "-1 (balanced) or a factor of at least 1")
+        held_out = self.validation_split or any(c.validation_data_dir for c in self.concepts)
         for name in ("validate_every_n_steps", "keep_best"):
-            need(not (getattr(self, name) and not self.validation_split), name,
-                 "needs held-out pictures: set validation_split (e.g. 0.2)")
+            need(not (getattr(self, name) and not held_out), name, "needs held-out pictures: "
+                 "set validation_split (e.g. 0.2) or a concept's validation folder")
         need(not (self.dora and self.training_method in ("loha", "lokr")), "dora",
              "DoRA is offered with lora and locon")
         need(not (self.dora and self.lora_dropout), "lora_dropout",
@@ -531,7 +532,7 @@ def fused_problems(config: "TrainingConfig") -> list[FieldError]:
 
 PATH_FIELDS = ("base_model", "vae_path", "clip_l_path", "t5xxl_path", "models_dir",
                "caption_extension")
-CONCEPT_PATH_FIELDS = ("instance_data_dir", "class_data_dir")
+CONCEPT_PATH_FIELDS = ("instance_data_dir", "class_data_dir", "validation_data_dir")
 
 
 def _control_character_errors(config: "TrainingConfig") -> list[FieldError]:

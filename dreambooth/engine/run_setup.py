@@ -339,7 +339,7 @@ def gather_pictures(model: Model, start: Start, reporter: Reporter) -> Pictures:
                      [p for p in pictures if p.is_class], list(start.validation))
     if found.validation:
         count = len(found.validation)
-        reporter.log(f"validation: {count} instance picture{'s' if count > 1 else ''} held out "
+        reporter.log(f"validation: {count} picture{'s' if count > 1 else ''} held out "
                      f"({', '.join(p.path.name for p in found.validation[:5])}"
                      f"{', ...' if len(found.validation) > 5 else ''})")
     if config.with_prior_preservation:

@@ -23,15 +23,38 @@ from dreambooth.common.config import ConfigError, FieldError, TrainingConfig
 from dreambooth.models.objective import dreambooth_loss
 
 
+def folder_pictures(config: TrainingConfig, index: int) -> list[data.Picture]:
+    """The pictures of ``concepts[index].validation_data_dir`` with their captions and buckets,
+    as its instance pictures would have them. ConfigError naming the field when the folder is
+    missing or holds no pictures."""
+    import dataclasses
+    from pathlib import Path
+
+    concept = config.concepts[index]
+    where = f"concepts[{index}].validation_data_dir"
+    folder = Path(concept.validation_data_dir.strip()).expanduser()
+    if not folder.is_dir():
+        raise ConfigError([FieldError(where, f"{folder} is not a folder")])
+    if not data.list_pictures(folder):
+        raise ConfigError([FieldError(where, f"{folder} holds no pictures (PNG, JPEG, WebP ...)")])
+    alone = dataclasses.replace(config, concepts=[dataclasses.replace(
+        concept, instance_data_dir=str(folder))], recursive=False)
+    return [dataclasses.replace(p, concept_index=index)
+            for p in data.collect_pictures(alone, include_class=False)]
+
+
 def split_validation(instances: list[data.Picture], config: TrainingConfig
                      ) -> tuple[list[data.Picture], list[data.Picture]]:
-    """(training, held-out) instance pictures: per concept ``validation_split`` of its pictures,
-    at least one, drawn by the seed from the pictures in name order. ConfigError naming
+    """(training, held-out) pictures: a concept's validation folder when it has one (its
+    instance pictures all train), else ``validation_split`` of its instance pictures, at least
+    one, drawn by the seed from the pictures in name order. ConfigError naming
     ``validation_split`` when a concept would keep no picture to train on."""
+    folders = [i for i, c in enumerate(config.concepts) if c.validation_data_dir.strip()]
+    from_folders = [p for index in folders for p in folder_pictures(config, index)]
     if not config.validation_split:
-        return instances, []
+        return instances, from_folders
     held: set = set()
-    for index in sorted({p.concept_index for p in instances}):
+    for index in sorted({p.concept_index for p in instances} - set(folders)):
         mine = sorted((p for p in instances if p.concept_index == index), key=lambda p: str(p.path))
         count = max(1, round(len(mine) * config.validation_split))
         if count >= len(mine):
@@ -41,7 +64,7 @@ def split_validation(instances: list[data.Picture], config: TrainingConfig
         rng = random.Random(f"{config.seed}-validation-{index}")
         held.update(str(p.path) for p in rng.sample(mine, count))
     return ([p for p in instances if str(p.path) not in held],
-            [p for p in instances if str(p.path) in held])
+            [p for p in instances if str(p.path) in held] + from_folders)
 
 
 def validation_levels(objective: Any, count: int) -> torch.Tensor:

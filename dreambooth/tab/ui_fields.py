@@ -226,8 +226,11 @@ CONCEPT_FIELDS: list[tuple[str, str, str]] = [
     ("class_negative_prompt", "Class negative prompt", "used when generating class pictures"),
     ("num_class_images", "Class pictures", "0 = the number under Prior preservation"),
     ("sample_prompt", "Sample prompt", "empty: the instance prompt"),
+    ("validation_data_dir", "Validation pictures folder", "scored, never trained on (captions "
+                                                          "as for training); empty: the split"),
 ]
 
 # How the concept fields sit in rows (every CONCEPT_FIELDS name exactly once).
 CONCEPT_LAYOUT = [("instance_data_dir", "instance_prompt"), ("class_data_dir", "class_prompt"),
-                  ("class_negative_prompt", "num_class_images"), ("sample_prompt",)]
+                  ("class_negative_prompt", "num_class_images"),
+                  ("sample_prompt", "validation_data_dir")]
