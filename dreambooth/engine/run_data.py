@@ -182,15 +182,15 @@ class TextConditioning:
     def fill_frozen_cache(self, prompts: list[str]) -> int:
         """While an encoder trains: the never-trained encoders' part of each prompt, once
         (0 when the family has none)."""
-        unique = list(dict.fromkeys(prompts))
-        if self.family.frozen_part(self.components, unique[:1], self.device) is None:
-            return 0
-        self.frozen_cache = {}
+        unique, cache = list(dict.fromkeys(prompts)), {}
         for i in range(0, len(unique), 16):
             batch = unique[i:i + 16]
-            rows = self.family.frozen_part(self.components, batch, self.device).rows()
-            self.frozen_cache.update(zip(batch, rows))
-        return len(self.frozen_cache)
+            part = self.family.frozen_part(self.components, batch, self.device)
+            if part is None:  # every encoder of this family may train: nothing to cache
+                return 0
+            cache.update(zip(batch, part.rows()))
+        self.frozen_cache = cache
+        return len(cache)
 
     def __call__(self, prompts: list[str], training_encoders: bool) -> families.Conditioning:
         if self.cache is not None and not training_encoders:

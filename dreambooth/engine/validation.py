@@ -68,14 +68,9 @@ def split_validation(instances: list[data.Picture], config: TrainingConfig
 
 
 def validation_levels(objective: Any, count: int) -> torch.Tensor:
-    """``count`` noise levels spread evenly over the schedule (the middles of equal parts):
-    DDPM timesteps, or a flow's noise levels in (0, 1)."""
-    middles = [(k + 0.5) / count for k in range(count)]
-    scheduler = objective.scheduler
-    if hasattr(objective, "sampling"):  # a flow: the level is the noise share itself
-        return torch.tensor(middles)
-    steps = scheduler.config.num_train_timesteps
-    return torch.tensor([int(m * steps) for m in middles], dtype=torch.long)
+    """``count`` noise levels spread evenly over the schedule (the middles of equal parts), in
+    the objective's own units (:meth:`fixed_levels`)."""
+    return objective.fixed_levels([(k + 0.5) / count for k in range(count)])
 
 
 @dataclass

@@ -129,6 +129,11 @@ class DiffusionObjective:
             return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
         return noisy, noise
 
+    def fixed_levels(self, shares: list[float]) -> torch.Tensor:
+        """Timesteps at these shares of the schedule (validation's fixed levels)."""
+        steps = self.scheduler.config.num_train_timesteps
+        return torch.tensor([int(share * steps) for share in shares], dtype=torch.long)
+
     def row_weights(self, timesteps: torch.Tensor, n_instance: int) -> torch.Tensor | None:
         """Per-row loss weights (min-SNR-gamma; None when off)."""
         return timestep_weights(snr(self.scheduler.alphas_cumprod, timesteps), self.gamma,
@@ -203,6 +208,10 @@ class FlowMatchObjective:
         """The point on the line from the latents to the noise, and the velocity along it."""
         s = sigmas.reshape(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         return (1 - s) * latents + s * noise, noise - latents
+
+    def fixed_levels(self, shares: list[float]) -> torch.Tensor:
+        """Noise levels at these shares (a flow's level is the noise share itself)."""
+        return torch.tensor(shares)
 
     def row_weights(self, timesteps: torch.Tensor, n_instance: int) -> torch.Tensor | None:
         return None
