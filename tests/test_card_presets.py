@@ -247,3 +247,20 @@ def test_flux_takes_the_fp8_base_rung_even_without_bitsandbytes(tmp_path):
     assert choice.values["optimizer"] == "adamw"  # no bitsandbytes: no 8-bit AdamW
     sd = card_presets.choose("6gb", config, "sdxl", 1024, bitsandbytes=False)
     assert not sd.values.get("base_weights_8bit")  # the UNets' int8 base needs bitsandbytes
+
+
+@pytest.mark.parametrize("card, resolution", [("8gb", 1024), ("6gb", 512)])
+def test_small_cards_fit_flux_by_swapping_blocks_and_only_flux_gets_the_rung(card, resolution):
+    """The issue's targets: Flux.1 dev LoRA rank 16 at 1024 px in 8 GB and at 512 px in 6 GB, by
+    the estimate (one picture a step: no prior preservation) — through block swap over the fp8
+    base; the UNet ladders never swap."""
+    config = TrainingConfig(base_model="x", model_name="m", training_method="lora", lora_rank=16,
+                            with_prior_preservation=False)
+    choice = card_presets.choose(card, config, "flux", resolution, bitsandbytes=False)
+    assert choice.fits and choice.values["blocks_to_swap"] > 0 and "block swap" in choice.rung
+    assert choice.values["base_weights_8bit"] and choice.figures["total"] <= CARDS[card] * 0.9
+    assert ("blocks_to_swap", 0, choice.values["blocks_to_swap"]) in choice.changes
+    leaner = dataclasses.replace(config, **{**choice.values, "blocks_to_swap": 0})
+    assert for_config(leaner, "flux", resolution)["total"] > CARDS[card] * 0.9
+    for family in ("sd1", "sdxl"):
+        assert not card_presets.choose(card, config, family, resolution).values["blocks_to_swap"]

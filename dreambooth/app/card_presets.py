@@ -22,7 +22,7 @@ MARGIN = 0.9  # of the card: the allocator's fragmentation, the desktop, another
 
 _START = dict(mixed_precision="fp16", optimizer="adamw8bit", gradient_checkpointing=False,
               fused_backward=False, trained_precision="fp32", base_weights_8bit=False,
-              cache_latents=True, cache_text_embeddings=True)
+              cache_latents=True, cache_text_embeddings=True, blocks_to_swap=0)
 _CKPT = dict(_START, gradient_checkpointing=True)
 # bf16 from the fused rung on: the fused pass cannot use fp16's loss scaling (NVIDIA RTX 30xx
 # and newer have bf16; older cards stop at the rung before).
@@ -45,6 +45,11 @@ ADAPTER_RUNGS: list[tuple[str, dict[str, Any]]] = [
     # pass and bf16 still take ~0.5 GB off: what brings an SDXL LoRA under 5 GB of tensors
     ("+ fused backward pass, bf16 adapter weights (bf16)", dict(_BF16, base_weights_8bit=True)),
 ]
+# After those, for a family whose denoiser runs as chains of blocks (Flux): more of its blocks
+# wait in RAM at each rung (slower steps: each swapped block is copied in twice a step).
+SWAP_RUNGS: list[tuple[str, dict[str, Any]]] = [
+    (f"+ block swap, {count} blocks in RAM", dict(ADAPTER_RUNGS[-1][1], blocks_to_swap=count))
+    for count in (20, 30, 45, 55)]
 
 
 # What a card preset is for: settings that change memory and speed, not what is learned. It
@@ -139,6 +144,13 @@ def _base_8bit(family: str) -> str:
     return next((f.base_8bit for f in FAMILIES if f.name == family), "int8")
 
 
+def swaps_blocks(family: str) -> bool:
+    """Whether ``blocks_to_swap`` applies to the family named ``family`` (Flux)."""
+    from dreambooth.models.memory_estimate import SIZES
+
+    return bool(SIZES[family].chains) if family in SIZES else False
+
+
 def bitsandbytes_installed() -> bool:
     """Whether bitsandbytes can be imported here (found, not imported: that takes seconds)."""
     import importlib.util
@@ -159,7 +171,8 @@ def choose(card: str, config: TrainingConfig, family: str, resolution: int,
         raise ConfigError([FieldError("preset", f"choose one of {', '.join(CARDS)}")])
     budget = CARDS[card] * MARGIN
     choice, previous, kept, refused = None, None, [], []
-    for name, rung in rungs_for(config):
+    swapping = SWAP_RUNGS if swaps_blocks(family) and rungs_for(config) is ADAPTER_RUNGS else []
+    for name, rung in rungs_for(config) + swapping:
         rung = for_device(rung, device, bitsandbytes, _base_8bit(family))
         if rung is None:
             continue

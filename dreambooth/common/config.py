@@ -19,8 +19,7 @@ from dreambooth.common.config_files import (MAX_NESTING, TOO_DEEP, _read_json_or
 from dreambooth.common.errors import ConfigError, FieldError, merge_errors  # noqa: F401  (theirs)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor", "sgd")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-              "polynomial")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 TRAINED_PRECISIONS = ("fp32", "bf16")  # the trained weights themselves (master copy)
 ATTENTION = ("sdpa", "xformers", "default")
@@ -28,8 +27,7 @@ EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 EXPORT_FORMATS = ("safetensors", "ckpt")
 PREDICTION_TYPES = ("", "epsilon", "v_prediction")
 LATENT_SOURCES = ("mean", "sample")  # the VAE posterior's mean, or a fresh sample of it each step
-# What training changes: the whole model, or an adapter file beside it (the LyCORIS kinds the
-# WebUI's built-in Lora extension applies).
+# The whole model, or an adapter file (the LyCORIS kinds the WebUI's own Lora extension applies).
 TRAINING_METHODS = ("full", "lora", "locon", "loha", "lokr")
 LORA_LAYERS = ("attention", "attention_mlp")  # + ResNet convolutions: locon (or a conv rank)
 FLUX_TIMESTEP_SAMPLING = ("shift", "sigmoid", "uniform")  # models.objective.FlowMatchObjective
@@ -169,6 +167,7 @@ class TrainingConfig:
     fused_backward: bool = False  # step each weight as its gradient arrives (no full gradient set)
     trained_precision: str = "fp32"  # bf16: trained weights in bf16, stochastic rounding in the update
     base_weights_8bit: bool = False  # adapters: the frozen base's linear layers in int8 (bitsandbytes)
+    blocks_to_swap: int = 0  # Flux: transformer blocks kept in host memory, swapped in per use
     attention: str = "sdpa"
     compile_unet: bool = False  # torch.compile the UNet in place (torch >= 2.2)
     allow_tf32: bool = True
@@ -505,6 +504,7 @@ RANGES: dict[str, Range] = {
     "sample_size": Range(0, 4096, hint="0: the training resolution"),
     "validation_split": Range(0, 1, high_open=True, hint="0: off; 0.1-0.2 holds out a few"),
     "validate_every_n_steps": Range(0, MAX_STEPS, hint="0: only at the end"),
+    "blocks_to_swap": Range(0, 1000, hint="0: every block on the GPU"),
     "validation_timesteps": Range(1, 100),
 }
 # Text options that name files or folders: no control character at all.

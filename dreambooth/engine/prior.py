@@ -150,7 +150,9 @@ def generate_class_pictures(config: TrainingConfig, pipeline, *,
                             progress: Callable[[int, int], None] | None = None,
                             should_stop: Callable[[], bool] | None = None,
                             log: Callable[[str], None] = print, negative_prompts: bool = True,
-                            pipeline_kwargs: dict | None = None) -> dict[int, int]:
+                            pipeline_kwargs: dict | None = None,
+                            prompt_inputs: Callable[[list[str]], dict] | None = None
+                            ) -> dict[int, int]:
     """Make the missing class pictures of every concept; returns the number made per concept
     (every concept with prior preservation appears, 0 when its folder was full).
 
@@ -158,7 +160,9 @@ def generate_class_pictures(config: TrainingConfig, pipeline, *,
     ``class_batch_size``; ``should_stop()`` is asked before each batch and what was made stays;
     ``progress(done, total)`` is called after each batch. ``negative_prompts`` False: a
     pipeline without classifier-free guidance (Flux), given none; ``pipeline_kwargs``: the
-    family's own keywords (Flux: the T5 token count)."""
+    family's own keywords (Flux: the T5 token count); ``prompt_inputs``: the pipeline's keywords
+    for a batch of prompts encoded beforehand (Flux: its text encoders off the GPU), in place of
+    the prompts."""
     import torch
 
     made: dict[int, int] = {i: 0 for i in range(len(config.concepts))
@@ -197,8 +201,10 @@ def generate_class_pictures(config: TrainingConfig, pipeline, *,
                    and schedule[number + count] == size):
                 count += 1
             seeds = [config.seed + number + k for k in range(count)]
+            given = (prompt_inputs([prompt] * count) if prompt_inputs is not None
+                     else {"prompt": [prompt] * count})
             result = pipeline(
-                prompt=[prompt] * count,
+                **given,
                 **({"negative_prompt": [negative] * count if negative else None}
                    if negative_prompts else {}),
                 num_inference_steps=config.class_sample_steps,

@@ -97,7 +97,8 @@ class RunWriter:
 
 
 def make_samples(components: Components, config: TrainingConfig, paths: RunPaths, step: int,
-                 device, accelerator, unet, ema, reporter: Reporter | None = None) -> list[Path]:
+                 device, accelerator, unet, ema, reporter: Reporter | None = None,
+                 encode=None) -> list[Path]:
     from dreambooth.engine.sampling import generate_samples
 
     def progress(done: int, total: int) -> None:
@@ -107,7 +108,7 @@ def make_samples(components: Components, config: TrainingConfig, paths: RunPaths
     live = accelerator.unwrap_model(unet)
     with ema_weights(live, ema):
         return generate_samples(components, config, paths.samples_dir, step, device,
-                                progress=progress)
+                                progress=progress, encode=encode)
 
 
 def export(config: TrainingConfig, paths: RunPaths, components: Components, accelerator,

@@ -86,8 +86,10 @@ def load_model(config: TrainingConfig):
         clip_path=config.clip_l_path or None, t5_path=config.t5xxl_path or None)
 
 
-def release(accelerator, components: Components) -> None:
+def release(accelerator, components: Components, block_swaps=()) -> None:
     """Free what the run put on the GPU: the WebUI needs the memory back."""
+    for swap in block_swaps or ():  # the swapped blocks' weights back in place (on the host)
+        swap.close()
     accelerator.free_memory()
     for model in components.modules():
         model.to("cpu")
@@ -242,10 +244,22 @@ class Model:
     zero_terminal_snr: bool
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
+    block_swap: Any = None  # the models.block_swap.BlockSwap of each chain while swapping
 
     @property
     def encoders(self) -> list[tuple[str, torch.nn.Module]]:
         return self.family.encoder_modules(self.components)  # [(name, module)], prompt order
+
+
+def _swap_problems(family: families.Family, components: Components,
+                   config: TrainingConfig) -> list[FieldError]:
+    """``blocks_to_swap`` against the loaded model's own blocks (each chain keeps one)."""
+    chains = family.swap_blocks(components.unet) if config.blocks_to_swap else []
+    most = sum(len(chain) for chain in chains) - len(chains)
+    if not chains or config.blocks_to_swap <= most:
+        return []
+    return [FieldError("blocks_to_swap", f"this model has {most + len(chains)} blocks and keeps "
+                       f"one of each kind: at most {most} can be swapped")]
 
 
 def open_model(config: TrainingConfig, start: Start, reporter: Reporter,
@@ -258,7 +272,7 @@ def open_model(config: TrainingConfig, start: Start, reporter: Reporter,
         prediction_type = kind.prediction_type
         zero_terminal_snr = zero_terminal_snr or getattr(kind, "zero_terminal_snr", False)
     family = families.of_components(components).configured(config)
-    problems = family.config_problems(config)
+    problems = family.config_problems(config) + _swap_problems(family, components, config)
     if problems:
         raise ConfigError(problems)
     for note in family.notes(config, components):
@@ -305,22 +319,63 @@ def make_class_pictures(model: Model, start: Start, reporter: Reporter) -> None:
     """Generate the missing class pictures with the base model itself (main process)."""
     from dreambooth.engine import prior
 
-    components, device = model.components, start.device
+    components, device, family = model.components, start.device, model.family
     components.vae.to(device, torch.float32 if model.vae_dtype == torch.float32
                       else model.weight_dtype)
     for _, encoder in model.encoders:
         encoder.to(device, model.weight_dtype)
-    components.unet.to(device, model.weight_dtype)
+    encoded = _encoded_class_prompts(model, device) if family.encodes_for_pipeline else None
+    swaps = _denoiser_on_device(model, device)
     pipe = components.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    prior.generate_class_pictures(
-        model.config, pipe, should_stop=reporter.should_stop, log=reporter.log,
-        negative_prompts=model.family.negative_prompts,
-        pipeline_kwargs=model.family.pipeline_kwargs(model.config),
-        progress=lambda done, total: reporter.progress(done, total, None, None))
+    try:
+        prior.generate_class_pictures(
+            model.config, pipe, should_stop=reporter.should_stop, log=reporter.log,
+            negative_prompts=family.negative_prompts,
+            pipeline_kwargs=family.pipeline_kwargs(model.config),
+            progress=lambda done, total: reporter.progress(done, total, None, None),
+            prompt_inputs=None if encoded is None else lambda prompts: family.prompt_inputs(
+                families.Conditioning.stack([encoded[p] for p in prompts], device)))
+    finally:
+        for swap in swaps:
+            swap.close()
     del pipe
     if reporter.should_stop():
         raise Cancelled
+
+
+def _encoded_class_prompts(model: Model, device) -> dict[str, families.Conditioning] | None:
+    """Each class prompt encoded once (Flux), the text encoders then back on the CPU so the
+    transformer has the card; None when no class picture is missing."""
+    from dreambooth.engine.prior import class_pictures_needed, class_prompt_for_generation
+
+    needed = class_pictures_needed(model.config)
+    if not any(missing for _, missing in needed):
+        return None
+    prompts = list(dict.fromkeys(class_prompt_for_generation(model.config.concepts[i].class_prompt)
+                                 for i, missing in needed if missing))
+    with torch.no_grad():
+        rows = model.family.encode(model.components, prompts, 1, device).rows()
+    for _, encoder in model.encoders:
+        encoder.to("cpu")
+    give_memory_back()
+    return dict(zip(prompts, rows))
+
+
+def _denoiser_on_device(model: Model, device) -> list:
+    """The denoiser on ``device`` for inference: whole, or with ``blocks_to_swap`` of its blocks
+    swapped in as their turn comes (closed by the caller)."""
+    unet, config = model.components.unet, model.config
+    chains = model.family.swap_blocks(unet) if config.blocks_to_swap else []
+    blocks = [block for chain in chains for block in chain]
+    if not chains:
+        unet.to(device, model.weight_dtype)
+        return []
+    from dreambooth.models import block_swap
+
+    unet.to(model.weight_dtype)
+    block_swap.to_device_but(unet, blocks, device)
+    return block_swap.install(unet, chains, config.blocks_to_swap, device)
 
 
 def gather_pictures(model: Model, start: Start, reporter: Reporter) -> Pictures:
@@ -405,8 +460,18 @@ def place_models(model: Model, encoders: list[TrainedEncoder], device, reporter:
     too_wide = adapters.rank_warning(config, {"unet": unet, **{e.name: e.module for e in encoders}})
     if too_wide:
         reporter.log(f"warning: {too_wide}")
+    chains = model.family.swap_blocks(unet) if config.blocks_to_swap else []
+    blocks = [block for chain in chains for block in chain]
     trained = adapters.place(config, unet, model.encoders, {e.name for e in encoders}, device,
-                             model.weight_dtype, base_8bit=model.family.base_8bit)
+                             model.weight_dtype, base_8bit=model.family.base_8bit,
+                             host_blocks=blocks)
+    if chains:
+        from dreambooth.models import block_swap
+
+        model.block_swap = block_swap.install(unet, chains, config.blocks_to_swap, device)
+        reporter.log(f"block swap: {len(blocks) - config.blocks_to_swap} of the transformer's "
+                     f"{len(blocks)} blocks on the {device.type.upper()} at a time, "
+                     f"{config.blocks_to_swap} copied in from host memory as their turn comes")
     give_memory_back()  # the fp32 weights a cast to half precision or int8 left free (GBs)
     if config.base_weights_8bit and model.family.base_8bit == "fp8":
         from dreambooth.models.adapters.fp8 import fp8_layers

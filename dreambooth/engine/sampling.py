@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -41,9 +41,12 @@ def on_device(models, device):
 
 
 def generate_samples(components: Components, config: TrainingConfig, out_dir: Path, step: int,
-                     device, progress: Callable[[int, int], None] | None = None) -> list[Path]:
+                     device, progress: Callable[[int, int], None] | None = None,
+                     encode: Callable[[list[str]], Any] | None = None) -> list[Path]:
     """One picture per sample prompt with the current weights; returns the saved paths.
-    ``progress(done, total)`` before the first picture and after each."""
+    ``progress(done, total)`` before the first picture and after each. ``encode``: the run's
+    conditioning of prompts (its caches); a family that ``encodes_for_pipeline`` (Flux) is
+    given its prompts encoded by it, and its text encoders stay where they are."""
     prompts = sample_prompts(config) if config.sample_steps > 0 else []
     if not prompts:
         return []
@@ -58,9 +61,10 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
     autocast = (torch.autocast(device.type, dtype=half)
                 if half in (torch.float16, torch.bfloat16)
                 and (device.type == "cuda" or half == torch.bfloat16) else contextlib.nullcontext())
-    models = components.modules()
-    family = of_components(components)
-    extra = family.configured(config).pipeline_kwargs(config)
+    family = of_components(components).configured(config)
+    extra = family.pipeline_kwargs(config)
+    encoded = encode is not None and family.encodes_for_pipeline
+    models = [components.unet, components.vae] if encoded else components.modules()
     if family.negative_prompts:  # classifier-free guidance: SD's pipelines
         extra.update(negative_prompt=config.sample_negative_prompt or None,
                      guidance_rescale=guidance_rescale(pipe.scheduler),  # zero terminal SNR
@@ -74,7 +78,8 @@ def generate_samples(components: Components, config: TrainingConfig, out_dir: Pa
             progress(0, len(prompts))
         for index, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(config.sample_seed + index)
-            image = pipe(prompt, num_inference_steps=config.sample_steps,
+            given = family.prompt_inputs(encode([prompt])) if encoded else {"prompt": prompt}
+            image = pipe(**given, num_inference_steps=config.sample_steps,
                          guidance_scale=config.sample_guidance_scale, height=size, width=size,
                          generator=generator, **extra).images[0]
             path = out_dir / f"step-{step:06d}-{index}.png"

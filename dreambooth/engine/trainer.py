@@ -115,7 +115,8 @@ def fill_caches(model: Model, pictures: Pictures, encoders: list[TrainedEncoder]
     text = TextConditioning(model.family, components, config, device)
     if config.cache_text_embeddings and not encoders \
             and not (config.shuffle_tags or config.tag_dropout):
-        count = text.fill_cache([p.caption for p in pictures.all + pictures.validation])
+        count = text.fill_cache([p.caption for p in pictures.all + pictures.validation]
+                                + _sample_prompts(model))
         for _, encoder in model.encoders:
             encoder.to("cpu")
         reporter.log(f"cached {count} text embeddings")
@@ -127,11 +128,22 @@ def fill_caches(model: Model, pictures: Pictures, encoders: list[TrainedEncoder]
     return latents, text, validator
 
 
+def _sample_prompts(model: Model) -> list[str]:
+    """The sample prompts, cached beside the captions where the family's samples are made from
+    encoded prompts (Flux: T5 stays off the GPU for them)."""
+    from dreambooth.engine.sampling import sample_prompts
+
+    if not model.family.encodes_for_pipeline or model.config.sample_steps <= 0:
+        return []
+    return sample_prompts(model.config)
+
+
 def _cache_frozen_encoders(model: Model, text: TextConditioning, pictures: Pictures,
                            encoders: list[TrainedEncoder], reporter: Reporter) -> None:
     """While a text encoder trains, the encoders that never do (Flux's T5) give each prompt's
     part once and leave the GPU."""
-    count = text.fill_frozen_cache([p.caption for p in pictures.all + pictures.validation])
+    count = text.fill_frozen_cache([p.caption for p in pictures.all + pictures.validation]
+                                   + _sample_prompts(model))
     if not count:
         return
     training = {e.name for e in encoders}
@@ -351,7 +363,8 @@ class Outputs:
         run.reporter.phase("sampling")
         made = self.timed("samples", lambda: make_samples(
             run.model.components, run.config, run.paths, run.step, run.start.device,
-            run.accelerator, run.trained["unet"], run.ema, run.reporter))
+            run.accelerator, run.trained["unet"], run.ema, run.reporter,
+            encode=lambda prompts: run.text(prompts, training_encoders=False)))
         if self.log is not None:
             self.log.samples(run.step, made)
         run.reporter.samples(made)
@@ -446,7 +459,7 @@ def loop(run: Run) -> TrainResult:
         if outputs is not None and outputs.log is not None:
             outputs.log.close()
         adapters.release(config, run.unwrapped())
-        release(accelerator, run.model.components)
+        release(accelerator, run.model.components, run.model.block_swap)
     return summary(run, output_path, cancelled, step_started, outputs)
 
 

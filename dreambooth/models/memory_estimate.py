@@ -27,6 +27,7 @@ class FamilySize:
     adapter_per_rank: float  # adapter parameters per unit of rank, attention + feed-forward
     adapter_conv_per_rank: float  # ... and on the ResNet convolutions (LoCon)
     trainable_encoders: int = 2  # of ``encoders`` (Flux: CLIP-L only, T5 never trains)
+    chains: tuple[tuple[int, float], ...] = ()  # block swap: (blocks, parameters of one) per chain
 
 
 SIZES = {
@@ -38,7 +39,7 @@ SIZES = {
     # per-block checkpointing keeps (each of the 57 blocks' input, 4096 + 512 tokens x 3072 in
     # bf16: 1.6 GB) plus one block recomputed (~0.9 GB).
     "flux": FamilySize(11901.4e6, 11898.3e6, 0.0, (123.1e6, 4762.3e6), 1024, 2.5, 5.37e6, 0.0,
-                       trainable_encoders=1),
+                       trainable_encoders=1, chains=((19, 339.8e6), (38, 141.6e6))),
 }
 # Optimizer state, bytes per trained parameter: AdamW's two fp32 moments, their 8-bit versions,
 # Lion's one moment, SGD's momentum, Prodigy's four copies; Adafactor's factored second moment
@@ -59,11 +60,12 @@ def estimate(family: str, *, method: str = "full", train_text_encoder: bool = Fa
              trained_precision: str = "fp32", fused_backward: bool = False,
              base_weights_8bit: bool = False, gradient_checkpointing: bool = True,
              resolution: int = 0, pictures: int = 1, rank: int = 32, conv_rank: int = 0,
-             cache_text_embeddings: bool = True) -> dict[str, float]:
+             cache_text_embeddings: bool = True, blocks_to_swap: int = 0) -> dict[str, float]:
     """GB by category ("frozen weights", "trained weights", "gradients", "optimizer state",
     "activations", "CUDA context") and their "total". ``pictures``: per step, the class
     pictures of prior preservation included; ``trained_encoders``: how many text encoders train
-    when ``train_text_encoder`` (SDXL: 2 unless the second is frozen)."""
+    when ``train_text_encoder`` (SDXL: 2 unless the second is frozen); ``blocks_to_swap``: the
+    frozen base's share on the GPU is what block swap keeps there."""
     size = SIZES.get(family, SIZES["sd1"])
     half = mixed_precision != "no"
     frozen_bytes = 2 if half else 4
@@ -82,7 +84,8 @@ def estimate(family: str, *, method: str = "full", train_text_encoder: bool = Fa
                                                    + size.adapter_conv_per_rank * conv_rank)
         trained = share * (1.0 if train_text_encoder else 0.9)  # the encoders' share of layers
         linear = size.unet_linear if base_weights_8bit else 0.0
-        frozen = linear * 1 + (size.unet - linear) * frozen_bytes
+        frozen = (linear * 1 + (size.unet - linear) * frozen_bytes) * on_gpu_share(size,
+                                                                                   blocks_to_swap)
         frozen += (sum(trained_te) + frozen_te) * frozen_bytes
     grads = trained * trained_bytes * (FUSED_GRADIENTS if fused_backward else 1.0)
     scale = (max(resolution, 64) / size.resolution) ** 2 if resolution else 1.0
@@ -96,6 +99,22 @@ def estimate(family: str, *, method: str = "full", train_text_encoder: bool = Fa
                "activations": activations, "CUDA context": CUDA_OVERHEAD_GB}
     figures["total"] = sum(figures.values())
     return figures
+
+
+def on_gpu_share(size: FamilySize, blocks_to_swap: int) -> float:
+    """The share of the denoiser's weights on the GPU with ``blocks_to_swap`` swapped: what is
+    not in a block, and per chain its resident blocks plus one (the block just run, whose memory
+    the allocator frees once the GPU is done with it, while the next one is copied in)."""
+    if not blocks_to_swap or not size.chains:
+        return 1.0
+    from dreambooth.models.block_swap import split_swapped
+
+    lengths = [count for count, _ in size.chains]
+    swapped = split_swapped(min(blocks_to_swap, sum(lengths) - len(lengths)), lengths)
+    in_blocks = sum(count * params for count, params in size.chains)
+    here = sum(min(count, count - s + 1) * params
+               for (count, params), s in zip(size.chains, swapped))
+    return (size.unet - in_blocks + here) / size.unet
 
 
 def describe(figures: dict[str, float]) -> str:
@@ -119,4 +138,4 @@ def for_config(config, family: str, resolution: int) -> dict[str, float]:
         pictures=config.train_batch_size * (2 if config.with_prior_preservation else 1),
         rank=config.lora_rank,
         conv_rank=config.lora_conv_rank if trains_convolutions(config) else 0,
-        cache_text_embeddings=config.cache_text_embeddings)
+        cache_text_embeddings=config.cache_text_embeddings, blocks_to_swap=config.blocks_to_swap)

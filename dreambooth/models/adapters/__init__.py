@@ -24,7 +24,8 @@ def unavailable(config: TrainingConfig) -> str | None:
 
 def place(config: TrainingConfig, unet: torch.nn.Module,
           encoders: list[tuple[str, torch.nn.Module]], trained_encoders: set[str], device,
-          weight_dtype: torch.dtype, base_8bit: str = "int8") -> dict[str, torch.nn.Module]:
+          weight_dtype: torch.dtype, base_8bit: str = "int8",
+          host_blocks: list[torch.nn.Module] = ()) -> dict[str, torch.nn.Module]:
     """Put the models on ``device`` and return what trains, by component name ("unet", then the
     trained text encoders). Full: the models themselves in fp32 (the optimizer's master copy).
     Adapter: the base models frozen in ``weight_dtype``, one fp32 network per trained component.
@@ -32,11 +33,19 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
     ``trained_precision`` bf16 what trains is in bf16 instead of fp32 (see :mod:`dreambooth.engine.fused`).
     With ``base_weights_8bit`` the frozen linears of the UNet and of the trained text encoders
     are int8 (``base_8bit`` "int8", see :mod:`.quantize`) or fp8 ("fp8", the family's choice,
-    see :mod:`.fp8`); a frozen text encoder is cached, so it stays as it is."""
+    see :mod:`.fp8`); a frozen text encoder is cached, so it stays as it is. ``host_blocks``
+    (block swap): the denoiser's blocks stay on the host, where :mod:`..block_swap` takes them."""
     adapter = config.trains_adapter
     trained_dtype = torch.bfloat16 if config.trained_precision == "bf16" else torch.float32
     base_dtype = weight_dtype if adapter else trained_dtype
-    unet.to(device, base_dtype).train().requires_grad_(not adapter)
+    if host_blocks:  # cast where it is, then all but the blocks to the device
+        from dreambooth.models.block_swap import to_device_but
+
+        unet.to(base_dtype)
+        to_device_but(unet, host_blocks, device)
+    else:
+        unet.to(device, base_dtype)
+    unet.train().requires_grad_(not adapter)
     trained = {"unet": unet}
     for name, encoder in encoders:
         encoder.requires_grad_(False)

@@ -85,13 +85,27 @@ class Family:
     chunked_prompts = True
     # Whether its pipeline takes a negative prompt (classifier-free guidance).
     negative_prompts = True
+    # Whether samples and class pictures are made from prompts encoded beforehand (the text
+    # encoders then stay off the GPU: Flux's T5 is 9.5 GB), see ``prompt_inputs``.
+    encodes_for_pipeline = False
 
     def configured(self, config) -> "Family":
         """The family with this run's settings (a family with options returns a copy)."""
         return self
 
     def config_problems(self, config) -> list:
-        """FieldErrors for what a run of this family cannot honour (none for the UNet families)."""
+        """FieldErrors for what a run of this family cannot honour (the UNet families: block
+        swap, which needs blocks run one after another)."""
+        from dreambooth.common.errors import FieldError
+
+        if config.blocks_to_swap:
+            return [FieldError("blocks_to_swap", f"block swap is for transformer families "
+                               f"(Flux); {self.title} fits without it: set 0")]
+        return []
+
+    def swap_blocks(self, denoiser) -> list[list[torch.nn.Module]]:
+        """The denoiser's chains of blocks, each in the order its blocks run, for
+        ``blocks_to_swap`` (none: the UNet's down, middle and up blocks are not one chain)."""
         return []
 
     def notes(self, config, components=None) -> list[str]:
@@ -102,6 +116,11 @@ class Family:
     def pipeline_kwargs(self, config) -> dict[str, Any]:
         """Keywords of this family's pipeline call besides the prompt, size, steps and seed."""
         return {}
+
+    def prompt_inputs(self, conditioning: Conditioning) -> dict[str, Any]:
+        """The pipeline's keywords for prompts encoded by :meth:`encode` (with
+        ``encodes_for_pipeline``), in place of the prompts themselves."""
+        raise NotImplementedError(f"{self.title}'s pipeline encodes its own prompts")
 
     def adapter_file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An adapter's tensors as its LoRA file holds them (the UNet families: as trained)."""

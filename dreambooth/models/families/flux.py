@@ -19,6 +19,7 @@ from dreambooth.common.errors import FieldError
 from dreambooth.models.families.base import Conditioning, Family
 from dreambooth.models.objective import FlowMatchObjective
 
+FLUX_BLOCKS = 57  # Flux.1's transformer: 19 double-stream and 38 single-stream blocks
 CLIP_TOKENS = 77  # CLIP-L reads one 77-token chunk for its pooled output, as FluxPipeline does
 
 
@@ -65,6 +66,7 @@ class Flux(Family):
     base_8bit = "fp8"  # as kohya's --fp8_base and Forge's fp8 files; no bitsandbytes needed
     trainable_text_encoders = 1  # CLIP-L only: T5 stays frozen (and cached)
     negative_prompts = False  # guidance-distilled: no negative prompt, no CFG
+    encodes_for_pipeline = True  # T5 (9.5 GB) cached: samples need not bring it back
     chunked_prompts = False  # T5 reads t5_max_length tokens; CLIP-L one chunk
     attention_processors = False  # diffusers' Flux processors already use torch's SDPA
 
@@ -104,7 +106,19 @@ class Flux(Family):
                "Flux reads CLIP-L's pooled output, which CLIP skip does not change: set 1")
         refuse("resolution", bool(config.resolution % 16),
                "Flux packs 2x2 latent patches: a multiple of 16 (e.g. 512, 768, 1024)")
+        swap = config.blocks_to_swap
+        refuse("blocks_to_swap", swap and not config.gradient_checkpointing,
+               "swapped blocks are recomputed in the backward: turn on gradient_checkpointing")
+        refuse("blocks_to_swap", swap and config.compile_unet,
+               "a compiled transformer cannot have its blocks swapped: turn compile_unet off")
+        refuse("blocks_to_swap", swap > FLUX_BLOCKS - 2,
+               f"Flux.1 has {FLUX_BLOCKS} blocks (19 double, 38 single) and keeps one of each "
+               f"kind on the GPU: at most {FLUX_BLOCKS - 2} can be swapped")
         return found
+
+    def swap_blocks(self, denoiser) -> list[list[torch.nn.Module]]:
+        """The double-stream blocks, then the single-stream ones: two chains."""
+        return [list(denoiser.transformer_blocks), list(denoiser.single_transformer_blocks)]
 
     def notes(self, config, components=None) -> list[str]:
         said = []
@@ -170,6 +184,11 @@ class Flux(Family):
                             tokenizer=components.tokenizer,
                             text_encoder_2=components.text_encoder_2,
                             tokenizer_2=components.tokenizer_2, transformer=components.unet)
+
+    def prompt_inputs(self, conditioning: Conditioning) -> dict[str, Any]:
+        """FluxPipeline's keywords for encoded prompts: T5's states and CLIP-L's pooled output."""
+        return {"prompt_embeds": conditioning.hidden,
+                "pooled_prompt_embeds": conditioning.pooled.to(conditioning.hidden.dtype)}
 
     def pipeline_kwargs(self, config) -> dict[str, Any]:
         return {"max_sequence_length": self.t5_max_length}
