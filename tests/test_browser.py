@@ -25,7 +25,9 @@ def server(tmp_path):
     config = {"base_model": BASE_NAME, "model_name": "browser-toy", "resolution": 64,
               "with_prior_preservation": False, "max_train_steps": 120, "learning_rate": 1e-4,
               "optimizer": "adamw", "mixed_precision": "no", "gradient_checkpointing": False,
-              "checkpoint_every_n_steps": 0, "sample_every_n_steps": 40, "sample_steps": 2}
+              "checkpoint_every_n_steps": 0, "sample_every_n_steps": 40, "sample_steps": 2,
+              # issue 28: one of the three pictures held out, scored every 20 steps
+              "validation_split": 0.34, "validate_every_n_steps": 20, "keep_best": True}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with served(["-m", "dreambooth", "ui", "--models-dir", str(models),
                  "--config", str(tmp_path / "config.json")], "dreambooth/v1/status",
@@ -120,7 +122,14 @@ def test_train_progress_samples_and_cancel_in_a_real_browser(server):
                 "#dreambooth_output input'); return e && e.value.endsWith('browser-toy.safetensors'); }",
                 timeout=15_000)
             assert output.input_value().endswith("browser-toy.safetensors")
-            page.screenshot(path=str(SHOTS / "03-done.png"))
+            # the validation curve over the training loss, its best step marked, and the
+            # best step's file one click from txt2img
+            assert page.locator("#dreambooth_loss_plot .dreambooth-plot-val-dot").count() == 6
+            best = page.get_attribute("#dreambooth_loss_plot .dreambooth-plot-best", "data-step")
+            assert best and page.locator("#dreambooth_load_best").is_visible()
+            assert f"({best})" in page.inner_text("#dreambooth_load_best")
+            page.screenshot(path=str(SHOTS / "03-done.png"), full_page=True)
+            page.locator("#dreambooth_loss_plot").screenshot(path=str(SHOTS / "03-curve.png"))
 
             # a second, long run: Cancel stops it
             open_tab(page, "Model")

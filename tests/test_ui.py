@@ -154,7 +154,8 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
     assert "my-toy.safetensors" in titles  # refreshed without pressing 🔄
 
     # a page opened now (or reloaded) shows the finished run from the runner, not from the page
-    status, progress, plot, gallery, log, output, logs, note, runs, models, seen = ui.poll("my-toy", {})
+    (status, progress, plot, gallery, log, output, logs, best, best_button, note, runs, models,
+     seen) = ui.poll("my-toy", {})
     assert runs["choices"] == ["my-toy"]  # the previous-runs list follows the work folder
     assert "data-phase='done'" in status and "3 / 3 steps" in progress
     assert output.endswith("my-toy.safetensors") and gallery and "<polyline" in plot
@@ -184,7 +185,7 @@ def test_a_run_lands_in_the_webuis_list_and_loads_in_txt2img_without_deadlock(
     assert loads and loads[-1].startswith("my-toy.safetensors")  # loaded once the lock was free
     while time.time() < deadline and idle_runner.snapshot().switch["state"] == "loading":
         time.sleep(0.05)
-    note = ui.poll("my-toy", seen)[7]  # the tab's message follows the switch
+    note = ui.poll("my-toy", seen)[9]  # the tab's message follows the switch
     assert "my-toy.safetensors is active in txt2img" in note
     assert str(fake_webui.shared.opts.data["sd_model_checkpoint"]).startswith("my-toy.safetensors")
 

@@ -252,6 +252,38 @@ def test_a_lora_run_is_used_in_txt2img_by_its_tag(fake_webui, lora_extension, tm
     assert (title, tag) == ("", "") and "<lora:zwx-lora:1>" in note
 
 
+def test_the_validation_curve_and_the_best_step_are_shown_and_its_file_is_used_by_its_button(
+        fake_webui, lora_extension, tmp_path, idle_runner):
+    """Issue 28: the tab draws the validation loss over the training loss with the best step
+    marked, and a button puts the best step's file (keep_best) into txt2img."""
+    import json
+
+    put_base_checkpoint(fake_webui.checkpoints_dir)
+    fake_webui.sd_models.list_models()
+    host = ui.current_host()
+    config = quick_config(tmp_path, base=BASE_NAME, name="zwx-val", steps=4,
+                          training_method="lora", lora_rank=4, lora_alpha=2.0, sample_steps=0,
+                          learning_rate=1e-2, validation_split=0.3, validate_every_n_steps=1,
+                          keep_best=True)
+    values, extra = ui.config_to_values(config, host)
+    text, errors, _ = ui.start_from_form(values, extra)
+    assert not errors, text
+    wait_done(idle_runner)
+    records = [json.loads(line) for line in
+               (host.work_dir("zwx-val") / "logs" / "train.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["validation_loss"] for r in records if r.get("event") == "validation"}
+    best = min(scores, key=scores.get)
+    (_, _, plot, _, _, output, _, best_path, best_button, *_) = ui.poll("zwx-val", {})
+    assert plot.count("dreambooth-plot-val-dot") == len(scores) == 4
+    assert f"class='dreambooth-plot-best' " in plot and f"best: step {best}" in plot
+    assert best_path == str(host.lora_dir() / "zwx-val_best.safetensors")
+    assert best_button["visible"] and f"({best})" in best_button["value"]
+    title, tag, _ = ui.use_output(best_path, host)
+    assert (title, tag) == ("", "<lora:zwx-val_best:1>")
+    title, tag, _ = ui.use_output(output, host)  # the final file keeps its own button
+    assert tag == "<lora:zwx-val:1>"
+
+
 def test_a_checkpoint_is_still_loaded_in_txt2img(fake_forge):
     path = put_base_checkpoint(fake_forge.checkpoints_dir, "trained.safetensors")
     fake_forge.sd_models.list_models()

@@ -165,7 +165,8 @@ def test_a_run_on_an_sdxl_base_loads_in_txt2img_as_sdxl(bases, tmp_path, idle_ru
     snap = idle_runner.wait(300)
     assert snap.phase == "done", snap.log
     assert f"{name}.safetensors" in bases.sd_models.checkpoints_list  # refreshed, no 🔄 needed
-    status, progress, plot, gallery, log, output, logs, note, runs, models, seen = ui.poll(name, {})
+    (status, progress, plot, gallery, log, output, logs, best, best_button, note, runs, models,
+     seen) = ui.poll(name, {})
     assert "2 / 2 steps" in progress
     assert output.endswith(f"{name}.safetensors")
     # the result is an SDXL model too, as the model line says when it is picked as a base
@@ -175,7 +176,7 @@ def test_a_run_on_an_sdxl_base_loads_in_txt2img_as_sdxl(bases, tmp_path, idle_ru
     title, note = ui.load_output(output)
     assert title.startswith(f"{name}.safetensors")
     wait_for_load(bases, f"{name}.safetensors")
-    assert "is active in txt2img" in ui.poll(name, seen)[7]  # the tab's message follows
+    assert "is active in txt2img" in ui.poll(name, seen)[9]  # the tab's message follows
     model = bases.shared.sd_model
     assert model.sd_checkpoint_info.name == f"{name}.safetensors"
     assert model.is_sdxl and not model.is_sd1 and not model.is_sd2

@@ -46,6 +46,9 @@ class Progress:
     lr: float | None = None
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     lr_history: list[tuple[int, float]] = field(default_factory=list)
+    validation_history: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None  # the best validation step so far
+    best_path: str | None = None  # its file (keep_best)
     it_per_s: float | None = None
     eta_seconds: float | None = None  # counted down from eta_at in every snapshot
     eta_at: float | None = None  # when eta_seconds was measured
@@ -136,6 +139,11 @@ class _JobReporter(Reporter):
     def samples(self, paths: list[Path]) -> None:
         self.runner._add_samples([str(p) for p in paths])
 
+    def validation(self, step: int, loss: float, best_step: int, best_file: Path | None) -> None:
+        self.runner._update(best_step=best_step,
+                            best_path=str(best_file) if best_file is not None else None,
+                            _validation=(step, loss))
+
     def holding(self, held: bool) -> None:
         self.runner._update(holds_generation=bool(held))
 
@@ -174,6 +182,7 @@ class JobRunner:
             return Progress(**{**p.__dict__, "loss_history": list(p.loss_history),
                                "switch": dict(p.switch) if p.switch else None,
                                "lr_history": list(p.lr_history), "samples": list(p.samples),
+                               "validation_history": list(p.validation_history),
                                "log": list(self._log_lines), "eta_seconds": eta})
 
     @property
@@ -271,7 +280,8 @@ class JobRunner:
         self._log(f"failed: {message}")
         return {"phase": "failed", "error": message}
 
-    def _update(self, _history: tuple | None = None, **changes) -> None:
+    def _update(self, _history: tuple | None = None, _validation: tuple | None = None,
+                **changes) -> None:
         if "eta_seconds" in changes:
             changes["eta_at"] = time.time()
         with self._lock:
@@ -283,6 +293,8 @@ class JobRunner:
                     _append_capped(self._progress.loss_history, (step, loss))
                 if lr is not None and loss is not None:
                     _append_capped(self._progress.lr_history, (step, lr))
+            if _validation is not None:
+                _append_capped(self._progress.validation_history, _validation)
 
     def _log(self, line: str) -> None:
         stamp = time.strftime("%H:%M:%S")

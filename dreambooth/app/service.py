@@ -104,6 +104,9 @@ class MirrorReporter(Reporter):
     def extra_time(self, seconds: float) -> None:
         self.inner.extra_time(seconds)
 
+    def validation(self, step: int, loss: float, best_step: int, best_file: Path | None) -> None:
+        self.inner.validation(step, loss, best_step, best_file)
+
     def _mirror(self, step: int, total: int, text: str) -> None:
         try:
             self.host.set_webui_progress(self.title, step, total, text)
@@ -614,6 +617,7 @@ def status() -> dict[str, Any]:
     data = default_runner().snapshot().to_dict()
     data["loss_history"] = [list(p) for p in data["loss_history"]]
     data["lr_history"] = [list(p) for p in data["lr_history"]]
+    data["validation_history"] = [list(p) for p in data["validation_history"]]
     return data
 
 

@@ -31,6 +31,9 @@ class Reporter:
     def extra_time(self, seconds: float) -> None:
         """Seconds the rest of the run needs besides its steps (samples, saves, export)."""
 
+    def validation(self, step: int, loss: float, best_step: int, best_file: Path | None) -> None:
+        """A validation loss at ``step``; the best step so far and its file (``keep_best``)."""
+
     def should_stop(self) -> bool:
         return False
 

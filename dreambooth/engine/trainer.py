@@ -390,6 +390,10 @@ class Outputs:
             self.log.validation(run.step, result.record())
         if (run.config.keep_best and best["step"] == run.step and self.main and run.export):
             self.timed("save", lambda: self.writer.model(run.step, suffix="_best"))
+        kept = run.paths.output_dir(run.config.trains_adapter) / model_file_name(run.config,
+                                                                                  "_best")
+        run.reporter.validation(run.step, result.loss, best["step"],
+                                kept if run.config.keep_best and kept.is_file() else None)
 
     def after_step(self) -> None:
         """Models and samples first, the resume point last: a run resumed from this step has

@@ -12,7 +12,7 @@ from dreambooth.tab.actions import (cancel_job, check_dataset_report, checkpoint
                                     extract_lora, extract_visible,
                                     poll, restore_form, start_from_form, use_output)
 from dreambooth.tab.form import TabForm, label_updates, values_of
-from dreambooth.tab.ui_poll import LOG_TAIL, PollSessions
+from dreambooth.tab.ui_poll import LOG_TAIL, PollSessions, best_button_label
 from dreambooth.tab.ui_render import loss_plot_svg, message, progress_html, status_html
 from dreambooth.tab.widgets import HIDDEN, js
 
@@ -28,7 +28,8 @@ class RunPanel:
     cancel: Any
     check: Any
     make_class: Any
-    live: list[Any]  # status, progress, plot, gallery, log, output, training log (the poll's)
+    # status, progress, plot, gallery, log, output, training log, best file, its button (polled)
+    live: list[Any]
     output: Any
     load_btn: Any
     open_btn: Any
@@ -46,7 +47,9 @@ def _live_output(gr) -> list[Any]:
     snap = runner().snapshot()
     status = gr.HTML(status_html(snap), elem_id="dreambooth_status")
     progress = gr.HTML(progress_html(snap), elem_id="dreambooth_progress")
-    plot = gr.HTML(loss_plot_svg(snap.loss_history, snap.lr_history), elem_id="dreambooth_loss_plot")
+    plot = gr.HTML(loss_plot_svg(snap.loss_history, snap.lr_history,
+                                 validation=snap.validation_history, best_step=snap.best_step),
+                   elem_id="dreambooth_loss_plot")
     gallery = gr.Gallery(value=None, label="Samples", elem_id="dreambooth_gallery", columns=4,
                          height=220, object_fit="contain", preview=False)
     log = gr.Textbox("", label="Log", lines=LOG_TAIL, max_lines=LOG_TAIL, interactive=False,
@@ -88,9 +91,14 @@ def build(gr, form: TabForm) -> RunPanel:
     training_log = gr.HTML("", elem_id="dreambooth_training_log_box")
     with gr.Row():
         load_btn = gr.Button("Use in txt2img", elem_id="dreambooth_load_txt2img")
+        label = best_button_label(runner().snapshot())
+        best_btn = gr.Button(label or "Use the best step in txt2img", visible=bool(label),
+                             elem_id="dreambooth_load_best")
         open_btn = gr.Button("\U0001f4c2 Open folder", elem_id="dreambooth_open_folder")
     load_title = gr.Textbox("", visible=False, elem_id="dreambooth_load_title")
     lora_tag = gr.Textbox("", visible=False, elem_id="dreambooth_lora_tag")
+    best_output = gr.Textbox(runner().snapshot().best_path or "", visible=False,
+                             elem_id="dreambooth_best_output")
     extract_box, extract_inputs, extract_btn = _extract_box(
         gr, form.host, runner().snapshot().output_path or "")
     report = gr.Textbox("", label="Dataset check", lines=6, max_lines=24, interactive=False,
@@ -98,8 +106,8 @@ def build(gr, form: TabForm) -> RunPanel:
     poll_btn = gr.Button("poll", elem_id="dreambooth_poll", elem_classes=["dreambooth-hidden"])
     restore_btn = gr.Button("restore", elem_id="dreambooth_restore",
                             elem_classes=["dreambooth-hidden"])
-    return RunPanel(train, cancel, check, make_class, live + [output, training_log], output,
-                    load_btn, open_btn, load_title, lora_tag, extract_box, extract_inputs,
+    return RunPanel(train, cancel, check, make_class,
+                    live + [output, training_log, best_output, best_btn], output, load_btn, open_btn, load_title, lora_tag, extract_box, extract_inputs,
                     extract_btn, report, poll_btn, restore_btn)
 
 
@@ -151,11 +159,13 @@ def wire(gr, form: TabForm, panel: RunPanel) -> None:
                             queue=False, show_progress=HIDDEN)
     # a checkpoint: the WebUI loads it, the page selects it; a LoRA: the page adds its tag
     # to the txt2img prompt (the WebUI's Lora list rescanned first)
-    panel.load_btn.click(lambda path: use_output(path, host), inputs=[panel.output],
-                         outputs=[panel.load_title, panel.lora_tag, form.action_msg]).then(
-        None, inputs=[panel.load_title, panel.lora_tag], outputs=None,
-        **js(gr, "(title, tag) => { if (tag) { dreamboothUseLora(tag); } "
-                 "else { dreamboothLoadInTxt2img(title); } return []; }"))
+    # the best validation step's file (keep_best) the same way, by its own button
+    for button, path_box in ((panel.load_btn, panel.output), (panel.live[-1], panel.live[-2])):
+        button.click(lambda path: use_output(path, host), inputs=[path_box],
+                     outputs=[panel.load_title, panel.lora_tag, form.action_msg]).then(
+            None, inputs=[panel.load_title, panel.lora_tag], outputs=None,
+            **js(gr, "(title, tag) => { if (tag) { dreamboothUseLora(tag); } "
+                     "else { dreamboothLoadInTxt2img(title); } return []; }"))
     # Extract LoRA: on a full run's checkpoint only, as a job of the runner
     panel.output.change(lambda path: gr.update(visible=extract_visible(path, host)),
                         inputs=[panel.output], outputs=[panel.extract_box], queue=False,

@@ -49,14 +49,21 @@ def logs_dir(host: Host, snap: Any) -> Path | None:
         return None
 
 
+def best_button_label(snap: Any) -> str:
+    """The "Use the best step" button's label; empty (the button hidden) without a best file."""
+    if not snap.best_path or snap.best_step is None:
+        return ""
+    return f"Use the best step ({snap.best_step}) in txt2img"
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha1(repr(value).encode()).hexdigest()
 
 
 def poll(model_name: str, seen: str | dict | None, host: Host,
          built_models: list[str] | None = None) -> tuple:
-    """One poll: (status, progress, plot, gallery, log, output path, training log folder,
-    message, previous runs, base models, seen). ``built_models``: the base-model list the page
+    """One poll: (status, progress, plot, gallery, log, output path, training log folder, best
+    step's file, its button, message, previous runs, base models, seen). ``built_models``: the base-model list the page
     was built with (a new page is sent the list only when the WebUI's has changed since).
 
     ``seen`` (JSON in a hidden textbox: a gr.State input makes gradio 4's client warn at every
@@ -83,11 +90,14 @@ def poll(model_name: str, seen: str | dict | None, host: Host,
     parts = {
         "status": status_html(snap),
         "progress": progress_html(snap),
-        "plot": loss_plot_svg(snap.loss_history, snap.lr_history),
+        "plot": loss_plot_svg(snap.loss_history, snap.lr_history,
+                              validation=snap.validation_history, best_step=snap.best_step),
         "gallery": gallery_items(samples),
         "log": "\n".join(snap.log[-LOG_TAIL:]),
         "output": output,
         "logs": training_log_html(folder, folder is not None and tensorboard_installed()),
+        "best": snap.best_path or "",
+        "best_button": best_button_label(snap),
     }
     out = []
     for key, value in parts.items():
@@ -96,7 +106,9 @@ def poll(model_name: str, seen: str | dict | None, host: Host,
             out.append(gr.update())
         else:
             seen[key] = digest
-            out.append(_gallery_value(value) if key == "gallery" else value)
+            out.append(_gallery_value(value) if key == "gallery" else
+                       gr.update(value=value, visible=bool(value)) if key == "best_button"
+                       else value)
     note = gr.update()
     ended = _digest((snap.job_id, snap.finished_at))
     if seen.get("ended") != ended:

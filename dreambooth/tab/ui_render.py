@@ -76,10 +76,12 @@ def _thin(points: list, limit: int = 300) -> list:
     return [points[int(i * stride)] for i in range(limit)] + [points[-1]]
 
 
-def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height: int = 170) -> str:
+def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height: int = 170,
+                  validation: list = (), best_step: int | None = None) -> str:
     """The loss curve (raw, and smoothed) with the learning rate on its own scale, as inline SVG:
     no plotting library (gradio 3.41's LinePlot needs altair, Forge's lane lacks it), a fixed
-    size (no layout jump), colours from the theme's variables."""
+    size (no layout jump), colours from the theme's variables. ``validation``: (step, loss) of
+    the held-out pictures, drawn on the loss's scale with ``best_step`` marked."""
     left, right, top, bottom = 44, 8, 10, 22
     inner_w, inner_h = width - left - right, height - top - bottom
     parts = [f"<svg class='dreambooth-plot' viewBox='0 0 {width} {height}' "
@@ -93,8 +95,9 @@ def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height
                      f"</text></svg>")
         return "".join(parts)
     points = _thin(points)
-    steps = [s for s, _ in points]
-    values = [v for _, v in points]
+    scored = [(int(s), float(v)) for s, v in validation if v is not None and v == v]
+    steps = [s for s, _ in points + scored]
+    values = [v for _, v in points + scored]
     x0, x1 = min(steps), max(max(steps), min(steps) + 1)
     lo, hi = min(values), max(values)
     if hi - lo < 1e-9:
@@ -118,6 +121,9 @@ def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height
         lr_lo, lr_hi = 0.0, max(v for _, v in lrs) or 1.0
         parts.append("<polyline class='dreambooth-plot-lr' points='"
                      + " ".join(xy(s, v, lr_lo, lr_hi * 1.05) for s, v in lrs) + "'/>")
+    if scored:
+        parts += _validation_parts(scored, best_step, lambda s, v: xy(s, v, lo, hi), top,
+                                   inner_h, left + inner_w / 2)
     parts.append(f"<text x='{left - 4}' y='{top + 9}' text-anchor='end' "
                  f"class='dreambooth-plot-label'>{hi:.3g}</text>")
     parts.append(f"<text x='{left - 4}' y='{top + inner_h}' text-anchor='end' "
@@ -127,9 +133,33 @@ def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height
                  f"class='dreambooth-plot-label'>step {x1}</text>")
     parts.append(f"<text x='{left + inner_w / 2}' y='{height - 6}' text-anchor='middle' "
                  f"class='dreambooth-plot-label'>loss (smoothed) · raw · "
-                 f"<tspan class='dreambooth-plot-lr-label'>lr</tspan></text>")
+                 + ("<tspan class='dreambooth-plot-val-label'>validation</tspan> · "
+                    if scored else "")
+                 + "<tspan class='dreambooth-plot-lr-label'>lr</tspan></text>")
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _validation_parts(scored: list, best_step: int | None, xy, top: float,
+                      inner_h: float, middle: float = 240) -> list[str]:
+    """The validation curve with a dot per score, and the best step's line and label."""
+    parts = ["<polyline class='dreambooth-plot-val' points='"
+             + " ".join(xy(s, v) for s, v in scored) + "'/>"]
+    for step, value in scored:
+        x, y = xy(step, value).split(",")
+        parts.append(f"<circle class='dreambooth-plot-val-dot' cx='{x}' cy='{y}' r='3' "
+                     f"data-step='{step}'><title>step {step}: validation {value:.5g}"
+                     f"</title></circle>")
+    best = next(((s, v) for s, v in scored if s == best_step), None)
+    if best is not None:
+        x = float(xy(*best).split(",")[0])
+        parts.append(f"<line class='dreambooth-plot-best' x1='{x:.1f}' x2='{x:.1f}' y1='{top}' "
+                     f"y2='{top + inner_h}' data-step='{best[0]}'/>")
+        side = (x + 3, "start") if x < middle else (x - 3, "end")  # inside the frame
+        parts.append(f"<text x='{side[0]:.1f}' y='{top + 20}' text-anchor='{side[1]}' "
+                     f"class='dreambooth-plot-label dreambooth-plot-best-label'>"
+                     f"best: step {best[0]}</text>")
+    return parts
 
 
 def gallery_items(paths: list[str]) -> list[tuple[str, str]]:
