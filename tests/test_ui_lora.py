@@ -275,7 +275,7 @@ def test_the_validation_curve_and_the_best_step_are_shown_and_its_file_is_used_b
     best = min(scores, key=scores.get)
     (_, _, plot, _, _, output, _, best_path, best_button, *_) = ui.poll("zwx-val", {})
     assert plot.count("dreambooth-plot-val-dot") == len(scores) == 4
-    assert f"class='dreambooth-plot-best' " in plot and f"best: step {best}" in plot
+    assert "class='dreambooth-plot-best' " in plot and f"best: step {best}" in plot
     assert best_path == str(host.lora_dir() / "zwx-val_best.safetensors")
     assert best_button["visible"] and f"({best})" in best_button["value"]
     title, tag, _ = ui.use_output(best_path, host)

@@ -34,8 +34,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     """The complete lines of a training log (a torn last line of a killed run is skipped)."""
     records = []
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError):
         return []
     for line in text.splitlines():
         try:

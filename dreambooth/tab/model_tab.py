@@ -1,5 +1,6 @@
 """The Model sub-tab: the base model (the WebUI's list), the VAE, prediction type and EMA, the
-new model's name and the file it writes, the previous runs (load their settings, resume)."""
+new model's name and the file it writes, the previous runs (load their settings, resume, compare
+them: :mod:`dreambooth.tab.ui_compare`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dreambooth.common.config import ConfigError
 from dreambooth.tab.actions import (checkpoint_choices, model_name_note, refresh_checkpoints,
                                     resolution_info, resume_run, run_choices,
                                     text_encoder_choices, vae_choices)
+from dreambooth.tab import ui_compare
 from dreambooth.tab.form import AUTO, LABELS, TabForm
 from dreambooth.tab.ui_render import message
 from dreambooth.tab.widgets import HIDDEN, tool_button
@@ -26,6 +28,7 @@ class ModelTab:
     refresh_runs: Any
     load_settings: Any
     resume: Any
+    compare: ui_compare.CompareBox
 
 
 def build(gr, form: TabForm) -> ModelTab:
@@ -80,8 +83,9 @@ def build(gr, form: TabForm) -> ModelTab:
         with gr.Row():
             load_settings = gr.Button("Load its settings", elem_id="dreambooth_load_settings")
             resume = gr.Button("Resume", elem_id="dreambooth_resume")
+        compare = ui_compare.build(gr, host)
     return ModelTab(refresh_models, refresh_vaes, text_encoders, model_kind, name_note, previous, refresh_runs,
-                    load_settings, resume)
+                    load_settings, resume, compare)
 
 
 def wire(gr, form: TabForm, tab: ModelTab) -> None:
@@ -95,7 +99,9 @@ def wire(gr, form: TabForm, tab: ModelTab) -> None:
                              outputs=[comps["base_model"]], queue=False)
     tab.refresh_vaes.click(lambda: gr.update(choices=vae_choices(host)),
                            outputs=[comps["vae_path"]], queue=False)
-    tab.refresh_runs.click(lambda: gr.update(choices=run_choices(host)), outputs=[tab.previous],
+    tab.refresh_runs.click(lambda chosen: (gr.update(choices=run_choices(host)),
+                                           ui_compare.refreshed_runs(gr, host, chosen)),
+                           inputs=[tab.compare.runs], outputs=[tab.previous, tab.compare.runs],
                            queue=False)
     comps["base_model"].change(lambda base: (service.describe_model(host, base or ""),
                                              gr.update(info=resolution_info(base, host)),
@@ -123,3 +129,4 @@ def wire(gr, form: TabForm, tab: ModelTab) -> None:
                                                    form.action_msg])
     tab.resume.click(lambda name: resume_run(name, host), inputs=[tab.previous],
                      outputs=[form.action_msg])
+    ui_compare.wire(gr, tab.compare, host)

@@ -106,7 +106,7 @@ def poll(model_name: str, seen: str | dict | None, host: Host,
             out.append(gr.update())
         else:
             seen[key] = digest
-            out.append(_gallery_value(value) if key == "gallery" else
+            out.append(gallery_value(value) if key == "gallery" else
                        gr.update(value=value, visible=bool(value)) if key == "best_button"
                        else value)
     note = gr.update()
@@ -177,7 +177,7 @@ def restore_form(host: Host) -> TrainingConfig | None:
         return None
 
 
-def _gallery_value(items: list[tuple[str, str]]) -> list:
+def gallery_value(items: list[tuple[str, str]]) -> list:
     """Gradio 4 serves only files under the working or temp folder (or allowed_paths): other
     samples go as pictures instead of paths."""
     import gradio as gr

@@ -69,7 +69,7 @@ def progress_html(snap) -> str:
             f"<div class='dreambooth-progress-text'>{html.escape(text)}</div></div>")
 
 
-def _thin(points: list, limit: int = 300) -> list:
+def thin(points: list, limit: int = 300) -> list:
     if len(points) <= limit:
         return points
     stride = len(points) / limit
@@ -94,7 +94,7 @@ def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height
                      f"class='dreambooth-plot-label'>the loss curve appears with the first steps"
                      f"</text></svg>")
         return "".join(parts)
-    points = _thin(points)
+    points = thin(points)
     scored = [(int(s), float(v)) for s, v in validation if v is not None and v == v]
     steps = [s for s, _ in points + scored]
     values = [v for _, v in points + scored]
@@ -117,7 +117,7 @@ def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height
     parts.append(f"<polyline class='dreambooth-plot-loss' points='{' '.join(smooth)}'/>")
     lrs = [(int(s), float(v)) for s, v in lr_history if v is not None]
     if lrs:
-        lrs = _thin(lrs)
+        lrs = thin(lrs)
         lr_lo, lr_hi = 0.0, max(v for _, v in lrs) or 1.0
         parts.append("<polyline class='dreambooth-plot-lr' points='"
                      + " ".join(xy(s, v, lr_lo, lr_hi * 1.05) for s, v in lrs) + "'/>")
