@@ -53,9 +53,23 @@ def test_the_shift_is_the_one_diffusers_flux_scheduler_samples_with():
 
 
 def draws(sampling: str, scheduler, hw: tuple[int, int], n: int = 4000) -> torch.Tensor:
+    """``n`` noise levels as ``draw`` makes them for latents of ``hw`` (its own normal or
+    uniform draws through ``sigmas``; without the 4000 latents' noise it also draws)."""
     objective = FlowMatchObjective(scheduler, sampling)
-    _, sigmas = objective.draw((n, 16, *hw), torch.Generator().manual_seed(0), "cpu")
-    return sigmas
+    generator = torch.Generator().manual_seed(0)
+    raw = (torch.rand(n, generator=generator) if sampling == "uniform"
+           else torch.randn(n, generator=generator))
+    assert torch.equal(objective.draw((2, 16, *hw), torch.Generator().manual_seed(0), "cpu")[1],
+                       objective.sigmas(draws_after_noise(sampling, hw), hw).float())
+    return objective.sigmas(raw, hw)
+
+
+def draws_after_noise(sampling: str, hw: tuple[int, int]) -> torch.Tensor:
+    """The two raw draws ``draw`` takes for a batch of 2 after its noise (same generator)."""
+    generator = torch.Generator().manual_seed(0)
+    torch.randn((2, 16, *hw), generator=generator)
+    return (torch.rand(2, generator=generator) if sampling == "uniform"
+            else torch.randn(2, generator=generator))
 
 
 def test_each_timestep_sampling_draws_as_it_says():
