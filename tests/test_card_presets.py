@@ -214,12 +214,13 @@ def test_the_api_and_the_run_log_say_what_the_card_changed(tmp_path):
 
 def test_without_bitsandbytes_a_card_preset_uses_plain_adamw_and_no_8bit_base():
     """Forge Neo without --bnb: a preset must not choose what would be refused (8-bit AdamW, an
-    8-bit base); its first rung says so in its name, and the change is said as any other."""
+    8-bit or NF4 base); its first rung says so in its name, and the change is said as any other."""
     lora = TrainingConfig(**BASE, training_method="lora")
     with_bnb = choose("6gb", lora, "sdxl", 1024)
     without = choose("6gb", lora, "sdxl", 1024, bitsandbytes=False)
-    assert with_bnb.values["optimizer"] == "adamw8bit" and with_bnb.values["base_weights_8bit"]
-    assert without.values["optimizer"] == "adamw" and not without.values["base_weights_8bit"]
+    bases = ("base_weights_8bit", "base_weights_4bit")
+    assert with_bnb.values["optimizer"] == "adamw8bit" and any(with_bnb.values[b] for b in bases)
+    assert without.values["optimizer"] == "adamw" and not any(without.values[b] for b in bases)
     assert without.figures["total"] > with_bnb.figures["total"]  # AdamW's state is bigger
     full = choose("24gb", TrainingConfig(**BASE), "sd1", 512, bitsandbytes=False)
     assert "no bitsandbytes" in full.rung and full.values["optimizer"] == "adamw"
@@ -249,16 +250,21 @@ def test_flux_takes_the_fp8_base_rung_even_without_bitsandbytes(tmp_path):
     assert not sd.values.get("base_weights_8bit")  # the UNets' int8 base needs bitsandbytes
 
 
+@pytest.mark.parametrize("bitsandbytes", [False, True])
 @pytest.mark.parametrize("card, resolution", [("8gb", 1024), ("6gb", 512)])
-def test_small_cards_fit_flux_by_swapping_blocks_and_only_flux_gets_the_rung(card, resolution):
+def test_small_cards_fit_flux_by_swapping_blocks_and_only_flux_gets_the_rung(card, resolution,
+                                                                              bitsandbytes):
     """The issue's targets: Flux.1 dev LoRA rank 16 at 1024 px in 8 GB and at 512 px in 6 GB, by
     the estimate (one picture a step: no prior preservation) — through block swap over the fp8
-    base; the UNet ladders never swap."""
+    base, or the NF4 one where bitsandbytes is (fewer blocks to swap); the UNet ladders never
+    swap."""
     config = TrainingConfig(base_model="x", model_name="m", training_method="lora", lora_rank=16,
                             with_prior_preservation=False)
-    choice = card_presets.choose(card, config, "flux", resolution, bitsandbytes=False)
+    choice = card_presets.choose(card, config, "flux", resolution, bitsandbytes=bitsandbytes)
     assert choice.fits and choice.values["blocks_to_swap"] > 0 and "block swap" in choice.rung
-    assert choice.values["base_weights_8bit"] and choice.figures["total"] <= CARDS[card] * 0.9
+    assert choice.figures["total"] <= CARDS[card] * 0.9
+    assert choice.values["base_weights_4bit" if bitsandbytes else "base_weights_8bit"]
+    assert ("NF4" if bitsandbytes else "8-bit") in choice.rung
     assert ("blocks_to_swap", 0, choice.values["blocks_to_swap"]) in choice.changes
     leaner = dataclasses.replace(config, **{**choice.values, "blocks_to_swap": 0})
     assert for_config(leaner, "flux", resolution)["total"] > CARDS[card] * 0.9

@@ -115,8 +115,8 @@ def test_a_missing_base_model_says_what_to_do_on_the_command_line(tmp_path, caps
 def test_without_bitsandbytes_the_8bit_options_are_refused_by_field_before_anything(
         tmp_path, capsys, monkeypatch):
     """Forge Neo installs bitsandbytes only when started with --bnb (and we leave it to Neo):
-    there the 8-bit optimizer and the int8 base are refused by field, saying so, before the
-    first write."""
+    there the 8-bit optimizer and the int8 and NF4 bases are refused by field, saying so, before
+    the first write."""
     import sys
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as an environment without it
@@ -129,4 +129,9 @@ def test_without_bitsandbytes_the_8bit_options_are_refused_by_field_before_anyth
     for field in ("optimizer:", "base_weights_8bit:"):
         line = next(ln for ln in said.splitlines() if field in ln)
         assert "bitsandbytes is not installed" in line and "--bnb" in line
+    config.write_text(json.dumps({**settings, "training_method": "lora",
+                                  "base_weights_4bit": True}))  # NF4: bitsandbytes' too
+    assert cli_main(["train", str(config), "--quiet"]) == 2
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if "base_weights_4bit:" in ln)
+    assert "bitsandbytes is not installed" in line and "--bnb" in line
     assert not (tmp_path / "models" / "dreambooth").exists()

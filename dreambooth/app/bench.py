@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-8bit", action=argparse.BooleanOptionalAction, default=False,
                    help="adapters: the frozen base's linear layers in int8 (base_weights_8bit; "
                         "Flux: fp8)")
+    p.add_argument("--base-4bit", action=argparse.BooleanOptionalAction, default=False,
+                   help="adapters: the frozen base's linear layers in NF4 (base_weights_4bit; "
+                        "bitsandbytes)")
     p.add_argument("--blocks-to-swap", type=int, default=0,
                    help="Flux: transformer blocks kept in host memory and copied in as their "
                         "turn comes (blocks_to_swap; needs --gradient-checkpointing)")

@@ -35,8 +35,8 @@ OPTION_KEYS = ("size", "sdxl_depth", "flux_depth", "resolution", "batch_size", "
                "optimizer", "method", "rank",
                "gradient_checkpointing", "attention", "cache", "train_text_encoder", "prior",
                "compile", "export", "class_pictures", "sample_steps", "threads", "seed",
-               "memory", "fused_backward", "trained_precision", "base_8bit", "blocks_to_swap",
-               "preset")
+               "memory", "fused_backward", "trained_precision", "base_8bit", "base_4bit",
+               "blocks_to_swap", "preset")
 # The family a --size stands for (what the memory estimate and the card presets use).
 SIZE_FAMILY = {"tiny": "sd1", "sd15": "sd1", "sdxl-tiny": "sdxl", "sdxl": "sdxl",
                "flux-tiny": "flux", "flux": "flux"}
@@ -45,7 +45,7 @@ PRESET_OPTIONS = {"mixed_precision": "precision", "optimizer": "optimizer",
                   "gradient_checkpointing": "gradient_checkpointing",
                   "fused_backward": "fused_backward", "trained_precision": "trained_precision",
                   "base_weights_8bit": "base_8bit", "cache_latents": "cache",
-                  "blocks_to_swap": "blocks_to_swap"}
+                  "blocks_to_swap": "blocks_to_swap", "base_weights_4bit": "base_4bit"}
 
 
 # --- Measuring -------------------------------------------------------------------------------
@@ -356,7 +356,8 @@ def make_config(root: Path, options: dict[str, Any], inst: Path, cls: Path):
         max_grad_norm=0.0 if options.get("fused_backward") else 1.0,
         trained_precision=options.get("trained_precision", "fp32"),
         base_weights_8bit=options.get("base_8bit", False), compile_unet=options["compile"],
-        blocks_to_swap=options.get("blocks_to_swap", 0))
+        blocks_to_swap=options.get("blocks_to_swap", 0),
+        base_weights_4bit=options.get("base_4bit", False))
 
 
 def profiled_steps(options: dict[str, Any]) -> int:

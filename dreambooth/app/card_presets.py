@@ -22,7 +22,8 @@ MARGIN = 0.9  # of the card: the allocator's fragmentation, the desktop, another
 
 _START = dict(mixed_precision="fp16", optimizer="adamw8bit", gradient_checkpointing=False,
               fused_backward=False, trained_precision="fp32", base_weights_8bit=False,
-              cache_latents=True, cache_text_embeddings=True, blocks_to_swap=0)
+              cache_latents=True, cache_text_embeddings=True, blocks_to_swap=0,
+              base_weights_4bit=False)
 _CKPT = dict(_START, gradient_checkpointing=True)
 # bf16 from the fused rung on: the fused pass cannot use fp16's loss scaling (NVIDIA RTX 30xx
 # and newer have bf16; older cards stop at the rung before).
@@ -45,11 +46,18 @@ ADAPTER_RUNGS: list[tuple[str, dict[str, Any]]] = [
     # pass and bf16 still take ~0.5 GB off: what brings an SDXL LoRA under 5 GB of tensors
     ("+ fused backward pass, bf16 adapter weights (bf16)", dict(_BF16, base_weights_8bit=True)),
 ]
-# After those, for a family whose denoiser runs as chains of blocks (Flux): more of its blocks
-# wait in RAM at each rung (slower steps: each swapped block is copied in twice a step).
-SWAP_RUNGS: list[tuple[str, dict[str, Any]]] = [
-    (f"+ block swap, {count} blocks in RAM", dict(ADAPTER_RUNGS[-1][1], blocks_to_swap=count))
-    for count in (20, 30, 45, 55)]
+# After those, where bitsandbytes is: the base in NF4 (QLoRA's 4 bits a weight).
+NF4_RUNG = ("+ NF4 base (4 bits)", dict(ADAPTER_RUNGS[-1][1], base_weights_8bit=False,
+                                       base_weights_4bit=True))
+
+
+def swap_rungs(bitsandbytes: bool) -> list[tuple[str, dict[str, Any]]]:
+    """Then, for a family whose denoiser runs as chains of blocks (Flux): more of its blocks
+    wait in RAM at each rung (slower steps: each swapped block is copied in twice a step), over
+    the NF4 base where bitsandbytes is, else over the 8-bit one."""
+    base, kind = (NF4_RUNG[1], "NF4") if bitsandbytes else (ADAPTER_RUNGS[-1][1], "8-bit")
+    return [(f"+ block swap, {count} blocks in RAM ({kind} base)",
+             dict(base, blocks_to_swap=count)) for count in (20, 30, 45, 55)]
 
 
 # What a card preset is for: settings that change memory and speed, not what is learned. It
@@ -171,8 +179,11 @@ def choose(card: str, config: TrainingConfig, family: str, resolution: int,
         raise ConfigError([FieldError("preset", f"choose one of {', '.join(CARDS)}")])
     budget = CARDS[card] * MARGIN
     choice, previous, kept, refused = None, None, [], []
-    swapping = SWAP_RUNGS if swaps_blocks(family) and rungs_for(config) is ADAPTER_RUNGS else []
-    for name, rung in rungs_for(config) + swapping:
+    ladder = rungs_for(config)
+    if ladder is ADAPTER_RUNGS:  # not DoRA, which needs the base's own weights
+        ladder = ladder + ([NF4_RUNG] if bitsandbytes else [])
+        ladder += swap_rungs(bitsandbytes) if swaps_blocks(family) else []
+    for name, rung in ladder:
         rung = for_device(rung, device, bitsandbytes, _base_8bit(family))
         if rung is None:
             continue

@@ -289,6 +289,12 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
             errors.append(FieldError("base_weights_8bit", f"{BITSANDBYTES_MISSING}: turn this off"))
         except Exception:  # a broken install: the run's probe says what fails
             pass
+    from dreambooth.app.card_presets import bitsandbytes_installed
+
+    if config.base_weights_4bit and not bitsandbytes_installed():
+        from dreambooth.models.adapters.quantize import BITSANDBYTES_MISSING
+
+        errors.append(FieldError("base_weights_4bit", f"{BITSANDBYTES_MISSING}: turn this off"))
     # the same field named twice (validate() and a check here) is shown once
     unique: dict[tuple[str, str], FieldError] = {(e.field, e.message): e for e in errors}
     return resolved, list(unique.values())

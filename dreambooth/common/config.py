@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.common.config_files import (MAX_NESTING, TOO_DEEP, _read_json_or_literal,
-                                            _relative_to, _too_deep)
+                                            _relative_to, _too_deep, control_character_errors)
 from dreambooth.common.errors import ConfigError, FieldError, merge_errors  # noqa: F401  (theirs)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor", "sgd")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+              "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 TRAINED_PRECISIONS = ("fp32", "bf16")  # the trained weights themselves (master copy)
 ATTENTION = ("sdpa", "xformers", "default")
@@ -167,6 +168,7 @@ class TrainingConfig:
     fused_backward: bool = False  # step each weight as its gradient arrives (no full gradient set)
     trained_precision: str = "fp32"  # bf16: trained weights in bf16, stochastic rounding in the update
     base_weights_8bit: bool = False  # adapters: the frozen base's linear layers in int8 (bitsandbytes)
+    base_weights_4bit: bool = False  # adapters: ... in NF4 (bitsandbytes), 4 bits a weight
     blocks_to_swap: int = 0  # Flux: transformer blocks kept in host memory, swapped in per use
     attention: str = "sdpa"
     compile_unet: bool = False  # torch.compile the UNet in place (torch >= 2.2)
@@ -378,12 +380,14 @@ class TrainingConfig:
         need(not (self.trained_precision == "bf16" and self.optimizer == "prodigy"),
              "trained_precision", "bf16 weights are stepped one by one; prodigy computes one step "
              "size from all weights together: choose another optimizer or fp32 weights")
-        need(not (self.base_weights_8bit and not self.trains_adapter), "base_weights_8bit",
-             "only a frozen base can be kept in 8 bits: choose an adapter method (lora, locon, "
-             "loha, lokr) or turn it off")
-        need(not (self.base_weights_8bit and self.dora), "base_weights_8bit",
-             "DoRA rebuilds each weight from the base's own: turn DoRA off or keep the base "
-             "in half precision")
+        for name, bits in (("base_weights_8bit", "8 bits"), ("base_weights_4bit", "4 bits")):
+            need(not (getattr(self, name) and not self.trains_adapter), name, f"only a frozen "
+                 f"base can be kept in {bits}: choose an adapter method (lora, locon, loha, "
+                 "lokr) or turn it off")
+            need(not (getattr(self, name) and self.dora), name, "DoRA rebuilds each weight from "
+                 "the base's own: turn DoRA off or keep the base in half precision")
+        need(not (self.base_weights_8bit and self.base_weights_4bit), "base_weights_4bit",
+             "the base is kept in 8 bits or in 4: turn one of them off")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
              "leave empty (from the checkpoint) or choose epsilon / v_prediction")
         if self.model_name:
@@ -393,7 +397,7 @@ class TrainingConfig:
                 sanitize_model_name(self.model_name)
             except ValueError as exc:
                 errors.append(FieldError("model_name", str(exc)))
-        errors += _control_character_errors(self)
+        errors += control_character_errors(self)
         return errors + fused_problems(self)
 
     def check(self) -> "TrainingConfig":
@@ -526,37 +530,6 @@ def fused_problems(config: "TrainingConfig") -> list[FieldError]:
     if config.gradient_accumulation_steps > 1:
         errors.append(FieldError("gradient_accumulation_steps", "the fused backward pass steps "
                                  "at every backward pass: set 1 (use a larger batch instead)"))
-    return errors
-
-
-
-PATH_FIELDS = ("base_model", "vae_path", "clip_l_path", "t5xxl_path", "models_dir",
-               "caption_extension")
-CONCEPT_PATH_FIELDS = ("instance_data_dir", "class_data_dir", "validation_data_dir")
-
-
-def _control_character_errors(config: "TrainingConfig") -> list[FieldError]:
-    """NUL and other control characters: refused in paths; in prompts only NUL and the
-    invisible ones (tabs and line breaks in a prompt are just spaces)."""
-    from dreambooth.common.names import control_characters
-
-    def bad(text: str, path: bool) -> list[str]:
-        found = control_characters(text)
-        return found if path else [c for c in found if c not in ("\\x09", "\\x0a", "\\x0d")]
-
-    errors = []
-    checks: list[tuple[str, str, bool]] = [(name, getattr(config, name), True) for name in PATH_FIELDS]
-    checks += [(name, getattr(config, name), False) for name in ("sample_negative_prompt",)]
-    checks += [(f"sample_prompts[{i}]", p, False) for i, p in enumerate(config.sample_prompts)]
-    for i, concept in enumerate(config.concepts):
-        for f in dataclasses.fields(Concept):
-            value = getattr(concept, f.name)
-            if isinstance(value, str):
-                checks.append((f"concepts[{i}].{f.name}", value, f.name in CONCEPT_PATH_FIELDS))
-    for name, value, path in checks:
-        found = bad(value, path)
-        if found:
-            errors.append(FieldError(name, f"contains control characters ({', '.join(found)})"))
     return errors
 
 

@@ -1,9 +1,11 @@
 """Reading a config or concepts-list file: JSON, or the seed's Python-literal form (with ``#``
 comments, read by ast.literal_eval, which runs no code); nesting far beyond a config's refused
-before anything recurses through it."""
+before anything recurses through it. And the config's paths and prompts checked for control
+characters."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -95,3 +97,33 @@ def _python_literal(text: str, path: Path, field_name: str = "concepts_list") ->
         raise ConfigError([FieldError(field_name, f"{path}: only plain values (lists, dicts, "
                                                   f"text, numbers) can be read ({exc})")]) from exc
     raise ConfigError([FieldError(field_name, f"{path} holds no list of concepts")])
+
+
+PATH_FIELDS = ("base_model", "vae_path", "clip_l_path", "t5xxl_path", "models_dir",
+               "caption_extension")
+CONCEPT_PATH_FIELDS = ("instance_data_dir", "class_data_dir", "validation_data_dir")
+
+
+def control_character_errors(config) -> list[FieldError]:
+    """NUL and other control characters: refused in paths; in prompts only NUL and the
+    invisible ones (tabs and line breaks in a prompt are just spaces)."""
+    from dreambooth.common.names import control_characters
+
+    def bad(text: str, path: bool) -> list[str]:
+        found = control_characters(text)
+        return found if path else [c for c in found if c not in ("\\x09", "\\x0a", "\\x0d")]
+
+    errors = []
+    checks: list[tuple[str, str, bool]] = [(name, getattr(config, name), True) for name in PATH_FIELDS]
+    checks += [(name, getattr(config, name), False) for name in ("sample_negative_prompt",)]
+    checks += [(f"sample_prompts[{i}]", p, False) for i, p in enumerate(config.sample_prompts)]
+    for i, concept in enumerate(config.concepts):
+        for f in dataclasses.fields(concept):
+            value = getattr(concept, f.name)
+            if isinstance(value, str):
+                checks.append((f"concepts[{i}].{f.name}", value, f.name in CONCEPT_PATH_FIELDS))
+    for name, value, path in checks:
+        found = bad(value, path)
+        if found:
+            errors.append(FieldError(name, f"contains control characters ({', '.join(found)})"))
+    return errors

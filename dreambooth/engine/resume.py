@@ -210,7 +210,8 @@ def settings_of(config) -> dict[str, Any]:
              "trained_precision"]
     method = config.training_method
     if method != "full":
-        names += ["lora_rank", "lora_alpha", "lora_layers", "base_weights_8bit"]
+        names += ["lora_rank", "lora_alpha", "lora_layers", "base_weights_8bit",
+                  "base_weights_4bit"]
         names += ["dora"] if method in ("lora", "locon") else []
         names += ["lora_conv_rank", "lora_conv_alpha"] if method != "lora" else []
         names += ["lokr_factor"] if method == "lokr" else []

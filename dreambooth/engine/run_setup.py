@@ -160,6 +160,12 @@ def _machine_refusals(config: TrainingConfig, precision: str, accelerator) -> No
     if config.compile_unet and not hasattr(torch.nn.Module, "compile"):
         raise ConfigError([FieldError("compile_unet", f"needs torch >= 2.2 (this is "
                                       f"{torch.__version__}): turn it off")])
+    if config.base_weights_4bit:  # bitsandbytes' NF4, probed before any work
+        from dreambooth.models.adapters.nf4 import problem as nf4_problem
+
+        problem = nf4_problem(device, frozen_dtype(precision, device))
+        if problem:
+            raise ConfigError([FieldError("base_weights_4bit", problem)])
     found = families.base_family(config) if config.base_weights_8bit else None
     if config.base_weights_8bit and not (found and found[0].base_8bit == "fp8"):
         # bitsandbytes' int8, probed before the loading, the class pictures and the caches
@@ -473,7 +479,12 @@ def place_models(model: Model, encoders: list[TrainedEncoder], device, reporter:
                      f"{len(blocks)} blocks on the {device.type.upper()} at a time, "
                      f"{config.blocks_to_swap} copied in from host memory as their turn comes")
     give_memory_back()  # the fp32 weights a cast to half precision or int8 left free (GBs)
-    if config.base_weights_8bit and model.family.base_8bit == "fp8":
+    if config.base_weights_4bit:
+        from dreambooth.models.adapters.nf4 import nf4_layers
+
+        reporter.log(f"base model: {nf4_layers(unet)} linear layers of the "
+                     f"{model.family.title} denoiser in NF4 (4 bits, a scale per 64 weights)")
+    elif config.base_weights_8bit and model.family.base_8bit == "fp8":
         from dreambooth.models.adapters.fp8 import fp8_layers
 
         reporter.log(f"base model: {fp8_layers(unet)} linear layers of the {model.family.title} "

@@ -52,13 +52,15 @@ STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion": 4.0, "lion8bit": 1.0, "sg
 ADAPTER_PARAMS = {"lora": 1.0, "locon": 1.0, "loha": 2.0, "lokr": 0.25}
 FUSED_GRADIENTS = 0.1  # the share of a full gradient set alive at once in the fused pass
 # (measured: 0.21 GB of bf16 gradients at the peak for SD1.5 + its text encoder, 1.8 GB in all)
+NF4_BYTES = 0.5 + 4 / 64  # base_weights_4bit: two weights a byte, an fp32 scale per 64
 CUDA_OVERHEAD_GB = 0.6  # the CUDA context and the allocator's slack
 
 
 def estimate(family: str, *, method: str = "full", train_text_encoder: bool = False,
              trained_encoders: int = 1, optimizer: str = "adamw8bit", mixed_precision: str = "fp16",
              trained_precision: str = "fp32", fused_backward: bool = False,
-             base_weights_8bit: bool = False, gradient_checkpointing: bool = True,
+             base_weights_8bit: bool = False, base_weights_4bit: bool = False,
+             gradient_checkpointing: bool = True,
              resolution: int = 0, pictures: int = 1, rank: int = 32, conv_rank: int = 0,
              cache_text_embeddings: bool = True, blocks_to_swap: int = 0) -> dict[str, float]:
     """GB by category ("frozen weights", "trained weights", "gradients", "optimizer state",
@@ -83,9 +85,10 @@ def estimate(family: str, *, method: str = "full", train_text_encoder: bool = Fa
         share = ADAPTER_PARAMS.get(method, 1.0) * (size.adapter_per_rank * rank
                                                    + size.adapter_conv_per_rank * conv_rank)
         trained = share * (1.0 if train_text_encoder else 0.9)  # the encoders' share of layers
-        linear = size.unet_linear if base_weights_8bit else 0.0
-        frozen = (linear * 1 + (size.unet - linear) * frozen_bytes) * on_gpu_share(size,
-                                                                                   blocks_to_swap)
+        linear = size.unet_linear if base_weights_8bit or base_weights_4bit else 0.0
+        per_linear = NF4_BYTES if base_weights_4bit else 1
+        frozen = (linear * per_linear + (size.unet - linear) * frozen_bytes) * on_gpu_share(
+            size, blocks_to_swap)
         frozen += (sum(trained_te) + frozen_te) * frozen_bytes
     grads = trained * trained_bytes * (FUSED_GRADIENTS if fused_backward else 1.0)
     scale = (max(resolution, 64) / size.resolution) ** 2 if resolution else 1.0
@@ -134,6 +137,7 @@ def for_config(config, family: str, resolution: int) -> dict[str, float]:
         trained_encoders=2 if config.text_encoder_2_stop > 0 else 1, optimizer=config.optimizer,
         mixed_precision=config.mixed_precision, trained_precision=config.trained_precision,
         fused_backward=config.fused_backward, base_weights_8bit=config.base_weights_8bit,
+        base_weights_4bit=config.base_weights_4bit,
         gradient_checkpointing=config.gradient_checkpointing, resolution=resolution,
         pictures=config.train_batch_size * (2 if config.with_prior_preservation else 1),
         rank=config.lora_rank,

@@ -23,7 +23,8 @@ ESTIMATE_FIELDS = ("base_model", "max_train_steps", "train_batch_size",
                    "gradient_accumulation_steps", "recursive", "optimizer", "train_text_encoder",
                    "gradient_checkpointing", "resolution", "mixed_precision", "training_method",
                    "lora_rank", "lora_conv_rank", "cache_text_embeddings", "fused_backward",
-                   "trained_precision", "base_weights_8bit", "with_prior_preservation")
+                   "trained_precision", "base_weights_8bit", "base_weights_4bit",
+                   "blocks_to_swap", "with_prior_preservation")
 
 
 @dataclass

@@ -33,7 +33,8 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
     ``trained_precision`` bf16 what trains is in bf16 instead of fp32 (see :mod:`dreambooth.engine.fused`).
     With ``base_weights_8bit`` the frozen linears of the UNet and of the trained text encoders
     are int8 (``base_8bit`` "int8", see :mod:`.quantize`) or fp8 ("fp8", the family's choice,
-    see :mod:`.fp8`); a frozen text encoder is cached, so it stays as it is. ``host_blocks``
+    see :mod:`.fp8`); with ``base_weights_4bit`` in NF4 (:mod:`.nf4`); a frozen text encoder
+    is cached, so it stays as it is. ``host_blocks``
     (block swap): the denoiser's blocks stay on the host, where :mod:`..block_swap` takes them."""
     adapter = config.trains_adapter
     trained_dtype = torch.bfloat16 if config.trained_precision == "bf16" else torch.float32
@@ -58,12 +59,15 @@ def place(config: TrainingConfig, unet: torch.nn.Module,
         return trained
     from dreambooth.models.adapters import lycoris, targets
 
-    if config.base_weights_8bit:  # 8-bit linears first: LyCORIS wraps them in bypass mode
-        from dreambooth.models.adapters.fp8 import fp8_linears
+    if config.base_weights_8bit or config.base_weights_4bit:  # first: LyCORIS wraps them
+        from dreambooth.models.adapters.fp8 import fp8_linears  # (in bypass mode)
+        from dreambooth.models.adapters.nf4 import nf4_linears
         from dreambooth.models.adapters.quantize import quantize_linears
 
+        store = (nf4_linears if config.base_weights_4bit else
+                 fp8_linears if base_8bit == "fp8" else quantize_linears)
         for module in trained.values():
-            (fp8_linears if base_8bit == "fp8" else quantize_linears)(module)
+            store(module)
     lycoris.quiet()
     with torch.random.fork_rng(devices=[]):  # the adapter's initial weights follow the run's seed
         torch.manual_seed(config.seed)
