@@ -169,8 +169,9 @@ class BlockSwap:
             for tensor, host in self.host[index]:
                 tensor.data = host
         else:
+            # Not ordered after the compute stream (that would forbid the overlap): the copy
+            # reads pinned host memory and writes memory of the copy stream's own pool.
             copies = []
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
                 for tensor, host in self.host[index]:
                     tensor.data = host.to(self.device, non_blocking=True)
