@@ -105,15 +105,11 @@ def nf4_layers(module: torch.nn.Module) -> int:
 def problem(device, dtype: torch.dtype) -> str | None:
     """Why the base cannot be held in NF4 on ``device`` (None: it can): bitsandbytes missing or
     broken, or its 4-bit quantization failing there (a probe layer runs forward and backward)."""
-    from dreambooth.models.adapters.quantize import BITSANDBYTES_MISSING
+    from dreambooth.models.adapters.quantize import bitsandbytes_problem
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except ModuleNotFoundError:
-        return f"{BITSANDBYTES_MISSING}: turn this off, or install it"
-    except Exception as exc:  # a broken install raises all sorts of errors at import
-        return (f"bitsandbytes is not usable ({type(exc).__name__}: {exc}); install it (the "
-                "WebUI does at its next start) or turn this off")
+    missing = bitsandbytes_problem()
+    if missing:
+        return missing
     try:
         with torch.enable_grad():
             layer = torch.nn.Linear(128, 64).to(device, dtype).requires_grad_(False)

@@ -67,17 +67,27 @@ BITSANDBYTES_MISSING = ("bitsandbytes is not installed (Forge Neo installs it wh
                         "bitsandbytes)")
 
 
-def problem(device: torch.device, dtype: torch.dtype = torch.float16) -> str | None:
-    """Why the base's linear layers cannot be held in int8 on ``device`` (None: they can):
-    bitsandbytes missing or broken, or its int8 layer failing there. A probe layer runs a
-    training step (forward, backward to its input) and an eval forward in ``dtype``."""
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes cannot be imported here, as a field's message (None: it can)."""
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401
     except ModuleNotFoundError:
         return f"{BITSANDBYTES_MISSING}: turn this off, or install it"
     except Exception as exc:  # a broken install raises all sorts of errors at import
         return (f"bitsandbytes is not usable ({type(exc).__name__}: {exc}); install it (the "
                 "WebUI does at its next start) or turn this off")
+    return None
+
+
+def problem(device: torch.device, dtype: torch.dtype = torch.float16) -> str | None:
+    """Why the base's linear layers cannot be held in int8 on ``device`` (None: they can):
+    bitsandbytes missing or broken, or its int8 layer failing there. A probe layer runs a
+    training step (forward, backward to its input) and an eval forward in ``dtype``."""
+    missing = bitsandbytes_problem()
+    if missing:
+        return missing
+    import bitsandbytes as bnb
+
     key = (torch.device(device), dtype)
     if key in _WORKS:
         return None
