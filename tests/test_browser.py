@@ -129,7 +129,7 @@ def test_train_progress_samples_and_cancel_in_a_real_browser(server):
             assert best and page.locator("#dreambooth_load_best").is_visible()
             assert f"({best})" in page.inner_text("#dreambooth_load_best")
             page.screenshot(path=str(SHOTS / "03-done.png"), full_page=True)
-            page.locator("#dreambooth_loss_plot").screenshot(path=str(SHOTS / "03-curve.png"))
+            page.locator("#dreambooth_loss_plot").first.screenshot(path=str(SHOTS / "03-curve.png"))
 
             # a second, long run: Cancel stops it
             open_tab(page, "Model")
