@@ -368,12 +368,19 @@ def _encoded_class_prompts(model: Model, device) -> dict[str, families.Condition
     return dict(zip(prompts, rows))
 
 
+def _swap_chains(model: Model) -> tuple[list[list[torch.nn.Module]], list[torch.nn.Module]]:
+    """The denoiser's chains of blocks to swap (none without ``blocks_to_swap``), and all their
+    blocks in one list."""
+    chains = (model.family.swap_blocks(model.components.unet) if model.config.blocks_to_swap
+              else [])
+    return chains, [block for chain in chains for block in chain]
+
+
 def _denoiser_on_device(model: Model, device) -> list:
     """The denoiser on ``device`` for inference: whole, or with ``blocks_to_swap`` of its blocks
     swapped in as their turn comes (closed by the caller)."""
     unet, config = model.components.unet, model.config
-    chains = model.family.swap_blocks(unet) if config.blocks_to_swap else []
-    blocks = [block for chain in chains for block in chain]
+    chains, blocks = _swap_chains(model)
     if not chains:
         unet.to(device, model.weight_dtype)
         return []
@@ -466,8 +473,7 @@ def place_models(model: Model, encoders: list[TrainedEncoder], device, reporter:
     too_wide = adapters.rank_warning(config, {"unet": unet, **{e.name: e.module for e in encoders}})
     if too_wide:
         reporter.log(f"warning: {too_wide}")
-    chains = model.family.swap_blocks(unet) if config.blocks_to_swap else []
-    blocks = [block for chain in chains for block in chain]
+    chains, blocks = _swap_chains(model)
     trained = adapters.place(config, unet, model.encoders, {e.name for e in encoders}, device,
                              model.weight_dtype, base_8bit=model.family.base_8bit,
                              host_blocks=blocks)
