@@ -41,6 +41,8 @@ class RunPanel:
     report: Any
     poll_btn: Any
     restore_btn: Any
+    best_output: Any  # the best validation step's file (keep_best), hidden
+    best_btn: Any  # "Use the best step (N) in txt2img", shown when there is one
 
 
 def _live_output(gr) -> list[Any]:
@@ -107,8 +109,9 @@ def build(gr, form: TabForm) -> RunPanel:
     restore_btn = gr.Button("restore", elem_id="dreambooth_restore",
                             elem_classes=["dreambooth-hidden"])
     return RunPanel(train, cancel, check, make_class,
-                    live + [output, training_log, best_output, best_btn], output, load_btn, open_btn, load_title, lora_tag, extract_box, extract_inputs,
-                    extract_btn, report, poll_btn, restore_btn)
+                    live + [output, training_log, best_output, best_btn], output, load_btn,
+                    open_btn, load_title, lora_tag, extract_box, extract_inputs, extract_btn,
+                    report, poll_btn, restore_btn, best_output, best_btn)
 
 
 def wire_poll(gr, form: TabForm, panel: RunPanel, previous: Any) -> None:
@@ -160,7 +163,7 @@ def wire(gr, form: TabForm, panel: RunPanel) -> None:
     # a checkpoint: the WebUI loads it, the page selects it; a LoRA: the page adds its tag
     # to the txt2img prompt (the WebUI's Lora list rescanned first)
     # the best validation step's file (keep_best) the same way, by its own button
-    for button, path_box in ((panel.load_btn, panel.output), (panel.live[-1], panel.live[-2])):
+    for button, path_box in ((panel.load_btn, panel.output), (panel.best_btn, panel.best_output)):
         button.click(lambda path: use_output(path, host), inputs=[path_box],
                      outputs=[panel.load_title, panel.lora_tag, form.action_msg]).then(
             None, inputs=[panel.load_title, panel.lora_tag], outputs=None,
