@@ -219,3 +219,27 @@ def test_a_swapped_flux_run_makes_its_pictures_without_running_t5_again(tmp_path
         assert len(made) == 3
         pictures[name] = [p.read_bytes() for p in made]
     assert pictures["plain"] == pictures["swapped"]
+
+
+def test_a_crashed_swapped_run_resumes_to_the_adapter_of_a_straight_one(tmp_path):
+    """The crash releases the swapped blocks (their weights back in place); the resumed run
+    installs the swap again and ends where a run without swap and without crash does."""
+    from trainer_fixtures import Crash, crash_at
+
+    built = build_flux("dev", seed=0, depth=2, single_depth=3)
+    options = dict(max_train_steps=4, checkpoint_every_n_steps=2)
+    straight, _ = flux_swap_run(tmp_path / "straight", copy.deepcopy(built), **options)
+    root = tmp_path / "crashed"
+    root.mkdir()
+    save_flux_file(built, root / "base.safetensors", layout="all-in-one")
+    config = base_config(root, **{**FAST, "gradient_checkpointing": True, "blocks_to_swap": 3,
+                                  **options})
+    components = copy.deepcopy(built)
+    with pytest.raises(Crash):
+        train(config, run_paths(root), reporter=crash_at(3), components=components)
+    for ours, theirs in zip(components.unet.parameters(), built.unet.parameters()):
+        assert ours.shape == theirs.shape  # no block left without its weights
+    resumed = train(config, run_paths(root), reporter=RecordingReporter(),
+                    components=copy.deepcopy(built), resume=True)
+    ours, theirs = adapter(resumed), adapter(straight)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
