@@ -292,7 +292,15 @@ def test_a_flux_base_shows_its_text_encoder_choices_and_they_reach_the_run(bases
     assert "Flux.1 dev" in shown["dreambooth_model_kind"]
     assert "holds only the transformer" in shown["dreambooth_model_kind"]
     assert shown["dreambooth_text_encoders"]["visible"] is True
-    assert pick_base(blocks, SDXL_NAME)["dreambooth_text_encoders"]["visible"] is False
+    sdxl = pick_base(blocks, SDXL_NAME)
+    assert sdxl["dreambooth_text_encoders"]["visible"] is False
+    # the Flux-only options follow the base model too (hidden at the start: an SD base)
+    from dreambooth.tab.ui_fields import FLUX_ONLY
+
+    for name in FLUX_ONLY:
+        assert shown[f"dreambooth_{name}"]["visible"] is True, name
+        assert sdxl[f"dreambooth_{name}"]["visible"] is False, name
+        assert comps[name].visible is False, name
     values, extra = ui.config_to_values(TrainingConfig(base_model="m", model_name="n"))
     assert values["clip_l_path"] == values["t5xxl_path"] == ui.NO_TEXT_ENCODER
     values.update(clip_l_path="clip_l.safetensors", t5xxl_path="t5xxl.safetensors")

@@ -13,6 +13,7 @@ from dreambooth.tab.actions import (checkpoint_choices, model_name_note, refresh
                                     text_encoder_choices, vae_choices)
 from dreambooth.tab import ui_compare
 from dreambooth.tab.form import AUTO, LABELS, TabForm
+from dreambooth.tab.ui_fields import FLUX_ONLY
 from dreambooth.tab.ui_render import message
 from dreambooth.tab.widgets import HIDDEN, tool_button
 
@@ -103,12 +104,15 @@ def wire(gr, form: TabForm, tab: ModelTab) -> None:
                                            ui_compare.refreshed_runs(gr, host, chosen)),
                            inputs=[tab.compare.runs], outputs=[tab.previous, tab.compare.runs],
                            queue=False)
-    comps["base_model"].change(lambda base: (service.describe_model(host, base or ""),
-                                             gr.update(info=resolution_info(base, host)),
-                                             gr.update(visible=service.is_flux_base(host,
-                                                                                     base or ""))),
-                               inputs=[comps["base_model"]],
-                               outputs=[tab.model_kind, comps["resolution"], tab.text_encoders],
+    def on_base_model(base):
+        flux = gr.update(visible=service.is_flux_base(host, base or ""))
+        return (service.describe_model(host, base or ""),
+                gr.update(info=resolution_info(base, host)), flux) + (flux,) * len(FLUX_ONLY)
+
+    # the Flux-only parts (the text encoder files, the Flux options) follow the base model
+    comps["base_model"].change(on_base_model, inputs=[comps["base_model"]],
+                               outputs=[tab.model_kind, comps["resolution"], tab.text_encoders]
+                               + [comps[name] for name in FLUX_ONLY],
                                queue=False, show_progress=HIDDEN)
     naming = [comps["model_name"], comps["overwrite"], comps["training_method"]]
     for trigger in naming:

@@ -203,6 +203,9 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "lokr_factor": ("lokr",),
     "export_format": ("full",),  # a LoRA file is always .safetensors
 }
+# The options that apply to Flux only: shown while the base model is a Flux file (as the Model
+# tab's CLIP-L / T5-XXL row), hidden for the UNet families, which refuse or ignore them.
+FLUX_ONLY = ("flux_timestep_sampling", "flux_guidance", "t5_max_length", "blocks_to_swap")
 # Info texts that change with the method: {option: {method or "adapter": info}}.
 METHOD_INFO: dict[str, dict[str, str]] = {
     "learning_rate": {"adapter": "LoRA trains at about 1e-4 (kohya's default; the LoRA presets "
