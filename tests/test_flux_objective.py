@@ -110,7 +110,7 @@ def flux_config(**changes) -> TrainingConfig:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("training_method", "loha"), ("training_method", "locon"), ("training_method", "full"),
+    ("training_method", "loha"), ("training_method", "lokr"), ("training_method", "full"),
     ("dora", True), ("min_snr_gamma", 5.0),
     ("zero_terminal_snr", True), ("prediction_type", "epsilon"), ("clip_skip", 2),
     ("class_clip_skip", 2), ("resolution", 520),

@@ -285,3 +285,14 @@ def test_schnell_says_that_the_training_guidance_does_not_apply(tmp_path):
     reporter = RecordingReporter()
     flux_run(tmp_path, reporter=reporter, variant="schnell", flux_guidance=3.5)
     assert any("schnell has no guidance input" in line for line in reporter.lines)
+
+
+def test_locon_on_flux_is_lora_and_says_so(tmp_path):
+    """Flux's transformer has no convolutions: LoCon adapts the same linear layers as LoRA, so
+    the run writes the same file (the keys Forge's Flux loader reads) and says why."""
+    plain, _ = flux_run(tmp_path / "lora")
+    reporter = RecordingReporter()
+    locon, _ = flux_run(tmp_path / "locon", reporter=reporter, training_method="locon")
+    ours, theirs = adapter(locon), adapter(plain)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any("locon adapts the same linear layers as lora" in line for line in reporter.lines)

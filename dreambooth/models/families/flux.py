@@ -86,10 +86,10 @@ class Flux(Family):
             if bad:
                 found.append(FieldError(name, why))
 
-        refuse("training_method", config.training_method != "lora",
-               "Flux trains lora: its transformer has no convolutions for locon to add, LoHa and "
-               "LoKr cannot be fused into the q/k/v layout Forge's Flux loader reads, and full "
-               "Flux checkpoints are not written yet")
+        refuse("training_method", config.training_method not in ("lora", "locon"),
+               "Flux trains lora (or locon, the same on a transformer without convolutions): "
+               "LoHa and LoKr cannot be fused into the q/k/v layout Forge's Flux loader reads, "
+               "and full Flux checkpoints are not written yet")
         refuse("dora", config.dora, "not offered for Flux: Forge's Flux loader fuses q, k and v, "
                "whose DoRA norms cannot be split")
         refuse("min_snr_gamma", bool(config.min_snr_gamma),
@@ -132,6 +132,9 @@ class Flux(Family):
         if config.train_text_encoder:
             said.append("Flux: CLIP-L trains with the text encoder settings; T5-XXL stays "
                         "frozen (text_encoder_2_lr and text_encoder_2_stop do not apply)")
+        if config.training_method == "locon":
+            said.append("Flux's transformer has no convolutions: locon adapts the same linear "
+                        "layers as lora and writes a LoRA file (lora_conv_rank does not apply)")
         return said
 
     def frozen_part(self, components, prompts: list[str], device) -> Conditioning:
