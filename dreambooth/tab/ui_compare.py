@@ -16,28 +16,17 @@ from dreambooth.app.run_history import (RunCurves, common_prompt_indices, common
 from dreambooth.host import Host
 from dreambooth.tab.actions import run_choices
 from dreambooth.tab.ui_poll import gallery_value
-from dreambooth.tab.ui_render import thin, message
+from dreambooth.tab.ui_render import message, smoothed, thin
 
 # One colour per run (inline, so no stylesheet rule is needed): Tailwind's 500 shades, readable
 # on the WebUI's light and dark themes alike; more runs than colours reuse them in order.
 PALETTE = ("#f97316", "#3b82f6", "#22c55e", "#a855f7", "#ef4444", "#14b8a6", "#eab308", "#ec4899")
 FEWER_THAN_TWO = "Choose two or more runs to compare."
 EMPTY_TEXT = "the chosen runs have no logged steps yet"
-SMOOTHING = 0.85  # as the live loss plot (ui_render.loss_plot_svg)
 
 
 def run_colour(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
-
-
-def _smoothed(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """Exponential moving average, taken over every step before thinning (so a long run is
-    smoothed the same as a short one)."""
-    out, ema = [], None
-    for step, value in points:
-        ema = value if ema is None else SMOOTHING * ema + (1 - SMOOTHING) * value
-        out.append((step, ema))
-    return out
 
 
 def _legend(curves: list[RunCurves], width: int, left: int) -> tuple[list[str], int]:
@@ -73,7 +62,8 @@ def compare_plot_svg(curves: list[RunCurves], width: int = 480, height: int = 17
              *legend,
              f"<rect x='{left}' y='{top}' width='{inner_w}' height='{inner_h}' "
              f"class='dreambooth-plot-frame'/>"]
-    lines = [(thin(_smoothed(run.loss)), thin(run.validation)) for run in curves]
+    # smoothed over every step, then thinned: a long run smooths as a short one
+    lines = [(thin(smoothed(run.loss)), thin(run.validation)) for run in curves]
     every = [point for loss, scored in lines for point in loss + scored]
     if not every:
         parts.append(f"<text x='{left + inner_w / 2}' y='{top + inner_h / 2}' "

@@ -76,6 +76,16 @@ def thin(points: list, limit: int = 300) -> list:
     return [points[int(i * stride)] for i in range(limit)] + [points[-1]]
 
 
+def smoothed(points: list) -> list[tuple[int, float]]:
+    """(step, value) points as their exponential moving average (0.85 of the last, as the
+    loss curves show it)."""
+    out, ema = [], None
+    for step, value in points:
+        ema = value if ema is None else 0.85 * ema + 0.15 * value
+        out.append((step, ema))
+    return out
+
+
 def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height: int = 170,
                   validation: list = (), best_step: int | None = None) -> str:
     """The loss curve (raw, and smoothed) with the learning rate on its own scale, as inline SVG:
@@ -109,10 +119,7 @@ def loss_plot_svg(loss_history: list, lr_history: list, width: int = 480, height
         return f"{x:.1f},{y:.1f}"
 
     raw = " ".join(xy(s, v, lo, hi) for s, v in points)
-    smooth, ema = [], None
-    for s, v in points:
-        ema = v if ema is None else 0.85 * ema + 0.15 * v
-        smooth.append(xy(s, ema, lo, hi))
+    smooth = [xy(s, v, lo, hi) for s, v in smoothed(points)]
     parts.append(f"<polyline class='dreambooth-plot-raw' points='{raw}'/>")
     parts.append(f"<polyline class='dreambooth-plot-loss' points='{' '.join(smooth)}'/>")
     lrs = [(int(s), float(v)) for s, v in lr_history if v is not None]
