@@ -1,8 +1,11 @@
 """The background job: one at a time, cancellable in every phase, a snapshot any thread reads."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,8 @@ from dreambooth.app.job import JobBusy, JobRunner
 from dreambooth.engine.resume import list_resume_points
 
 from trainer_fixtures import base_config, run_paths, tiny_components
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def start(runner, tmp_path, **overrides):
@@ -158,3 +163,35 @@ def test_a_finished_job_leaves_no_model_tensors_behind(tmp_path):
     leaked = live_tensor_bytes() - before
     model_bytes = base.stat().st_size
     assert leaked < model_bytes * 0.05, f"{leaked} bytes of tensors still alive after the job"
+
+
+
+RUN_BESIDE_THE_TOKENIZER_BUILD = """
+import sys
+from dreambooth.app import estimates
+from dreambooth.app.job import JobRunner
+from pathlib import Path
+from dreambooth.common.config import TrainingConfig
+from dreambooth.engine.trainer import RunPaths
+
+def work(config, paths, reporter, **kwargs):
+    import diffusers.loaders.single_file_model  # what loading a base model file imports first
+    from transformers import AutoImageProcessor, CLIPImageProcessor  # noqa: F401
+    raise ValueError("imported")
+
+estimates.start_tokenizer_build()  # as the tab does when it is built
+runner = JobRunner()
+paths = RunPaths(work_dir=Path(sys.argv[1]) / "work", checkpoints_dir=Path(sys.argv[1]) / "models")
+runner.start(TrainingConfig(), paths, work=work, validate=False)
+print(runner.wait(120).error)
+"""
+
+
+def test_a_run_started_while_the_tab_builds_its_tokenizer_loads_its_libraries(tmp_path):
+    """transformers' lazy imports are not thread-safe: a run importing diffusers' model loaders
+    while the tab built the CLIP tokenizer failed in CI with "cannot import name
+    'CLIPImageProcessor' from 'transformers'" (it does every time in the Neo lane when the two
+    overlap). A run started during that build waits for it."""
+    done = subprocess.run([sys.executable, "-c", RUN_BESIDE_THE_TOKENIZER_BUILD, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.stdout.strip().splitlines()[-1:] == ["imported"], done.stdout + done.stderr

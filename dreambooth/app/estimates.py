@@ -13,6 +13,8 @@ from dreambooth.models.families import base_family, for_kind
 
 _TOKENIZER_LOCK = threading.Lock()
 _TOKENIZER: list = []  # the tokenizer once built (a failed build is retried at the next call)
+_NO_BUILD_RUNNING = threading.Event()  # cleared while start_tokenizer_build's thread works
+_NO_BUILD_RUNNING.set()
 
 
 def tokenizer() -> Any | None:
@@ -29,6 +31,28 @@ def tokenizer() -> Any | None:
                       "the identifier check is off", file=sys.stderr)
                 return None
         return _TOKENIZER[0]
+
+
+def start_tokenizer_build() -> None:
+    """Build the tokenizer in a background thread (the tab does it as it is built, so that the
+    identifier check answers at once)."""
+    _NO_BUILD_RUNNING.clear()
+
+    def build() -> None:
+        try:
+            tokenizer()
+        finally:
+            _NO_BUILD_RUNNING.set()
+
+    threading.Thread(target=build, name="dreambooth-tokenizer", daemon=True).start()
+
+
+def wait_for_tokenizer_build(timeout: float | None = None) -> None:
+    """Return once no background build runs. transformers' lazy imports are not thread-safe: a
+    run loading its model while the tokenizer was built failed once in CI (Neo lane,
+    transformers 4.57: "cannot import name 'CLIPImageProcessor' from 'transformers'"), so a run
+    waits for the build (seconds, and only right after the tab was built)."""
+    _NO_BUILD_RUNNING.wait(timeout)
 
 
 def identifier_check(instance_prompt: str, class_prompt: str) -> dict | None:

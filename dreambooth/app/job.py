@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
+from dreambooth.app.estimates import wait_for_tokenizer_build
 from dreambooth.common.config import TrainingConfig
 from dreambooth.common.files import WriteError
 from dreambooth.common.memory import give_memory_back
@@ -249,6 +250,7 @@ class JobRunner:
         reporter = _JobReporter(self, job_id)
         final: dict[str, Any] = {"phase": "failed", "error": "the job stopped unexpectedly"}
         try:
+            wait_for_tokenizer_build()  # its imports and the run's must not overlap
             with (context() if context else contextlib.nullcontext()):
                 result = work(config, paths, reporter=reporter, **train_kwargs)
             # Only paths and numbers are kept: the EMA copy of the UNet goes with the job.

@@ -33,7 +33,7 @@ from typing import Any, Callable
 # The front ends reach the checks and the estimates through this module too.
 from dreambooth.app.estimates import (apply_card, card_preset, count_pictures,  # noqa: F401
                                       identifier_check, memory_estimate, memory_figure_gb,
-                                      step_estimate, tokenizer)
+                                      start_tokenizer_build, step_estimate, tokenizer)
 from dreambooth.app.job import JobRunner
 from dreambooth.app.job import runner as default_runner
 from dreambooth.app.preflight import _device as preflight_device

@@ -73,7 +73,7 @@ def build_tab(host: Host | None = None, initial: TrainingConfig | None = None) -
     start_values, start_extra = config_to_values(initial or starting_config(), host)
     # Building the CLIP tokenizer takes seconds: do it now, so the identifier check under the
     # first prompt typed answers at once.
-    threading.Thread(target=service.tokenizer, name="dreambooth-tokenizer", daemon=True).start()
+    service.start_tokenizer_build()
     form = TabForm(host, start_values, start_extra)
     with gr.Blocks(analytics_enabled=False) as blocks:
         form.extra_state = gr.State(start_extra)
