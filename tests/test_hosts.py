@@ -138,23 +138,37 @@ def test_our_settings_keep_their_training_heading(make_fake_webui, flavour):
 
 
 
-def test_neo_reads_rectified_in_the_path_and_that_is_refused_not_trained_wrong(
-        make_fake_webui, tmp_path, tmp_path_factory):
-    """Neo generates an SDXL file with "rectified" in its path by rectified flow: trained by
-    noise prediction it would learn the wrong task, so the base is refused by field there."""
+def test_a_rectified_flow_sdxl_trains_in_neo_and_is_refused_where_it_would_sample_noise(
+        any_webui, tmp_path, tmp_path_factory):
+    """Neo samples an SDXL file with "rectified" in its path by rectified flow, and so trains
+    it here; the other WebUIs would sample the result as an ordinary SDXL model (noise), so
+    there the base is refused by field. A full run's name must keep "rectified" (Neo's rule
+    reads the new file's path too); a LoRA rides on its base's name."""
     import shutil
 
-    make_fake_webui(flavour="neo")
     cache = tmp_path_factory.getbasetemp() / "host-bases"
     cache.mkdir(exist_ok=True)
     plain = _tiny_file("sdxl", str(cache))
     rectified = tmp_path / "RectifiedFlow" / "model.safetensors"
     rectified.parent.mkdir()
     shutil.copy(plain, rectified)
-    _, errors = preflight.preflight(quick_config(tmp_path, base=str(rectified)), get_host())
-    assert any(e.field == "base_model" and "rectified-flow" in e.message for e in errors)
-    _, errors = preflight.preflight(quick_config(tmp_path, base=str(plain)), get_host())
-    assert not [e for e in errors if e.field == "base_model"]
+    neo = get_host().webui_name() == "Forge Neo"
+
+    def errors(**overrides):
+        _, found = preflight.preflight(quick_config(tmp_path, base=str(rectified), **overrides),
+                                       get_host())
+        return {e.field: e.message for e in found}
+
+    named = errors(name="zwx-rectified")
+    if neo:
+        assert "base_model" not in named and "model_name" not in named, named
+        assert "'rectified' in its name" in errors(name="zwx")["model_name"]
+        assert "model_name" not in errors(name="zwx", training_method="lora")
+    else:
+        assert "rectified-flow SDXL" in named["base_model"] and "Forge Neo" in named["base_model"]
+    # the same file under a plain name is an ordinary SDXL model everywhere
+    _, found = preflight.preflight(quick_config(tmp_path, base=str(plain), name="zwx"), get_host())
+    assert not [e for e in found if e.field in ("base_model", "model_name")]
 
 
 @functools.lru_cache(maxsize=None)

@@ -297,7 +297,7 @@ def test_a_flux_base_shows_its_text_encoder_choices_and_they_reach_the_run(bases
     # the Flux-only options follow the base model too (hidden at the start: an SD base)
     from dreambooth.tab.ui_fields import FLUX_ONLY
 
-    for name in FLUX_ONLY:
+    for name in FLUX_ONLY + ("flux_timestep_sampling",):
         assert shown[f"dreambooth_{name}"]["visible"] is True, name
         assert sdxl[f"dreambooth_{name}"]["visible"] is False, name
         assert comps[name].visible is False, name
@@ -306,3 +306,27 @@ def test_a_flux_base_shows_its_text_encoder_choices_and_they_reach_the_run(bases
     values.update(clip_l_path="clip_l.safetensors", t5xxl_path="t5xxl.safetensors")
     config, _ = ui.form_to_config(values, extra)
     assert (config.clip_l_path, config.t5xxl_path) == ("clip_l.safetensors", "t5xxl.safetensors")
+
+
+def test_a_flow_sdxl_base_shows_its_flow_options_and_they_reach_the_run(bases):
+    """(The test's name keeps "rectified" out of its folder's path, which Neo's rule reads.)
+    An SDXL file with "rectified" in its name (Forge Neo's rule) trains by rectified flow:
+    the model line says so, the flow options (noise levels, shift) are shown for it and not for
+    a plain SDXL base, the Flux-only ones stay hidden, and the shift typed reaches the run."""
+    put_sdxl_checkpoint(bases.checkpoints_dir, "noob-rectified.safetensors")
+    bases.sd_models.list_models()
+    blocks, comps = built_tab()
+    assert "flow" in choices_of(comps["prediction_type"])
+    shown = pick_base(blocks, "noob-rectified.safetensors")
+    plain = pick_base(blocks, SDXL_NAME)
+    assert "rectified flow ('rectified' in its path" in shown["dreambooth_model_kind"]
+    for name in ("flow_shift", "flux_timestep_sampling"):
+        assert shown[f"dreambooth_{name}"]["visible"] is True, name
+        assert plain[f"dreambooth_{name}"]["visible"] is False, name
+    for name in ("flux_guidance", "t5_max_length", "blocks_to_swap"):
+        assert shown[f"dreambooth_{name}"]["visible"] is False, name
+    values, extra = ui.config_to_values(TrainingConfig(base_model="noob-rectified.safetensors",
+                                                       model_name="n"))
+    values.update(flow_shift=5, prediction_type="flow")
+    config, _ = ui.form_to_config(values, extra)
+    assert (config.flow_shift, config.prediction_type) == (5, "flow")

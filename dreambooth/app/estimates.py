@@ -35,7 +35,14 @@ def tokenizer() -> Any | None:
 
 def start_tokenizer_build() -> None:
     """Build the tokenizer in a background thread (the tab does it as it is built, so that the
-    identifier check answers at once)."""
+    identifier check answers at once). transformers' lazy imports are not thread-safe (4.57: a
+    model file loaded in another thread while this thread imported CLIPTokenizer failed with
+    "cannot import name 'AutoImageProcessor' from 'transformers'"), so the import is done here,
+    in the caller's thread, and the thread only builds."""
+    try:
+        from transformers import CLIPTokenizer  # noqa: F401
+    except Exception:  # the build says why (and the identifier check is off)
+        pass
     _NO_BUILD_RUNNING.clear()
 
     def build() -> None:

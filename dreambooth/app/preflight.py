@@ -196,14 +196,26 @@ def host_family_problem(base: Path, config: TrainingConfig, host: Host) -> str |
 
     kind = detect_kind_cached(base, prediction_type=config.prediction_type or None)
     webui = host.webui_name()
-    if webui == "Forge Neo" and kind.family == "sdxl" and "rectified" in str(base).lower():
-        # Neo's rule (backend/loader.py): an SDXL file with "rectified" anywhere in its path
-        # generates by rectified flow; trained by noise prediction it would learn the wrong task
-        return (f"{base.name}: Forge Neo reads 'rectified' in its path as a rectified-flow SDXL "
-                "model, and SDXL trained and sampled by a flow is not built yet (the flow "
-                "objective is Flux's so far); rename or move the file if it is an ordinary SDXL "
-                "model")
+    if kind.family == "sdxl" and kind.prediction_type == "flow" and webui not in (
+            "Forge Neo", "standalone"):
+        return (f"{base.name} trains as rectified-flow SDXL ({kind.prediction_source}), which "
+                f"Forge Neo samples; {webui} would sample the result as an ordinary SDXL model "
+                "and get noise: train it in Forge Neo or headless, or choose prediction_type "
+                "epsilon / v_prediction if it is an ordinary model")
     return unusable_family_problem(kind.family, webui, host.families())
+
+
+def _rectified_name_errors(config: TrainingConfig, found) -> list[FieldError]:
+    """A rectified-flow SDXL checkpoint is sampled as one only with "rectified" in its path
+    (Neo's rule): a full run's name must say it (an adapter rides on its base's name)."""
+    from dreambooth.models.detect import is_rectified_name
+
+    if (not found or found[1].family != "sdxl" or found[1].prediction_type != "flow"
+            or config.trains_adapter or is_rectified_name(config.model_name)):
+        return []
+    return [FieldError("model_name", "a rectified-flow SDXL checkpoint needs 'rectified' in "
+                       "its name, or Forge Neo samples it as an ordinary SDXL model: e.g. "
+                       f"{config.model_name}-rectified")]
 
 
 def _writable_problem(folder: Path) -> str | None:
@@ -244,8 +256,10 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
         resolved = replace(resolved, **encoders)
         errors += problems
         if found and config.zero_terminal_snr and found[1].prediction_type != "v_prediction" and not config.prediction_type:
+            model = ("a rectified-flow" if found[1].prediction_type == "flow"
+                     else "an epsilon")
             errors.append(FieldError("zero_terminal_snr", f"needs v-prediction, and {base.name} is "
-                                     "an epsilon model: set prediction_type to v_prediction (a "
+                                     f"{model} model: set prediction_type to v_prediction (a "
                                      "new objective to learn), or turn it off"))
     if config.vae_path.strip():
         vae = resolve_vae(config.vae_path, host)
@@ -258,6 +272,7 @@ def preflight(config: TrainingConfig, host: Host, *, check_output: bool = True,
         name = sanitize_model_name(config.model_name)
         host.work_dir(name)  # raises for a name that would leave the work folder
         resolved = replace(resolved, model_name=name)
+        errors += _rectified_name_errors(resolved, found)
         if check_output:
             errors += _output_errors(resolved, host, resume)
     except ValueError as exc:

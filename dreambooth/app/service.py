@@ -599,17 +599,26 @@ def describe_model(host: Host, base: str) -> str:
     return f"{path.name}: {describe(kind)}; trains at {size} px unless you set a resolution"
 
 
-def is_flux_base(host: Host, base: str) -> bool:
-    """Whether ``base`` is a Flux.1 file (the tab then offers its text encoder files)."""
+def flow_base(host: Host, base: str) -> str:
+    """"flux" for a Flux.1 file (the tab then offers its text encoder files and options),
+    "rectified" for a rectified-flow SDXL file (its flow options), else ""."""
     path = resolve_base_model(base, host)
     if path is None:
-        return False
+        return ""
     try:
         from dreambooth.models.detect import detect_kind_cached
 
-        return detect_kind_cached(path).family == "flux"
+        kind = detect_kind_cached(path)
     except Exception:  # not a checkpoint: the model line says why
-        return False
+        return ""
+    if kind.family == "flux":
+        return "flux"
+    return "rectified" if kind.prediction_type == "flow" else ""
+
+
+def is_flux_base(host: Host, base: str) -> bool:
+    """Whether ``base`` is a Flux.1 file."""
+    return flow_base(host, base) == "flux"
 
 
 def status() -> dict[str, Any]:

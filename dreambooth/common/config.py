@@ -26,7 +26,7 @@ TRAINED_PRECISIONS = ("fp32", "bf16")  # the trained weights themselves (master 
 ATTENTION = ("sdpa", "xformers", "default")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 EXPORT_FORMATS = ("safetensors", "ckpt")
-PREDICTION_TYPES = ("", "epsilon", "v_prediction")
+PREDICTION_TYPES = ("", "epsilon", "v_prediction", "flow")  # flow: rectified-flow SDXL
 LATENT_SOURCES = ("mean", "sample")  # the VAE posterior's mean, or a fresh sample of it each step
 # The whole model, or an adapter file (the LyCORIS kinds the WebUI's own Lora extension applies).
 TRAINING_METHODS = ("full", "lora", "locon", "loha", "lokr")
@@ -87,7 +87,7 @@ class TrainingConfig:
     base_model: str = ""  # checkpoint file, diffusers folder, or WebUI checkpoint title
     model_name: str = ""  # output name: <models>/Stable-diffusion/<model_name>.safetensors
     vae_path: str = ""  # a separate VAE (the seed's --pretrained_vae_name_or_path)
-    prediction_type: str = ""  # "" = from the checkpoint; or epsilon / v_prediction
+    prediction_type: str = ""  # "" = from the checkpoint; or epsilon / v_prediction / flow
     zero_terminal_snr: bool = False  # rescaled zero-terminal-SNR schedule (on too when the file says)
     base_use_ema: bool = False  # train from the base file's EMA weights when it has them
     models_dir: str = ""  # "" = the WebUI's models folder (or ./models standalone)
@@ -146,6 +146,7 @@ class TrainingConfig:
     # --- Flux.1 (the flow-matching family; no effect on SD bases) ----------------------------
     flux_timestep_sampling: str = "shift"  # shift: by the picture's size, as Flux dev samples
     flux_guidance: float = 1.0  # the guidance value Flux dev's transformer is given in training
+    flow_shift: float = 3.0  # rectified-flow SDXL: noise levels shifted towards noise (Neo's Shift)
     t5_max_length: int = 512  # T5 tokens per prompt (256 for schnell, 512 for dev)
     clip_l_path: str = ""  # a transformer-only Flux file's CLIP-L (models/text_encoder)
     t5xxl_path: str = ""  # ... and its T5-XXL
@@ -361,8 +362,11 @@ class TrainingConfig:
         for name, allowed in choices.items():
             need(getattr(self, name) in allowed, name,
                  f"choose one of {', '.join(map(str, allowed))}")
-        need(not (self.zero_terminal_snr and self.prediction_type == "epsilon"), "zero_terminal_snr",
-             "needs v-prediction: set prediction_type to v_prediction, or turn it off")
+        need(not (self.zero_terminal_snr and self.prediction_type in ("epsilon", "flow")),
+             "zero_terminal_snr", "needs v-prediction: set prediction_type to v_prediction, or "
+             "turn it off")
+        need(not (self.min_snr_gamma and self.prediction_type == "flow"), "min_snr_gamma",
+             "Min-SNR weighs the DDPM objective; rectified flow has no SNR weights: set 0")
         need(not (self.training_method == "locon" and self.lora_conv_rank == 0), "lora_conv_rank",
              "LoCon trains the ResNet convolutions: give them a rank (or choose lora)")
         need(self.lokr_factor != 0, "lokr_factor", "-1 (balanced) or a factor of at least 1")
@@ -389,7 +393,7 @@ class TrainingConfig:
         need(not (self.base_weights_8bit and self.base_weights_4bit), "base_weights_4bit",
              "the base is kept in 8 bits or in 4: turn one of them off")
         need(self.prediction_type in PREDICTION_TYPES, "prediction_type",
-             "leave empty (from the checkpoint) or choose epsilon / v_prediction")
+             "leave empty (from the checkpoint) or choose epsilon / v_prediction / flow")
         if self.model_name:
             from dreambooth.common.names import sanitize_model_name
 
@@ -489,6 +493,7 @@ RANGES: dict[str, Range] = {
     "offset_noise": Range(0, 1),
     "min_snr_gamma": Range(0, 1000, hint="0: off, 5 is the paper's value"),
     "flux_guidance": Range(0, 100, hint="1 is kohya's and ai-toolkit's default"),
+    "flow_shift": Range(1, 20, hint="1: no shift; 3 the default"),
     "mask_background_weight": Range(0, 1, hint="0: the background is ignored, 1: no masking"),
     "ema_decay": Range(0, 1, high_open=True),
     "lora_rank": Range(1, 1024),

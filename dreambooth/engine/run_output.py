@@ -12,7 +12,7 @@ from dreambooth.common.run_types import Reporter, RunPaths
 from dreambooth.engine.model_files import (ema_weights, export_metadata, model_file_name,
                                            resolve_base_model, run_id_of)
 from dreambooth.models.components import Components
-from dreambooth.models.schedules import is_zero_terminal_snr
+from dreambooth.models.schedules import is_zero_terminal_snr, prediction_of
 
 
 class RunWriter:
@@ -143,7 +143,7 @@ def export(config: TrainingConfig, paths: RunPaths, components: Components, acce
             result = export_module.export_checkpoint(
                 base, components, out, trained=tuple(trained), dtype=config.export_dtype,
                 metadata=metadata, overwrite=overwrite,
-                prediction_type=components.noise_scheduler.config.prediction_type)
+                prediction_type=prediction_of(components.noise_scheduler))
     reporter.log(f"saved {result}")
     if suffix:  # an intermediate save: training goes on
         reporter.phase("training")

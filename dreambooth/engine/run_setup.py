@@ -284,6 +284,10 @@ def open_model(config: TrainingConfig, start: Start, reporter: Reporter,
     for note in family.notes(config, components):
         reporter.log(f"note: {note}")
     prediction_type = config.prediction_type or prediction_type or family.default_prediction
+    if zero_terminal_snr and prediction_type == "flow" and not config.zero_terminal_snr:
+        reporter.log("note: the file's zero-terminal-SNR mark does not apply to rectified flow "
+                     "(its flow ends at pure noise)")
+        zero_terminal_snr = False
     if zero_terminal_snr and prediction_type != "v_prediction":
         # At SNR 0 an epsilon model sees pure noise and must give back the noise: it learns
         # nothing there, and DDIM's x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by zero.
@@ -295,12 +299,15 @@ def open_model(config: TrainingConfig, start: Start, reporter: Reporter,
 
         start.instances, start.validation = split_validation(
             data.collect_pictures(config, include_class=False), config)
-    reporter.log(f"{family.title}, {prediction_type} prediction"
+    rectified = family.rectified_flow and prediction_type == "flow"
+    reporter.log(f"{family.title}, " + (f"rectified flow, shift {config.flow_shift:g}"
+                                        if rectified else f"{prediction_type} prediction")
                  + (", zero terminal SNR" if zero_terminal_snr else "")
                  + f", {config.resolution} px")
     # Samples, class pictures and new single files use the schedule training uses.
     scheduler = components.noise_scheduler = noise_schedule(
-        components.noise_scheduler, prediction_type, zero_terminal_snr)
+        components.noise_scheduler, prediction_type, zero_terminal_snr,
+        flow_shift=config.flow_shift)
     weight_dtype = frozen_dtype(start.precision, start.device)
     return Model(config, components, family, family.objective(scheduler, prediction_type, config),
                  scheduler, prediction_type, zero_terminal_snr, weight_dtype,

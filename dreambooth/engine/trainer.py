@@ -272,8 +272,8 @@ def micro_step(run: Run, micro: int, batch: list[int]) -> torch.Tensor:
         torch.manual_seed(step_generator(config.seed, micro, salt=2).initial_seed())
         with run.accelerator.autocast():
             conditioning = run.text(prompts, training_encoders=bool(run.training_te))
-            pred = family.predict(run.denoiser, noisy, timesteps, conditioning,
-                                  picture_conditioning)
+            pred = family.predict(run.denoiser, noisy, objective.model_timesteps(timesteps),
+                                  conditioning, picture_conditioning)
             loss, instance_loss, prior_loss = dreambooth_loss(
                 pred, target, n_instance=len(batch), prior_loss_weight=config.prior_loss_weight,
                 weights=weights, pixel_weights=pixel_weights)

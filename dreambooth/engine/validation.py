@@ -122,8 +122,8 @@ class Validator:
                 levels = level.reshape(1).to(device)
                 noisy, target = objective.noisy_and_target(latents, noise, levels)
                 with run.accelerator.autocast():
-                    pred = family.predict(run.denoiser, noisy, levels, conditioning,
-                                          picture_conditioning)
+                    pred = family.predict(run.denoiser, noisy, objective.model_timesteps(levels),
+                                          conditioning, picture_conditioning)
                 loss, _, _ = dreambooth_loss(pred, target, n_instance=1, prior_loss_weight=0.0,
                                              weights=objective.row_weights(levels, 1),
                                              pixel_weights=pixel_weights)

@@ -24,7 +24,7 @@ KINDS = ("sd1", "sd2", "sd2-v", "sdxl")
 FLUX_KINDS = ("flux-dev", "flux-schnell")  # read and trained (LoRA), never written whole
 CONFIG_ROOT = Path(__file__).parent / "configs"
 READABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # flow: rectified-flow SDXL
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -57,6 +57,13 @@ SOURCE_YAML = ".yaml"
 SOURCE_NAME = "file name"
 SOURCE_SCHEDULER = "scheduler config"  # a diffusers folder's scheduler/scheduler_config.json
 SOURCE_DEFAULT = "default"
+SOURCE_RECTIFIED = "'rectified' in its path, as Forge Neo reads it"
+
+
+def is_rectified_name(path: str | os.PathLike) -> bool:
+    """Forge Neo's rule (backend/loader.py): an SDXL file with "rectified" anywhere in its path
+    is sampled by rectified flow (velocity noise - x0 at the float timestep 1000·sigma)."""
+    return "rectified" in str(path).lower()
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x (768, v)", "sdxl": "SDXL",
                 "flux-dev": "Flux.1 dev", "flux-schnell": "Flux.1 schnell"}
@@ -115,8 +122,8 @@ def describe(kind: ModelKind) -> str:
             line += (f"; holds only the transformer: choose {', '.join(kind.missing_parts)} "
                      "(models/text_encoder, models/VAE)")
         return line
-    prediction = "v-prediction" if kind.prediction_type == "v_prediction" \
-        else f"{kind.prediction_type} prediction"
+    prediction = {"v_prediction": "v-prediction", "flow": "rectified flow"}.get(
+        kind.prediction_type, f"{kind.prediction_type} prediction")
     if kind.prediction_source:
         prediction += f" ({kind.prediction_source})"
     parts = [FAMILY_NAMES.get(kind.kind, kind.kind), prediction]
@@ -300,13 +307,16 @@ def _normalised_prediction(prediction: str) -> str:
     if prediction in ("v", "v-prediction"):
         prediction = "v_prediction"
     if prediction not in PREDICTION_TYPES:
-        raise CheckpointError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction!r}")
+        raise CheckpointError(f"prediction_type must be 'epsilon', 'v_prediction' or 'flow', "
+                              f"not {prediction!r}")
     return prediction
 
 
 def _file_prediction(family: str, keys: Iterable[str], name: str, yaml_path: Path | None,
                      metadata: Mapping[str, str] | None) -> tuple[str, str]:
     """(prediction type, source) of a single file, the strongest statement first."""
+    if family == "sdxl" and is_rectified_name(yaml_path or name):
+        return "flow", SOURCE_RECTIFIED  # before v_pred: Neo's flow predictor replaces the schedule
     if KEY_V_PRED in keys:
         return "v_prediction", SOURCE_KEYS
     said = _metadata_prediction(metadata)

@@ -41,6 +41,7 @@ from dreambooth.models.checkpoint import (ARCHITECTURES, DTYPES, IMPLEMENTATIONS
 from dreambooth.models.components import Components
 from dreambooth.models.detect import read_metadata, read_safetensors_header
 from dreambooth.models.ldm_keys import components_to_ldm, schedule_buffers
+from dreambooth.models.schedules import prediction_of
 
 # --------------------------------------------------------------------------------------------
 # Tracing diffusers' conversion back to the LDM keys
@@ -521,7 +522,7 @@ def save_single_file(components: Components, path: str | os.PathLike, *, kind: s
     fmt = _check_output(out, None, overwrite)
     schedule = components.noise_scheduler.config
     found = ModelKind(kind=kind, prediction_type="v_prediction" if kind == "sd2-v" else
-                      getattr(schedule, "prediction_type", "epsilon"),
+                      prediction_of(components.noise_scheduler),
                       zero_terminal_snr=bool(getattr(schedule, "rescale_betas_zero_snr", False)))
     state = components_to_ldm(components, found, DTYPES[dtype])
     if found.family != "sdxl":

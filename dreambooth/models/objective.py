@@ -106,7 +106,7 @@ class DiffusionObjective:
     """The DDPM objective of the UNet families (SD1, SD2, SDXL): timesteps drawn uniformly over
     the schedule, the schedule's noise added, epsilon or v as the target, min-SNR-gamma row
     weights. A family trained otherwise (flow matching) hands the loop another object with the
-    same three methods."""
+    same methods."""
 
     def __init__(self, scheduler: Any, prediction_type: str, *, offset: float = 0.0,
                  min_snr_gamma: float = 0.0, min_snr_on_prior: bool = True):
@@ -128,6 +128,10 @@ class DiffusionObjective:
         if self.prediction_type == "v_prediction":
             return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
         return noisy, noise
+
+    def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is given: the timesteps themselves."""
+        return timesteps
 
     def fixed_levels(self, shares: list[float]) -> torch.Tensor:
         """Timesteps at these shares of the schedule (validation's fixed levels)."""
@@ -172,13 +176,20 @@ class FlowMatchObjective:
       as it samples; schnell: no shift), what kohya's ``flux_shift`` and BFL's training do;
     - ``uniform``: s uniform in (0, 1).
 
-    The denoiser is given s itself (diffusers' Flux transformer scales it by 1000). No row
-    weights: min-SNR belongs to the DDPM objective."""
+    The denoiser is given s·``timestep_scale``: s itself for Flux (diffusers' Flux transformer
+    scales it by 1000), 1000·s for a rectified-flow SDXL UNet (as Forge Neo's flow predictor
+    gives it). No row weights: min-SNR belongs to the DDPM objective."""
 
-    def __init__(self, scheduler: Any, sampling: str = "shift", *, offset: float = 0.0):
+    def __init__(self, scheduler: Any, sampling: str = "shift", *, offset: float = 0.0,
+                 timestep_scale: float = 1.0):
         if sampling not in FLUX_TIMESTEP_SAMPLING:
             raise ValueError(f"sampling must be one of {FLUX_TIMESTEP_SAMPLING}, not {sampling!r}")
         self.scheduler, self.sampling, self.offset = scheduler, sampling, offset
+        self.timestep_scale = timestep_scale
+
+    def model_timesteps(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is given for these noise levels."""
+        return sigmas * self.timestep_scale if self.timestep_scale != 1.0 else sigmas
 
     def sigmas(self, draws: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         """Noise levels from N(0, 1) (sigmoid, shift) or U(0, 1) (uniform) ``draws``."""

@@ -13,7 +13,7 @@ from dreambooth.tab.actions import (checkpoint_choices, model_name_note, refresh
                                     text_encoder_choices, vae_choices)
 from dreambooth.tab import ui_compare
 from dreambooth.tab.form import AUTO, LABELS, TabForm
-from dreambooth.tab.ui_fields import FLUX_ONLY
+from dreambooth.tab.ui_fields import BASE_DEPENDENT, shown_for_base
 from dreambooth.tab.ui_render import message
 from dreambooth.tab.widgets import HIDDEN, tool_button
 
@@ -62,9 +62,11 @@ def build(gr, form: TabForm) -> ModelTab:
                     info=f"{info}: needed when the Flux file holds only the transformer")
         with gr.Row():
             comps["prediction_type"] = gr.Dropdown(
-                choices=[AUTO, "epsilon", "v_prediction"], value=start["prediction_type"],
+                choices=[AUTO, "epsilon", "v_prediction", "flow"],
+                value=start["prediction_type"],
                 label=LABELS["prediction_type"], elem_id="dreambooth_prediction_type",
-                info="v_prediction for SD 2.x 768 models; auto reads the checkpoint")
+                info="v_prediction for SD 2.x 768 models; flow: rectified-flow SDXL (Forge Neo: "
+                     "'rectified' in the file's path); auto reads the checkpoint")
             comps["base_use_ema"] = gr.Checkbox(
                 value=start["base_use_ema"], label=LABELS["base_use_ema"],
                 elem_id="dreambooth_base_use_ema",
@@ -105,14 +107,17 @@ def wire(gr, form: TabForm, tab: ModelTab) -> None:
                            inputs=[tab.compare.runs], outputs=[tab.previous, tab.compare.runs],
                            queue=False)
     def on_base_model(base):
-        flux = gr.update(visible=service.is_flux_base(host, base or ""))
+        flow = service.flow_base(host, base or "")
+        shown = shown_for_base(flow)
         return (service.describe_model(host, base or ""),
-                gr.update(info=resolution_info(base, host)), flux) + (flux,) * len(FLUX_ONLY)
+                gr.update(info=resolution_info(base, host)), gr.update(visible=flow == "flux"),
+                *(gr.update(visible=shown[name]) for name in BASE_DEPENDENT))
 
-    # the Flux-only parts (the text encoder files, the Flux options) follow the base model
+    # the parts of one kind of base (Flux's text encoder files and options, the flow options
+    # of Flux and rectified-flow SDXL) follow the base model
     comps["base_model"].change(on_base_model, inputs=[comps["base_model"]],
                                outputs=[tab.model_kind, comps["resolution"], tab.text_encoders]
-                               + [comps[name] for name in FLUX_ONLY],
+                               + [comps[name] for name in BASE_DEPENDENT],
                                queue=False, show_progress=HIDDEN)
     naming = [comps["model_name"], comps["overwrite"], comps["training_method"]]
     for trigger in naming:

@@ -13,7 +13,7 @@ from dreambooth.app.presets import PRESETS
 from dreambooth.common.config import ConfigError
 from dreambooth.tab.actions import estimate_html, resolution_info
 from dreambooth.tab.form import CONCEPT_SLOTS, TabForm, form_keys, form_to_config, rows, values_of
-from dreambooth.tab.ui_fields import FLUX_ONLY, GROUPS
+from dreambooth.tab.ui_fields import GROUPS, shown_for_base
 from dreambooth.tab.ui_method import METHOD_KEYS, method_note, method_view, preset_values
 from dreambooth.tab.ui_render import message
 from dreambooth.tab.widgets import HIDDEN, component
@@ -54,8 +54,8 @@ def _option_rows(gr, form: TabForm, items, view: dict[str, dict]) -> None:
 def build(gr, form: TabForm) -> ParametersTab:
     start = form.start_values
     view = method_view(start["training_method"])
-    flux = service.is_flux_base(form.host, start["base_model"] or "")
-    view.update({name: {"visible": flux} for name in FLUX_ONLY})
+    shown = shown_for_base(service.flow_base(form.host, start["base_model"] or ""))
+    view.update({name: {"visible": visible} for name, visible in shown.items()})
     with gr.Tab("Parameters", id="dreambooth_tab_parameters", elem_id="dreambooth_tab_parameters"):
         # what the run trains first, unfolded: the rest of the form follows it
         with gr.Column(elem_id="dreambooth_group_method", elem_classes=["dreambooth-method"]):

@@ -158,8 +158,11 @@ GROUPS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
                                                               "as diffusers' example"),
         ("latents_from", "Latents from", "mean: the VAE's mean (exact cache); sample: a fresh "
                                          "sample each step, as diffusers' example"),
-        ("flux_timestep_sampling", "Flux: noise levels drawn by",
-         "shift: moved by the picture's size as Flux dev samples; sigmoid; uniform"),
+        ("flux_timestep_sampling", "Flow: noise levels drawn by",
+         "Flux and rectified-flow SDXL. shift: moved towards noise (Flux dev: by the "
+         "picture's size, as it samples; rectified SDXL: by the shift below); sigmoid; uniform"),
+        ("flow_shift", "Rectified-flow SDXL: shift", "noise levels moved towards noise, as "
+                                                     "Neo's Shift moves its sampling; 1 = none"),
         ("flux_guidance", "Flux: training guidance", "the guidance value Flux dev is given while "
                                                      "training; 1 as kohya and ai-toolkit"),
         ("t5_max_length", "Flux: T5 tokens", "512 for dev, 256 for schnell (as each was trained)"),
@@ -203,9 +206,20 @@ APPLIES: dict[str, tuple[str, ...]] = {
     "lokr_factor": ("lokr",),
     "export_format": ("full",),  # a LoRA file is always .safetensors
 }
-# The options that apply to Flux only: shown while the base model is a Flux file (as the Model
-# tab's CLIP-L / T5-XXL row), hidden for the UNet families, which refuse or ignore them.
-FLUX_ONLY = ("flux_timestep_sampling", "flux_guidance", "t5_max_length", "blocks_to_swap")
+# The options that apply to one kind of base only: shown while the base model is of that kind
+# (as the Model tab's CLIP-L / T5-XXL row follows a Flux file), hidden for the others, which
+# refuse or ignore them. A base's kind: "flux", "rectified" (rectified-flow SDXL) or "".
+FLUX_ONLY = ("flux_guidance", "t5_max_length", "blocks_to_swap")
+BASE_DEPENDENT: dict[str, tuple[str, ...]] = {
+    **{name: ("flux",) for name in FLUX_ONLY},
+    "flux_timestep_sampling": ("flux", "rectified"),
+    "flow_shift": ("rectified",),
+}
+
+
+def shown_for_base(flow: str) -> dict[str, bool]:
+    """Which of the base-dependent options a base of this kind shows."""
+    return {name: flow in kinds for name, kinds in BASE_DEPENDENT.items()}
 # Info texts that change with the method: {option: {method or "adapter": info}}.
 METHOD_INFO: dict[str, dict[str, str]] = {
     "learning_rate": {"adapter": "LoRA trains at about 1e-4 (kohya's default; the LoRA presets "

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dreambooth.models.objective import DiffusionObjective
+from dreambooth.models.objective import DiffusionObjective, FlowMatchObjective
 
 # The WebUI reads a prompt in chunks of 75 tokens (each with its start and end markers, 77 in all)
 # and concatenates the chunks' hidden states; a chunk that would split near a comma ends at the
@@ -88,6 +88,8 @@ class Family:
     # Whether samples and class pictures are made from prompts encoded beforehand (the text
     # encoders then stay off the GPU: Flux's T5 is 9.5 GB), see ``prompt_inputs``.
     encodes_for_pipeline = False
+    # Whether a model of this family may be trained and sampled as rectified flow (SDXL: Neo).
+    rectified_flow = False
 
     def configured(self, config) -> "Family":
         """The family with this run's settings (a family with options returns a copy)."""
@@ -98,10 +100,14 @@ class Family:
         swap, which needs blocks run one after another)."""
         from dreambooth.common.errors import FieldError
 
+        found = []
         if config.blocks_to_swap:
-            return [FieldError("blocks_to_swap", f"block swap is for transformer families "
-                               f"(Flux); {self.title} fits without it: set 0")]
-        return []
+            found.append(FieldError("blocks_to_swap", f"block swap is for transformer families "
+                                    f"(Flux); {self.title} fits without it: set 0"))
+        if config.prediction_type == "flow" and not self.rectified_flow:
+            found.append(FieldError("prediction_type", f"rectified flow is offered for SDXL (as "
+                                    f"Forge Neo samples it), not {self.title}"))
+        return found
 
     def swap_blocks(self, denoiser) -> list[list[torch.nn.Module]]:
         """The denoiser's chains of blocks, each in the order its blocks run, for
@@ -156,9 +162,14 @@ class Family:
         """Keyword arguments of the UNet's forward besides the noisy latents and timesteps."""
         return {"encoder_hidden_states": conditioning.hidden}
 
-    def objective(self, scheduler, prediction_type: str, config) -> DiffusionObjective:
+    def objective(self, scheduler, prediction_type: str, config
+                  ) -> DiffusionObjective | FlowMatchObjective:
         """How this family trains (:class:`dreambooth.models.objective.DiffusionObjective` for the UNet
-        families), with the run's offset noise and min-SNR settings."""
+        families), with the run's offset noise and min-SNR settings; a rectified-flow SDXL by
+        flow matching, its UNet given 1000·sigma as Forge Neo's flow predictor gives it."""
+        if prediction_type == "flow":
+            return FlowMatchObjective(scheduler, config.flux_timestep_sampling,
+                                      offset=config.offset_noise, timestep_scale=1000.0)
         return DiffusionObjective(scheduler, prediction_type, offset=config.offset_noise,
                                   min_snr_gamma=config.min_snr_gamma,
                                   min_snr_on_prior=config.min_snr_on_prior)

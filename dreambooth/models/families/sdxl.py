@@ -18,6 +18,7 @@ class SDXL(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     vae_needs_fp32 = True
+    rectified_flow = True  # Forge Neo: "rectified" in the file's path (models.detect)
 
     def default_resolution(self, prediction_type: str = "epsilon") -> int:
         return 1024
