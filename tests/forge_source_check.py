@@ -81,25 +81,12 @@ def forge_apply(forge_lora, state, lora, strength=1.0):
 
 def against_lycoris(forge_lora) -> None:
     """Seeded LoRAs of both layer sets (as training builds them) against LyCORIS' own merge."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from dreambooth.models import flux_layout as fl
-    from dreambooth.models.tiny import text_config
     from fake_webui import comfy_lora
-    from test_flux_lora_keys import LAYERS, TINY, flux_model, network
+    from test_flux_lora_keys import LAYERS, seeded_lora
 
     for i, layers in enumerate(LAYERS):
-        model, clip = flux_model(TINY), CLIPTextModel(CLIPTextConfig(**text_config("tiny")))
-        base = fl.diffusers_to_bfl(copy.deepcopy(model.state_dict()))
-        base_clip = copy.deepcopy(clip.state_dict())
-        unet_net = network(model, "unet", "lora_unet", layers, seed=10 + i)
-        text_net = network(clip, "text_encoder", "lora_te1", layers, seed=20 + i)
-        kohya = fl.lora_to_kohya_flux({**unet_net.state_dict(), **text_net.state_dict()})
-        for net in (unet_net, text_net):
-            net.restore()
-            net.merge_to(1.0)
-        reference = comfy_lora.loaded_flux_model(fl.diffusers_to_bfl(model.state_dict()),
-                                                 {"clip_l": clip.state_dict()})
+        base, merged, kohya, base_clip, merged_clip = seeded_lora(layers, i)
+        reference = comfy_lora.loaded_flux_model(merged, {"clip_l": merged_clip})
         state = comfy_lora.loaded_flux_model(base, {"clip_l": base_clip})
         applied, unmatched, skipped, n_unet, n_clip = forge_apply(forge_lora, state, kohya)
         worst = max((applied[k] - reference[k]).abs().max().item() / (w.abs().max().item() or 1)

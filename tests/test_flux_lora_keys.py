@@ -194,29 +194,31 @@ def test_fused_parts_keep_their_own_scale():
         torch.testing.assert_close(delta[rows[part]], expected, rtol=1e-6, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """layers -> (base BFL state, merged BFL state, kohya file, base CLIP, merged CLIP)."""
+def seeded_lora(layers: str, seed: int) -> tuple:
+    """A tiny Flux model and CLIP-L with a seeded LoRA of ``layers`` (as training builds it):
+    (base BFL state, merged BFL state, kohya file, base CLIP, merged CLIP), merged by LyCORIS'
+    own ``merge_to``. Also used by tests/forge_source_check.py with Forge's own code."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dreambooth.models.tiny import text_config
 
-    made = {}
-    for i, layers in enumerate(LAYERS):
-        model, clip = flux_model(TINY), CLIPTextModel(CLIPTextConfig(**text_config("tiny")))
-        # copies: the state_dicts hold the parameters themselves, which merge_to changes
-        base = fl.diffusers_to_bfl(copy.deepcopy(model.state_dict()))
-        base_clip = copy.deepcopy(clip.state_dict())
-        unet_net = network(model, "unet", "lora_unet", layers, seed=10 + i)
-        text_net = network(clip, "text_encoder", "lora_te1", layers, seed=20 + i)
-        state = {**unet_net.state_dict(), **text_net.state_dict()}
-        kohya = fl.lora_to_kohya_flux(state)
-        for net in (unet_net, text_net):  # LyCORIS' own merge into the base weights
-            net.restore()
-            net.merge_to(1.0)
-        merged = fl.diffusers_to_bfl(model.state_dict())
-        made[layers] = base, merged, kohya, base_clip, clip.state_dict()
-    return made
+    model, clip = flux_model(TINY), CLIPTextModel(CLIPTextConfig(**text_config("tiny")))
+    # copies: the state_dicts hold the parameters themselves, which merge_to changes
+    base = fl.diffusers_to_bfl(copy.deepcopy(model.state_dict()))
+    base_clip = copy.deepcopy(clip.state_dict())
+    unet_net = network(model, "unet", "lora_unet", layers, seed=10 + seed)
+    text_net = network(clip, "text_encoder", "lora_te1", layers, seed=20 + seed)
+    kohya = fl.lora_to_kohya_flux({**unet_net.state_dict(), **text_net.state_dict()})
+    for net in (unet_net, text_net):  # LyCORIS' own merge into the base weights
+        net.restore()
+        net.merge_to(1.0)
+    return base, fl.diffusers_to_bfl(model.state_dict()), kohya, base_clip, clip.state_dict()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """layers -> (base BFL state, merged BFL state, kohya file, base CLIP, merged CLIP)."""
+    return {layers: seeded_lora(layers, i) for i, layers in enumerate(LAYERS)}
 
 
 def loaded(bfl: dict, clip: dict) -> dict:
