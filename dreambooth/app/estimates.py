@@ -55,10 +55,9 @@ def start_tokenizer_build() -> None:
 
 
 def wait_for_tokenizer_build(timeout: float | None = None) -> None:
-    """Return once no background build runs. transformers' lazy imports are not thread-safe: a
-    run loading its model while the tokenizer was built failed once in CI (Neo lane,
-    transformers 4.57: "cannot import name 'CLIPImageProcessor' from 'transformers'"), so a run
-    waits for the build (seconds, and only right after the tab was built)."""
+    """Return once no background build runs: a run waits for it before loading its model (the
+    lazy-import race of :func:`start_tokenizer_build`; seconds, only right after the tab was
+    built)."""
     _NO_BUILD_RUNNING.wait(timeout)
 
 
